@@ -1,0 +1,1 @@
+"""Model architectures. Each is one file of plain PyTorch with the same forward signature."""

@@ -1,0 +1,181 @@
+"""GPT-J (Wang & Komatsuzaki, 2021) in plain PyTorch.
+
+Module names follow the Hugging Face checkpoints (`transformer.h.0.attn.q_proj`, ...) so a
+state dict loads without renaming. What sets GPT-J apart from GPT-2/NeoX:
+  * one LayerNorm feeds attention and the MLP, which run in parallel:
+        h = ln_1(x);  x = x + attn(h) + mlp(h)
+  * rotary position embedding on the first `rotary_dim` dims of each head only, rotating
+    adjacent pairs (2i, 2i+1) -- "rotate every two", not NeoX's two halves;
+  * q/k/v/out projections have no bias; `lm_head` has a bias and is not tied to `wte`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptj.kv_cache import KVCache, attention_mask
+
+
+@dataclass
+class GPTJConfig:
+    vocab_size: int = 50400
+    n_positions: int = 2048
+    n_embd: int = 4096
+    n_layer: int = 28
+    n_head: int = 16
+    rotary_dim: int = 64
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTJConfig:
+        act = d.get("activation_function", "gelu_new")
+        if act != "gelu_new":
+            raise ValueError(f"config.json: activation_function {act!r} is not supported (GPT-J uses 'gelu_new')")
+        fields = cls.__dataclass_fields__
+        cfg = cls(**{k: v for k, v in d.items() if k in fields and v is not None})
+        if cfg.rotary_dim is None or cfg.rotary_dim > cfg.head_dim:
+            cfg.rotary_dim = cfg.head_dim
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def context_length(self) -> int:
+        return self.n_positions
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_head
+
+
+def rotary_tables(positions: torch.Tensor, rotary_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, T, rotary_dim], each frequency repeated for the two members of its pair."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, rotary_dim/2]
+    angles = angles.repeat_interleave(2, dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of the first rotary dims; the rest pass through."""
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = x_rot.unflatten(-1, (-1, 2))
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    x_rot = x_rot * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTJConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        rows: slice,
+    ) -> torch.Tensor:
+        batch, steps, _ = h.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, steps, self.n_head, self.head_dim).transpose(1, 2)
+
+        q = apply_rotary(heads(self.q_proj(h)), cos, sin)
+        k = apply_rotary(heads(self.k_proj(h)), cos, sin)
+        v = heads(self.v_proj(h))
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=steps > 1)
+        else:
+            k, v, length = cache.update(self.layer, rows, positions, k, v)
+            mask = attention_mask(positions, length)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTJConfig) -> None:
+        super().__init__()
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        self.fc_in = nn.Linear(cfg.n_embd, inner)
+        self.fc_out = nn.Linear(inner, cfg.n_embd)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(h), approximate="tanh"))  # gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTJConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, cache, rows) -> torch.Tensor:  # noqa: ANN001
+        h = self.ln_1(x)
+        return x + self.attn(h, cos, sin, positions, cache, rows) + self.mlp(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: GPTJConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+
+class GPTJ(nn.Module):
+    architecture = "gptj"
+
+    def __init__(self, cfg: GPTJConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)  # biased, untied
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: slice = slice(0, 1),
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Float32 logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+
+        `positions` [B, T] are absolute positions; with a cache, `rows` picks the cache
+        rows of this batch (B consecutive rows)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        x = self.transformer.wte(input_ids)
+        compute_dtype = self.transformer.ln_f.weight.dtype
+        x = x.to(compute_dtype)
+        cos, sin = rotary_tables(positions, self.config.rotary_dim)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, positions, cache, rows)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.transformer.ln_f(x)).float()
+
+
+def skip_checkpoint_key(name: str) -> bool:
+    """Old checkpoints carry the causal-mask buffers `attn.bias` and `attn.masked_bias`."""
+    return name.endswith(("attn.bias", "attn.masked_bias"))
