@@ -1,0 +1,115 @@
+"""The Python API: `load()` returns a Model whose generate/stream/logits use the one engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+
+import torch
+
+from gptj.engine import Completion, Engine, RequestHandle
+from gptj.loading import ModelInfo, load_model
+from gptj.sampling import InvalidRequest, SamplingParams
+from gptj.tokenizer import Tokenizer
+
+_SETTING_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+def sampling_params(**settings: object) -> SamplingParams:
+    """SamplingParams from keyword settings, rejecting unknown names with the list of known ones."""
+    unknown = sorted(set(settings) - _SETTING_NAMES)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown setting; known settings are {', '.join(sorted(_SETTING_NAMES))}")
+    clean = {k: v for k, v in settings.items() if v is not None or k == "seed"}
+    if isinstance(clean.get("stop"), str):
+        clean["stop"] = [clean["stop"]]
+    return SamplingParams(**clean).validate()
+
+
+class Model:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo, max_batch: int = 1,
+                 context_length: int | None = None) -> None:
+        self.module = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.config = model.config
+        banned: list[int] = []
+        if info.architecture == "gptj" and tokenizer.vocab_size > 50257:
+            # GPT-J's embedding has 50400 rows; ids from 50257 up are padding and never sampled.
+            banned = list(range(50257, model.config.vocab_size))
+        end_ids = [i for t, i in tokenizer.special_tokens.items() if t in ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>")]
+        kv_dtype = torch.float32 if info.dtype == "float32" else torch.bfloat16
+        self.engine = Engine(
+            model,
+            tokenizer,
+            max_batch=max_batch,
+            context_length=context_length,
+            kv_dtype=kv_dtype,
+            banned_token_ids=banned,
+            eos_token_ids=end_ids,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt", "must not be empty")
+            return self.tokenizer.encode(prompt, allow_special=True)
+        return list(prompt)
+
+    def submit(self, prompt: str | Sequence[int], **settings: object) -> RequestHandle:
+        return self.engine.submit(self.encode_prompt(prompt), sampling_params(**settings))
+
+    def generate(self, prompt: str | Sequence[int], **settings: object) -> Completion:
+        """Generate a continuation. Settings: max_new_tokens, temperature, top_p, top_k, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, stop, stop_token_ids, seed,
+        ignore_eos, logprobs, truncate_prompt."""
+        return self.submit(prompt, **settings).result()
+
+    def stream(self, prompt: str | Sequence[int], **settings: object) -> Iterator[str]:
+        """Yields text pieces as they are generated (never half a UTF-8 character, never part
+        of a stop sequence). Closing the iterator early cancels the generation."""
+        handle = self.submit(prompt, **settings)
+        try:
+            for event in handle:
+                if event.text:
+                    yield event.text
+        finally:
+            handle.cancel()
+
+    @torch.no_grad()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 next-token logits [len(token_ids), vocab] for every position (no cache)."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        if ids.shape[1] == 0 or ids.shape[1] > self.config.context_length:
+            raise InvalidRequest("token_ids", f"need 1 to {self.config.context_length} tokens, got {ids.shape[1]}")
+        return self.module(ids)[0]
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<gptj.Model {i.name} ({i.architecture}, {i.parameters / 1e6:.0f}M params, {i.quantization})>"
+
+
+def load(
+    name_or_path: str | None = None,
+    quantize: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    revision: str | None = None,
+    max_batch: int = 1,
+    context_length: int | None = None,
+    progress: bool | None = None,
+) -> Model:
+    """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
+    a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
+    `quantize` is None, "bf16", "int8" or "int4"."""
+    module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress)
+    return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length)

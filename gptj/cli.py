@@ -1,0 +1,242 @@
+"""The `gptj` command: generate, chat, serve, tokenize, models, quantize, pull, make-random-checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gptj.sampling import SamplingParams
+
+DEFAULTS = SamplingParams()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="folder, .gguf file or repo id (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--quantize", "-q", choices=["bf16", "int8", "int4"], default=None, help="weight quantization")
+    p.add_argument("--revision", default=None, help="revision of a cached Hugging Face repo (e.g. float16)")
+    p.add_argument("--max-memory", default=None, help="refuse to load above this size, e.g. 8GB")
+    p.add_argument("--context-length", type=int, default=None, help="cap the context window (tokens)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=None, help=f"tokens to generate (default {DEFAULTS.max_new_tokens})")
+    g.add_argument("--temperature", "-t", type=float, default=None, help=f"0 = greedy (default {DEFAULTS.temperature})")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default {DEFAULTS.top_p})")
+    g.add_argument("--top-k", type=int, default=None, help=f"0 disables (default {DEFAULTS.top_k})")
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = none")
+    g.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    names = ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed"]
+    settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "truncate", False):
+        settings["truncate_prompt"] = True
+    return settings
+
+
+def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
+    import gptj
+
+    return gptj.load(
+        args.model,
+        quantize=args.quantize,
+        revision=args.revision,
+        max_memory=args.max_memory,
+        context_length=args.context_length,
+        max_batch=max_batch,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptj.presets import apply_preset
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    settings = sampling_settings(args)
+    if args.preset:
+        prompt, settings = apply_preset(args.preset, prompt, settings)
+    model = load_model(args)
+    stream = args.stream if args.stream is not None else sys.stdout.isatty()
+    if stream:
+        if args.echo:
+            sys.stdout.write(prompt)
+        for piece in model.stream(prompt, **settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    result = model.generate(prompt, **settings)
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens}))
+    else:
+        print((prompt if args.echo else "") + result.text)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    import gptj
+
+    tok = gptj.load_tokenizer(args.tokenizer)
+    text = args.text if args.text != "-" else sys.stdin.read()
+    pieces = tok.pieces(text)
+    if args.json:
+        print(json.dumps([{"id": i, "piece": _display(b)} for i, b in pieces]))
+        return 0
+    print(f"{len(pieces)} tokens")
+    for token_id, raw in pieces:
+        print(f"{token_id:>7}  {_display(raw)}")
+    return 0
+
+
+def _display(raw: bytes) -> str:
+    try:
+        return json.dumps(raw.decode("utf-8"), ensure_ascii=False)
+    except UnicodeDecodeError:
+        return "bytes " + " ".join(f"{b:02x}" for b in raw)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from gptj.catalog import list_models
+
+    rows = list_models(extra_dirs=args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<44} {'ARCH':<7} {'SIZE':>9}  {'SOURCE':<8} PATH")
+    for r in rows:
+        print(f"{r['name']:<44} {r['architecture']:<7} {r['size_bytes'] / 1e9:>7.2f}GB  {r['source']:<8} {r['path']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptj.server import serve
+
+    return serve(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptj.chat_cli import run_chat
+
+    return run_chat(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gptj.quantized_checkpoint import write_quantized
+
+    out = write_quantized(args.src, args.dst, args.bits)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_make_random(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptj.checkpoint import make_random_checkpoint
+
+    out = make_random_checkpoint(args.out, args.shape, args.format, getattr(torch, args.dtype), args.seed)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"wrote a random GPT-J ({args.shape}, {args.format}) to {out}: {size / 1e9:.2f} GB")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from gptj.hub import pull
+
+    path = pull(args.repo, revision=args.revision)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptj", description="Run GPT-J (or the bundled SmolLM2) locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--preset", default=None, help="a preset: code, chat, story, translation, knowledge, or your own")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="stream text (default: when a terminal)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with the model in the terminal")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--user-name", default="You")
+    p.add_argument("--bot-name", default=None, help="the bot's name in a play-script chat (base models)")
+    p.add_argument("--system", default=None, help="system prompt / intro text")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="the web playground and the HTTP APIs")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--parallel", type=int, default=4, help="requests decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; past it: 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
+    p.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable)")
+    p.add_argument("--upstream", default=None, help="serve in front of an OpenAI-compatible server (vLLM, TGI, gptj)")
+    p.add_argument("--upstream-key", default=None)
+    p.add_argument("--open", action="store_true", help="open the playground in a browser")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tokenize", help="show how text splits into tokens")
+    p.add_argument("text", help="the text ('-' reads standard input)")
+    p.add_argument("--tokenizer", default="gpt-j", help="gpt-j (default), gpt2, smollm2, or a model folder / .gguf")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("models", help="list bundled, local and cached models")
+    p.add_argument("--dir", action="append", default=None, help="also look in this folder (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("quantize", help="write an int8/int4 checkpoint that loads by memory map")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("pull", help="download a model into the Hugging Face cache")
+    p.add_argument("repo", help="e.g. EleutherAI/gpt-j-6b")
+    p.add_argument("--revision", default=None, help="e.g. float16")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("make-random-checkpoint", help="write a random GPT-J in the Hugging Face layout")
+    p.add_argument("out")
+    p.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "6b"])
+    p.add_argument("--format", default="bin", choices=["bin", "safetensors", "sharded-safetensors", "sharded-bin"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_random)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gptj.loading import ModelLoadError
+    from gptj.sampling import InvalidRequest
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except (ModelLoadError, InvalidRequest) as exc:
+        print(f"gptj: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""The one generation engine behind the CLI, the Python API and the server.
+
+A single worker thread owns the model and the KV cache. Requests join and leave a running
+batch at every step (continuous batching): a newcomer's prompt is prefilled in chunks between
+decode steps, so it does not stall the others for long. Each cache row keeps the tokens it
+holds after its request ends; a new request takes the free row that shares the longest prefix
+with its prompt and skips prefilling that prefix (prefix caching, least recently used row
+first when nothing matches).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gptj.kv_cache import KVCache
+from gptj.sampling import InvalidRequest, SamplingParams, apply_penalties, choose_token
+from gptj.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StreamEvent:
+    text: str  # text that became final with this event ('' while held back)
+    tokens: list[TokenInfo]  # tokens sampled since the previous event
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or a stop sequence), "length", "cancelled", "timeout" or "error"
+    prompt_tokens: int
+    token_infos: list[TokenInfo] = field(default_factory=list)
+    truncated_prompt_tokens: int = 0  # tokens dropped from the left of the prompt
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    time_to_first_token: float | None = None
+    error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class StopMatcher:
+    """Cuts text at the first stop sequence, also one split across tokens, and holds back
+    any tail that could still become a stop sequence so it is never streamed out."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop sequence was hit)."""
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.held)), keep, -1):
+                if self.held.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class RequestHandle:
+    """A submitted request: iterate it for StreamEvents, or call result()."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+        self._events: queue.Queue = request.events
+        self._completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while self._completion is None:
+            item = self._events.get()
+            if isinstance(item, Completion):
+                self._completion = item
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        for _ in self:
+            pass
+        assert self._completion is not None
+        return self._completion
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._completion is not None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    deadline: float | None
+    truncated: int
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    row: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache row
+    cached: int = 0
+    generated: list[int] = field(default_factory=list)
+    infos: list[TokenInfo] = field(default_factory=list)
+    pending_infos: list[TokenInfo] = field(default_factory=list)
+    text: str = ""
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
+    stops: StopMatcher | None = None
+
+    @property
+    def length(self) -> int:
+        return self.prefilled + len(self.generated)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 1,
+        context_length: int | None = None,
+        kv_dtype: torch.dtype = torch.float32,
+        banned_token_ids: Sequence[int] = (),
+        eos_token_ids: Sequence[int] = (),
+        prefill_chunk: int = 512,
+        max_queue: int = 64,
+    ) -> None:
+        cfg = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.context_length = min(context_length or cfg.context_length, cfg.context_length)
+        self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        self.kv_dtype = kv_dtype
+        self.banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long)
+        self.eos_ids = {tokenizer.eos_token_id, *eos_token_ids}
+        self.cache: KVCache | None = None  # allocated on first use
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each row holds
+        self.row_last_used = [0.0] * max_batch
+        self.active: list[_Request] = []
+        self.waiting: queue.Queue[_Request] = queue.Queue()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0}
+
+    # ---- submitting -------------------------------------------------------------------------
+
+    def prepare_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], int]:
+        """Checks that prompt + max_new_tokens fits the context; left-truncates when asked."""
+        ids = list(prompt_ids)
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        budget = self.context_length - params.max_new_tokens
+        if budget < 1:
+            raise InvalidRequest(
+                "max_new_tokens",
+                f"{params.max_new_tokens} leaves no room for the prompt in the context window of {self.context_length} tokens",
+            )
+        if len(ids) > budget:
+            if not params.truncate_prompt:
+                raise InvalidRequest(
+                    "prompt",
+                    f"{len(ids)} prompt tokens + {params.max_new_tokens} new tokens exceed the context window "
+                    f"of {self.context_length} tokens (shorten the prompt, lower max_new_tokens, or allow truncation)",
+                )
+            return ids[-budget:], len(ids) - budget
+        return ids, 0
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None
+    ) -> RequestHandle:
+        params.validate()
+        ids, truncated = self.prepare_prompt(prompt_ids, params)
+        if self.waiting.qsize() >= self.max_queue:
+            raise QueueFull(self.max_queue)
+        request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated)
+        if params.seed is not None:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        request.decoder = StreamDecoder(self.tokenizer)
+        request.stops = StopMatcher(params.stop)
+        self.waiting.put(request)
+        self._ensure_worker()
+        return RequestHandle(request)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        return self.submit(prompt_ids, params).result()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.active)
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Lets running requests finish for up to `grace` seconds, then cancels the rest."""
+        end = time.monotonic() + grace
+        while (self.active or not self.waiting.empty()) and time.monotonic() < end:
+            time.sleep(0.05)
+        self.stopping = True
+        for r in list(self.active):
+            r.cancelled = True
+        self.waiting.put(None)  # type: ignore[arg-type]  # wakes the worker
+        if self.thread:
+            self.thread.join(timeout=5)
+
+    # ---- the worker ---------------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.stopping = False
+                self.thread = threading.Thread(target=self._run, name="gptj-engine", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self.stopping:
+            try:
+                self._admit()
+                if self.stopping:
+                    break
+                self._step()
+            except Exception as exc:  # never let one bad step kill the server: fail the batch
+                for r in self.active:
+                    self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+                self.active.clear()
+
+    def _admit(self) -> None:
+        block = not self.active
+        while len(self.active) < self.max_batch:
+            try:
+                request = self.waiting.get(block=block)
+            except queue.Empty:
+                return
+            if request is None:
+                return
+            block = False
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            self._assign_row(request)
+            self.active.append(request)
+
+    def _assign_row(self, r: _Request) -> None:
+        if self.cache is None:
+            cfg = self.model.config
+            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim, self.kv_dtype)
+        busy = {a.row for a in self.active}
+        free = [i for i in range(self.max_batch) if i not in busy]
+
+        def shared(row: int) -> int:
+            n = 0
+            for a, b in zip(self.row_tokens[row], r.prompt_ids, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best = max(free, key=lambda row: (shared(row), -self.row_last_used[row]))
+        # The last prompt token is always recomputed: its logits pick the first new token.
+        reuse = min(shared(best), len(r.prompt_ids) - 1)
+        r.row, r.prefilled, r.cached = best, reuse, reuse
+        self.row_tokens[best] = r.prompt_ids[:reuse]
+        self.stats["cached_prompt_tokens"] += reuse
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for r in list(self.active):
+            if r.cancelled:
+                self._retire(r, "cancelled")
+            elif r.deadline is not None and now > r.deadline:
+                self._retire(r, "timeout")
+        prefilling = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [r for r in self.active if r.prefilled == len(r.prompt_ids) and r.generated]
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill_chunk(self, r: _Request) -> None:
+        start = r.prefilled
+        chunk = r.prompt_ids[start : start + self.prefill_chunk]
+        ids = torch.tensor([chunk])
+        positions = torch.arange(start, start + len(chunk))[None]
+        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True)
+        r.prefilled += len(chunk)
+        self.row_tokens[r.row].extend(chunk)
+        if r.prefilled == len(r.prompt_ids):
+            if r.params.max_new_tokens == 0:
+                self._retire(r, "length")
+            else:
+                self._accept(r, logits[0, -1])
+
+    def _decode(self, batch: list[_Request]) -> None:
+        lo = min(r.row for r in batch)
+        hi = max(r.row for r in batch) + 1
+        by_row = {r.row: r for r in self.active}
+        ids = torch.zeros(hi - lo, 1, dtype=torch.long)
+        positions = torch.zeros(hi - lo, 1, dtype=torch.long)
+        for row in range(lo, hi):
+            r = by_row.get(row)
+            if r is None:  # a free row: write past the prefix it keeps for later requests
+                held = self.row_tokens[row]
+                if len(held) >= self.context_length:
+                    del held[-1]
+                positions[row - lo, 0] = len(held)
+                continue
+            # Rows that are not decoding write a throwaway key at their next free position,
+            # which their own next write overwrites.
+            positions[row - lo, 0] = r.length - 1 if r in batch else r.length
+            if r in batch:
+                ids[row - lo, 0] = r.generated[-1]
+        logits = self.model(ids, positions, self.cache, slice(lo, hi))
+        for r in batch:
+            self.row_tokens[r.row].append(r.generated[-1])
+            self._accept(r, logits[r.row - lo, -1])
+
+    def _accept(self, r: _Request, logits: torch.Tensor) -> None:
+        """Samples the next token of `r` from its float32 logits and streams what it completes."""
+        if self.banned.numel():
+            logits[self.banned] = float("-inf")  # ids beyond the tokenizer (GPT-J's 143 padding rows)
+        info_logprobs = r.params.logprobs is not None
+        if info_logprobs:
+            logprobs = logits.log_softmax(-1)
+        history = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long)
+        token = choose_token(apply_penalties(logits.clone(), r.params, history), r.params, r.generator)
+        info = TokenInfo(token)
+        if info_logprobs:
+            info.logprob = float(logprobs[token])
+            if r.params.logprobs:
+                top = torch.topk(logprobs, r.params.logprobs)
+                info.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+        self.stats["generated_tokens"] += 1
+        if token in self.eos_ids and not r.params.ignore_eos or token in r.params.stop_token_ids:
+            r.infos.append(info)
+            self._retire(r, "stop")
+            return
+        r.generated.append(token)
+        r.infos.append(info)
+        r.pending_infos.append(info)
+        piece = r.decoder.push(token)
+        text, hit = r.stops.push(piece)
+        if hit:
+            self._emit(r, text)
+            self._retire(r, "stop", flush=False)
+            return
+        self._emit(r, text)
+        if len(r.generated) >= r.params.max_new_tokens or r.length >= self.context_length:
+            self._retire(r, "length")
+
+    def _emit(self, r: _Request, text: str) -> None:
+        r.text += text
+        if text or r.pending_infos:
+            r.events.put(StreamEvent(text, r.pending_infos))
+            r.pending_infos = []
+
+    def _retire(self, r: _Request, reason: str, error: str | None = None, flush: bool = True) -> None:
+        if flush:  # after a stop sequence nothing more is emitted
+            tail = r.decoder.flush()
+            text, hit = r.stops.push(tail)
+            if not hit:
+                text += r.stops.flush()
+            self._emit(r, text)
+        if r in self.active:
+            self.active.remove(r)
+        # row_tokens keeps what the row's cache holds (prompt and all but the last generated
+        # token) for later requests that share the prefix.
+        self.row_last_used[r.row] = time.monotonic()
+        self._finish(r, reason, error)
+
+    def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(r.prompt_ids)
+        ttft = r.first_token_at - r.started if r.first_token_at else None
+        r.events.put(
+            Completion(
+                text=r.text,
+                tokens=list(r.generated),
+                finish_reason=reason,
+                prompt_tokens=len(r.prompt_ids),
+                token_infos=r.infos,
+                truncated_prompt_tokens=r.truncated,
+                cached_prompt_tokens=r.cached,
+                time_to_first_token=ttft,
+                error=error,
+            )
+        )
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"queue full ({limit} requests waiting), try again later")
+        self.limit = limit
+

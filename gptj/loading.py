@@ -1,0 +1,326 @@
+"""Finding and loading checkpoints: Hugging Face folders (pytorch_model.bin, safetensors,
+sharded), repo ids from the local Hugging Face cache, and GGUF files.
+
+Weights stream tensor by tensor into a model built on the meta device: no full float32 copy
+is ever made, safetensors and zip pickles are memory-mapped, and a weight that is to be
+quantized is quantized as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptj.models.gptj import GPTJ, GPTJConfig, skip_checkpoint_key
+from gptj.models.llama import Llama, LlamaConfig
+from gptj.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MODEL = "smollm2"
+ARCHITECTURES = {"gptj": (GPTJ, GPTJConfig), "llama": (Llama, LlamaConfig)}
+QUANT_MODES = (None, "bf16", "int8", "int4")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+GB = 1e9
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+class ModelTooLarge(ModelLoadError, MemoryError):
+    pass
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    path: str
+    parameters: int
+    quantization: str  # "none", "bf16", "int8", "int4", or the GGUF's types dequantized
+    dtype: str
+    context_length: int
+    format: str
+    vocab_size: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
+    """A GGUF file or a Hugging Face folder for a name, path or repo id."""
+    if name_or_path in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
+        from gptj.gguf import bundled_gguf_path
+
+        return bundled_gguf_path()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        repo, _, rev = name_or_path.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache ({exc.__class__.__name__}); "
+                f"download it with: gptj pull {repo}" + (f" --revision {revision or rev}" if revision or rev else "")
+            ) from None
+    raise ModelLoadError(f"model {name_or_path!r} not found: not a file, a folder, or a repo id like EleutherAI/gpt-j-6b")
+
+
+def weight_files(folder: Path) -> tuple[list[Path], str]:
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder")
+    if not any(folder.iterdir()):
+        raise ModelLoadError(f"model folder {folder} is empty")
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder} has no config.json (expected a Hugging Face model folder or a .gguf file)")
+    for name in WEIGHT_FILES:
+        f = folder / name
+        if not f.exists():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{f} is not a valid shard index: {exc}") from None
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise ModelLoadError(f"{f} names shards that are missing: {', '.join(missing)}")
+            return [folder / s for s in shards], "safetensors" if "safetensors" in name else "pytorch"
+        return [f], "safetensors" if name.endswith(".safetensors") else "pytorch"
+    raise ModelLoadError(f"no weights in {folder}: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def iter_tensors(files: list[Path], fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        try:
+            if fmt == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(f, framework="pt") as st:
+                    for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        yield key, st.get_tensor(key)
+            else:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    state = torch.load(f, map_location="cpu", weights_only=True)  # legacy format: no mmap
+                yield from state.items()
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"weight file {f} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit."""
+    avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        avail = 1 << 62
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                avail = min(avail, int(limit) - int(Path(usage_file).read_text()))
+        except (OSError, ValueError):
+            pass
+    return avail
+
+
+def parse_size(text: str | int | None) -> int | None:
+    if text is None or isinstance(text, int):
+        return text
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "b": 1}
+    t = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * units[unit])
+    return int(float(t))
+
+
+def bytes_per_weight(mode: str | None, dtype: torch.dtype) -> float:
+    return {"int8": 1.0, "int4": 0.5 + 4 / 128, "bf16": 2.0}.get(mode or "", torch.empty((), dtype=dtype).element_size())
+
+
+def estimate_bytes(model: nn.Module, mode: str | None, dtype: torch.dtype) -> int:
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    other = sum(p.numel() for p in model.parameters()) - linear
+    element = torch.empty((), dtype=dtype).element_size()
+    return int(linear * bytes_per_weight(mode, dtype) + other * element)
+
+
+def check_memory(name: str, model: nn.Module, mode: str | None, dtype: torch.dtype, max_memory: int | None) -> None:
+    need = estimate_bytes(model, mode, dtype)
+    have = max_memory if max_memory is not None else available_memory()
+    if need > have:
+        alternatives = ", ".join(
+            f"{m}: {estimate_bytes(model, m, dtype) / GB:.1f} GB" for m in ("int8", "int4") if m != mode
+        )
+        raise ModelTooLarge(
+            f"{name} needs about {need / GB:.1f} GB of memory as {mode or str(dtype).removeprefix('torch.')}, "
+            f"but only {have / GB:.1f} GB is available; quantize it ({alternatives})"
+        )
+
+
+def default_dtype(n_params: int) -> torch.dtype:
+    # float32 is fastest on CPUs for small models; big ones would not fit (GPT-J: 24 GB).
+    return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
+
+
+def fill(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    quantize: str | None,
+    skip: Callable[[str], bool] = lambda _: False,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Moves checkpoint tensors into a meta-device model, checking names and shapes."""
+    targets = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    for name, tensor in tensors:
+        if skip(name):
+            continue
+        if name not in targets:
+            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (is this the right architecture?)")
+        expected = targets.pop(name)
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {list(tensor.shape)}, the config says {list(expected.shape)}"
+            )
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        if quantize and isinstance(module, nn.Linear):
+            # Keep the checkpoint's dtype until the layer is complete, then quantize it: only
+            # one full-precision matrix exists at a time.
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            if not any(p.is_meta for p in module.parameters()):
+                from gptj.quant import quantize_linear
+
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(modules[parent_name], child, quantize_linear(module, quantize))
+        else:
+            module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+        if progress:
+            progress(tensor.numel() * tensor.element_size())
+    if getattr(model.config, "tie_word_embeddings", False):
+        targets.pop("lm_head.weight", None)
+        model.lm_head.weight = model.model.embed_tokens.weight
+        if quantize:
+            from gptj.quant import quantize_linear
+
+            model.lm_head = quantize_linear(model.lm_head, quantize)
+    if targets:
+        listed = ", ".join(list(targets)[:5]) + (" ..." if len(targets) > 5 else "")
+        raise ModelLoadError(f"the checkpoint lacks {len(targets)} tensors: {listed}")
+
+
+def build(arch: str, config: dict) -> tuple[nn.Module, object]:
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown architecture {arch!r}: supported are {', '.join(ARCHITECTURES)}")
+    model_cls, cfg_cls = ARCHITECTURES[arch]
+    cfg = cfg_cls.from_dict(config)
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    return model.eval(), cfg
+
+
+def load_model(
+    name_or_path: str | None = None,
+    quantize: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    revision: str | None = None,
+    progress: bool | None = None,
+) -> tuple[nn.Module, Tokenizer, ModelInfo]:
+    if quantize not in QUANT_MODES:
+        raise ModelLoadError(f"quantize must be one of {', '.join(str(m) for m in QUANT_MODES)}, got {quantize!r}")
+    path = resolve(name_or_path, revision)
+    limit = parse_size(max_memory)
+    display = str(name_or_path or DEFAULT_MODEL)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, display, quantize, dtype, limit)
+    if path.is_file():
+        raise ModelLoadError(f"{path} is a file; give the model folder that holds config.json, or a .gguf file")
+    files, fmt = weight_files(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    arch = config.get("model_type", "?")
+    model, cfg = build(arch, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = dtype or default_dtype(n_params)
+    check_memory(display, model, quantize, dtype, limit)
+
+    total = sum(f.stat().st_size for f in files)
+    bar = _progress_bar(total, path.name, progress)
+    skip = skip_checkpoint_key if arch == "gptj" else (lambda n: n.endswith("rotary_emb.inv_freq"))
+    fill(model, iter_tensors(files, fmt), dtype, quantize, skip, bar.update if bar else None)
+    if bar:
+        bar.close()
+    tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
+    info = ModelInfo(
+        name=display,
+        architecture=arch,
+        path=str(path),
+        parameters=n_params,
+        quantization=quantize or "none",
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=cfg.context_length,
+        format=fmt,
+        vocab_size=cfg.vocab_size,
+    )
+    return model, tokenizer, info
+
+
+def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None):
+    from gptj.gguf import read_gguf
+
+    meta, config, tensors = read_gguf(path)
+    arch = config.get("model_type", "?")
+    model, cfg = build(arch, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = dtype or default_dtype(n_params)
+    check_memory(display, model, quantize, dtype, limit)
+    fill(model, iter(tensors.items()), dtype, quantize)
+    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    info = ModelInfo(
+        name=meta.get("general.name", display) if display == DEFAULT_MODEL else display,
+        architecture=arch,
+        path=str(path),
+        parameters=n_params,
+        quantization=quantize or f"none (dequantized from {meta.get('_file_types', 'GGUF')})",
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=cfg.context_length,
+        format="gguf",
+        vocab_size=cfg.vocab_size,
+    )
+    return model, tokenizer, info
+
+
+def _progress_bar(total: int, label: str, enabled: bool | None):
+    if enabled is None:
+        enabled = total > 500e6 and os.isatty(2)
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label}", leave=False)

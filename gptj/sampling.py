@@ -1,0 +1,104 @@
+"""Sampling settings and the logits processors that apply them, for one sequence at a time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+class InvalidRequest(ValueError):
+    """A setting out of range. `field` names the setting so APIs can point at it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class SamplingParams:
+    # Defaults follow the common local-LLM tools (Ollama, llama.cpp): a little randomness.
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
+    truncate_prompt: bool = False  # left-truncate a prompt that does not fit instead of failing
+
+    def validate(self) -> SamplingParams:
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequest(name, message)
+
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens", "must be an integer >= 0")
+        need(0.0 <= self.temperature <= 5.0 and math.isfinite(self.temperature), "temperature", "must be between 0 and 5")
+        need(0.0 < self.top_p <= 1.0, "top_p", "must be > 0 and <= 1")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
+        need(0.0 <= self.min_p <= 1.0, "min_p", "must be between 0 and 1")
+        need(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be > 0 and <= 10")
+        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2")
+        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2")
+        need(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        need(len(self.stop) <= 16, "stop", "at most 16 stop sequences")
+        need(all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop), "stop", "each stop sequence must be 1 to 256 characters")
+        need(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:
+    """Repetition penalty as in CTRL/transformers (divide positive logits, multiply negative),
+    then OpenAI's presence and frequency penalties, over the prompt and the generated tokens."""
+    if history.numel() == 0:
+        return logits
+    if params.repetition_penalty != 1.0:
+        seen = history.unique()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        ids, counts = history.unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p (nucleus) and min-p, setting dropped ids to -inf."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it
+        # already reaches top_p. The most likely token always stays.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return logits
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from float32 logits [vocab] after penalties and masking."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
