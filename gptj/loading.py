@@ -303,7 +303,7 @@ def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtyp
     fill(model, iter(tensors.items()), dtype, quantize)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     info = ModelInfo(
-        name=meta.get("general.name", display) if display == DEFAULT_MODEL else display,
+        name="SmolLM2-135M-Instruct" if display == DEFAULT_MODEL else display,
         architecture=arch,
         path=str(path),
         parameters=n_params,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from gptj.sampling import SamplingParams
@@ -87,7 +86,7 @@ def parse_preset(name: str, data: object, source: str) -> Preset:
 def load_presets(user_dir: Path | None = None) -> tuple[dict[str, Preset], list[str]]:
     """All presets (user ones override built-ins of the same name) and the errors of broken
     user files, which are skipped so the others still load."""
-    builtin = json.loads(resources.files("gptj").joinpath("data/presets.json").read_text())
+    builtin = json.loads((Path(__file__).parent / "data" / "presets.json").read_text(encoding="utf-8"))
     presets = {name: parse_preset(name, data, "built-in") for name, data in builtin.items()}
     errors: list[str] = []
     folder = user_dir or user_preset_dir()

@@ -1,0 +1,623 @@
+"""`gptj serve`: the playground page and the HTTP APIs (OpenAI- and EleutherAI-compatible)
+on one engine. Every generation goes through `gptj.engine`; this module only translates."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptj.api import Model, sampling_params
+from gptj.chat import ChatSession
+from gptj.engine import Completion, QueueFull, RequestHandle
+from gptj.presets import load_presets
+from gptj.sampling import InvalidRequest
+from gptj.tokenizer import load_tokenizer
+
+MAX_BODY_BYTES = 1_000_000
+MAX_N = 8
+WEB_DIR = Path(__file__).parent / "web"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+
+StopField = str | list[str] | None
+
+
+class Settings(BaseModel):
+    """Sampling settings shared by the OpenAI endpoints (OpenAI's defaults and ranges)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: StopField = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    user: str | None = None
+    truncate: bool = False  # left-truncate a prompt that does not fit (TGI's `truncate`, as a flag)
+    ignore_eos: bool = False
+
+
+class CompletionBody(Settings):
+    prompt: str | list[str] | list[int] = Field(...)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, ge=0)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(Settings):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompleteBody(BaseModel):
+    """mesh-transformer-jax's device_serve.py: POST /complete."""
+
+    model_config = ConfigDict(extra="ignore")
+    context: str
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    temp: float = Field(1.0, ge=0.0, le=2.0)
+    length: int = Field(512, ge=1)
+
+
+class HostedCompletionBody(BaseModel):
+    """The old hosted EleutherAI API: POST /completion (clients sent camelCase too)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    context: str
+    top_p: float = Field(0.9, gt=0.0, le=1.0, alias="topP")
+    temp: float = Field(1.0, ge=0.0, le=2.0)
+    response_length: int = Field(128, ge=1, alias="responseLength")
+    remove_input: bool = Field(False, alias="removeInput")
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    prompt: str | None = None
+    content: str | None = None  # llama.cpp's name
+    tokenizer: str | None = None  # "gpt-j" for GPT-2 BPE; default: the served model's
+    add_special: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+    tokenizer: str | None = None
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def engine_settings(body: Settings, max_tokens: int | None) -> dict[str, Any]:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return dict(
+        max_new_tokens=max_tokens if max_tokens is not None else 16,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        stop=stop,
+        seed=body.seed,
+        truncate_prompt=body.truncate,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def piece_json(tokenizer, token_id: int) -> dict[str, Any]:  # noqa: ANN001
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        text: str | None = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None  # part of a multi-byte character: show the bytes (as llama.cpp's with_pieces)
+    return {"id": token_id, "text": text, "bytes": list(raw)}
+
+
+def token_str(tokenizer, token_id: int) -> str:  # noqa: ANN001
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.errors: dict[int, int] = {}
+        self.ttft_sum, self.ttft_count = 0.0, 0
+        self.gen_seconds, self.gen_tokens = 0.0, 0
+
+    def observe(self, c: Completion, seconds: float) -> None:
+        if c.time_to_first_token is not None:
+            self.ttft_sum += c.time_to_first_token
+            self.ttft_count += 1
+        self.gen_seconds += seconds
+        self.gen_tokens += c.completion_tokens
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+
+def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="GPT-J Studio", version="0.1.0", description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
+    app.state.model = model
+    metrics = Metrics()
+    chat = ChatSession(model)
+    tokenizer = model.tokenizer
+    started = time.time()
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
+        if api_key and request.method != "OPTIONS" and request.url.path not in open_paths and not request.url.path.startswith("/static"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
+        path = request.url.path
+        metrics.requests[path] = metrics.requests.get(path, 0) + 1
+        response = await call_next(request)
+        if response.status_code >= 400:
+            metrics.errors[response.status_code] = metrics.errors.get(response.status_code, 0) + 1
+        return response
+
+    def error_response(err: APIError) -> JSONResponse:
+        body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(InvalidRequest)
+    async def on_invalid(_: Request, err: InvalidRequest) -> JSONResponse:
+        return error_response(APIError(400, str(err), err.field))
+
+    @app.exception_handler(QueueFull)
+    async def on_full(_: Request, err: QueueFull) -> JSONResponse:
+        return error_response(APIError(503, str(err), None, "server_busy", {"Retry-After": "2"}))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        param = ".".join(loc) or "body"
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "body: must be valid UTF-8 JSON", "body"
+        else:
+            message = f"{param}: {message}"
+        return error_response(APIError(400, message, param))
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_: Request, err: HTTPException) -> JSONResponse:
+        return error_response(APIError(err.status_code, str(err.detail)))
+
+    def check_model(name: str | None) -> None:
+        if name and name not in (model.name, "default", model.info.path) and name.lower() not in ("gpt-j", "gptj"):
+            raise APIError(404, f"model: unknown model {name!r}; this server serves {model.name!r}", "model", "model_not_found")
+
+    # ---- page and info ----
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return FileResponse(str(WEB_DIR / "index.html"))
+
+    @app.get("/static/{name:path}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        target = (WEB_DIR / name)
+        if ".." in name or not target.is_file():
+            raise APIError(404, f"no such file: {name}")
+        return FileResponse(str(target))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model.name, "uptime_s": round(time.time() - started, 1)}
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        d = model.info.as_dict()
+        d["context_length"] = model.context_length
+        defaults = sampling_params()
+        d["defaults"] = {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        d["parallel"] = model.engine.max_batch
+        return d
+
+    @app.get("/api/presets")
+    async def presets() -> dict:
+        found, errors = load_presets()
+        return {"presets": [p.as_dict() for p in found.values()], "errors": errors}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": int(started), "owned_by": "gptj-studio"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> str:
+        s = model.engine.stats
+        lines = [
+            "# TYPE gptj_requests_total counter",
+            *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(metrics.requests.items())],
+            "# TYPE gptj_errors_total counter",
+            *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(metrics.errors.items())],
+            "# TYPE gptj_generated_tokens_total counter",
+            f"gptj_generated_tokens_total {s['generated_tokens']}",
+            "# TYPE gptj_prompt_tokens_total counter",
+            f"gptj_prompt_tokens_total {s['prompt_tokens']}",
+            "# TYPE gptj_cached_prompt_tokens_total counter",
+            f"gptj_cached_prompt_tokens_total {s['cached_prompt_tokens']}",
+            "# TYPE gptj_queue_depth gauge",
+            f"gptj_queue_depth {model.engine.queue_depth}",
+            "# TYPE gptj_batch_size gauge",
+            f"gptj_batch_size {model.engine.batch_size}",
+            "# TYPE gptj_time_to_first_token_seconds summary",
+            f"gptj_time_to_first_token_seconds_sum {metrics.ttft_sum:.6f}",
+            f"gptj_time_to_first_token_seconds_count {metrics.ttft_count}",
+            "# TYPE gptj_tokens_per_second gauge",
+            f"gptj_tokens_per_second {metrics.gen_tokens / metrics.gen_seconds if metrics.gen_seconds else 0:.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    # ---- tokenizer ----
+
+    def pick_tokenizer(name: str | None):  # noqa: ANN202
+        if not name:
+            return tokenizer
+        try:
+            return load_tokenizer(name)
+        except (ValueError, OSError) as exc:
+            raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        text = body.text if body.text is not None else body.prompt if body.prompt is not None else body.content
+        if text is None:
+            raise APIError(400, "text: required (the text to split into tokens)", "text")
+        tok = pick_tokenizer(body.tokenizer)
+        ids = tok.encode(text, allow_special=body.add_special)
+        return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tok, i) for i in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        tok = pick_tokenizer(body.tokenizer)
+        bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens: id {bad[0]} is outside 0..{tok.vocab_size - 1}", "tokens")
+        return {"text": tok.decode(body.tokens)}
+
+    # ---- generation core ----
+
+    def submit_all(prompt_ids: list[int], settings: dict, n: int, logprobs: int | None) -> list[RequestHandle]:
+        handles = []
+        for i in range(n):
+            s = dict(settings)
+            if s.get("seed") is not None:
+                s["seed"] = s["seed"] + i
+            if logprobs is not None:
+                s["logprobs"] = logprobs
+            try:
+                handles.append(model.engine.submit(prompt_ids, sampling_params(**s)))
+            except Exception:
+                for h in handles:
+                    h.cancel()
+                raise
+        return handles
+
+    async def wait_all(handles: list[RequestHandle], request: Request) -> list[Completion]:
+        """Completions of all handles; a client that goes away cancels them."""
+        t0 = time.monotonic()
+        results: list[Completion | None] = [None] * len(handles)
+        try:
+            while any(r is None for r in results):
+                for i, h in enumerate(handles):
+                    while results[i] is None:
+                        try:
+                            item = h._events.get_nowait()
+                        except Exception:
+                            break
+                        if isinstance(item, Completion):
+                            results[i] = item
+                if any(r is None for r in results):
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError
+                    await asyncio.sleep(0.005)
+        finally:
+            for h in handles:
+                h.cancel()
+        for c in results:
+            metrics.observe(c, time.monotonic() - t0)
+        return results  # type: ignore[return-value]
+
+    async def stream_all(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, StreamEvent | Completion) as they arrive; cancels on disconnect."""
+        t0 = time.monotonic()
+        done = [False] * len(handles)
+        try:
+            while not all(done):
+                progressed = False
+                for i, h in enumerate(handles):
+                    while not done[i]:
+                        try:
+                            item = h._events.get_nowait()
+                        except Exception:
+                            break
+                        progressed = True
+                        if isinstance(item, Completion):
+                            done[i] = True
+                            metrics.observe(item, time.monotonic() - t0)
+                        yield i, item
+                if not progressed:
+                    await asyncio.sleep(0.005)
+        finally:  # also runs when the client disconnects and the response is cancelled
+            for h in handles:
+                h.cancel()
+
+    def completion_logprobs(tokens: list, offset: int) -> dict:
+        ids = [t.id for t in tokens]
+        strs = [token_str(tokenizer, i) for i in ids]
+        offsets, pos = [], offset
+        for s in strs:
+            offsets.append(pos)
+            pos += len(s)
+        return {
+            "tokens": strs,
+            "token_ids": ids,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{token_str(tokenizer, i): lp for i, lp in t.top_logprobs} for t in tokens],
+            "text_offset": offsets,
+        }
+
+    def usage(results: list[Completion]) -> dict:
+        prompt = results[0].prompt_tokens if results else 0
+        gen = sum(r.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
+                "prompt_tokens_details": {"cached_tokens": results[0].cached_prompt_tokens if results else 0}}
+
+    def prompt_ids_of(prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside 0..{model.config.vocab_size - 1}", "prompt")
+            return ids, tokenizer.decode(ids)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: send one prompt per request (a list of exactly one string)", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", "prompt")
+        return tokenizer.encode(prompt, allow_special=True), prompt
+
+    def finish_reason(c: Completion) -> str:
+        if c.finish_reason == "error":
+            raise APIError(500, f"generation failed: {c.error}", None, "server_error")
+        return c.finish_reason
+
+    # ---- OpenAI ----
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        check_model(body.model)
+        ids, prompt_text = prompt_ids_of(body.prompt)
+        settings = engine_settings(body, body.max_completion_tokens or body.max_tokens)
+        echo_text = prompt_text if body.echo else ""
+        handles = submit_all(ids, settings, body.n, body.logprobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(choices: list[dict], **extra: Any) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": model.name, "choices": choices, **extra}
+
+        if body.stream:
+            async def events() -> AsyncIterator[bytes]:
+                finals: list[Completion] = []
+                offsets = [len(echo_text)] * body.n
+                if echo_text:
+                    for i in range(body.n):
+                        yield sse(chunk([{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}]))
+                async for i, item in stream_all(handles):
+                    if isinstance(item, Completion):
+                        finals.append(item)
+                        extra = {"usage": usage(finals)} if len(finals) == body.n else {}
+                        yield sse(chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}], **extra))
+                    else:
+                        lp = completion_logprobs(item.tokens, offsets[i]) if body.logprobs is not None else None
+                        offsets[i] += len(item.text)
+                        yield sse(chunk([{"index": i, "text": item.text, "logprobs": lp, "finish_reason": None}]))
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        results = await wait_all(handles, request)
+        choices = []
+        for i, c in enumerate(results):
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(c.token_infos[: len(c.tokens)], len(echo_text))
+                if body.echo:
+                    lp = merge_logprobs(prompt_logprobs(ids, body.logprobs), lp)
+            choices.append({"index": i, "text": echo_text + c.text, "logprobs": lp, "finish_reason": finish_reason(c)})
+        return JSONResponse(chunk(choices, usage=usage(results)))
+
+    def prompt_logprobs(ids: list[int], top: int) -> dict:
+        logits = model.logits(ids)
+        logp = logits.log_softmax(-1)
+        tokens, token_lp, tops, offsets, pos = [], [], [], [], 0
+        for k, tid in enumerate(ids):
+            s = token_str(tokenizer, tid)
+            tokens.append(s)
+            offsets.append(pos)
+            pos += len(s)
+            if k == 0:
+                token_lp.append(None)
+                tops.append(None)
+            else:
+                token_lp.append(float(logp[k - 1, tid]))
+                t = logp[k - 1].topk(top) if top else None
+                tops.append({token_str(tokenizer, int(i)): float(v) for v, i in zip(t.values, t.indices, strict=True)} if t is not None else {})
+        return {"tokens": tokens, "token_ids": list(ids), "token_logprobs": token_lp, "top_logprobs": tops, "text_offset": offsets}
+
+    def merge_logprobs(a: dict, b: dict) -> dict:
+        return {k: a[k] + b[k] for k in a}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
+        check_model(body.model)
+        messages = [m.model_dump() for m in body.messages]
+        settings = engine_settings(body, body.max_completion_tokens or body.max_tokens or 256)
+        prompt, settings, dropped = chat.prepare(messages, settings)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        handles = submit_all(tokenizer.encode(prompt, allow_special=True), settings, body.n, logprobs)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        info = {"dropped_messages": dropped}
+
+        def chat_logprobs(tokens: list) -> dict:
+            return {"content": [{"token": token_str(tokenizer, t.id), "logprob": t.logprob,
+                                 "bytes": list(tokenizer.token_bytes(t.id)),
+                                 "top_logprobs": [{"token": token_str(tokenizer, i), "logprob": lp} for i, lp in t.top_logprobs]}
+                                for t in tokens]}
+
+        def chunk(choices: list[dict], **extra: Any) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name, "choices": choices, **extra}
+
+        if body.stream:
+            async def events() -> AsyncIterator[bytes]:
+                finals: list[Completion] = []
+                started_text = [False] * body.n
+                for i in range(body.n):
+                    yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], gptj=info))
+                async for i, item in stream_all(handles):
+                    if isinstance(item, Completion):
+                        finals.append(item)
+                        extra = {"usage": usage(finals)} if len(finals) == body.n else {}
+                        yield sse(chunk([{"index": i, "delta": {}, "finish_reason": finish_reason(item)}], **extra))
+                        continue
+                    text = item.text
+                    if not started_text[i] and not chat.template:
+                        text = text.lstrip()  # the play script's space after "Name:"
+                    started_text[i] = started_text[i] or bool(text)
+                    delta = {"content": text}
+                    choice = {"index": i, "delta": delta, "finish_reason": None}
+                    if logprobs is not None:
+                        choice["logprobs"] = chat_logprobs(item.tokens)
+                    if text or logprobs is not None:
+                        yield sse(chunk([choice]))
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        results = await wait_all(handles, request)
+        choices = []
+        for i, c in enumerate(results):
+            text = c.text if chat.template else chat.script.clean_reply(c.text)
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(c)}
+            if logprobs is not None:
+                choice["logprobs"] = chat_logprobs(c.token_infos[: len(c.tokens)])
+            choices.append(choice)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model.name,
+                             "choices": choices, "usage": usage(results), "gptj": info})
+
+    # ---- EleutherAI ----
+
+    async def simple_generate(context: str, temp: float, top_p: float, length: int, request: Request) -> Completion:
+        if not context:
+            raise APIError(400, "context: must not be empty", "context")
+        ids = tokenizer.encode(context, allow_special=True)
+        length = min(length, model.context_length - 1)
+        settings = dict(max_new_tokens=length, temperature=temp, top_p=top_p, top_k=0, truncate_prompt=True)
+        (result,) = await wait_all(submit_all(ids, settings, 1, None), request)
+        finish_reason(result)
+        return result
+
+    @app.post("/complete")
+    async def complete(body: CompleteBody, request: Request) -> dict:
+        """mesh-transformer-jax's server: the continuation only, 512 tokens by default."""
+        result = await simple_generate(body.context, body.temp, body.top_p, body.length, request)
+        return {"completion": result.text}
+
+    @app.post("/completion")
+    async def hosted_completion(body: HostedCompletionBody, request: Request) -> list[dict]:
+        """The old hosted API: a list with one generated_text, the context included unless remove_input."""
+        result = await simple_generate(body.context, body.temp, body.top_p, body.response_length, request)
+        text = result.text if body.remove_input else body.context + result.text
+        return [{"generated_text": text}]
+
+    return app
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuses to expose the API beyond this machine without a key (unless told so)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key and not insecure:
+        raise SystemExit(
+            f"gptj serve: refusing to listen on {host} without an API key: anyone who can reach it could use it. "
+            "Set --api-key (or GPTJ_API_KEY), or pass --insecure if that is what you want."
+        )
+
+
+def serve(args) -> int:  # noqa: ANN001
+    import uvicorn
+
+    from gptj.cli import load_model
+
+    api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
+    check_bind(args.host, api_key, args.insecure)
+    model = load_model(args, max_batch=args.parallel)
+    model.engine.max_queue = args.max_queue
+    app = create_app(model, api_key=api_key, cors_origins=args.cors)
+    url = f"http://{args.host}:{args.port}/"
+    print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}", flush=True)
+    if args.open:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.0, lambda: webbrowser.open(url)).start()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    server.run()
+    model.engine.shutdown(grace=10)
+    return 0
