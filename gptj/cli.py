@@ -56,12 +56,14 @@ def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from gptj.api import sampling_params
     from gptj.presets import apply_preset
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     settings = sampling_settings(args)
     if args.preset:
         prompt, settings = apply_preset(args.preset, prompt, settings)
+    sampling_params(**settings)  # bad settings fail before a long model load
     model = load_model(args)
     stream = args.stream if args.stream is not None else sys.stdout.isatty()
     if stream:
@@ -225,13 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from gptj.loading import ModelLoadError
+    from gptj.presets import PresetError
     from gptj.sampling import InvalidRequest
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (ModelLoadError, InvalidRequest) as exc:
+    except (ModelLoadError, InvalidRequest, PresetError) as exc:
         print(f"gptj: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
