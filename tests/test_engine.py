@@ -1,0 +1,205 @@
+"""Generation behaviour users rely on: samplers, seeds, stops, limits, batching, prefix reuse."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptj
+from gptj.checkpoint import make_random_checkpoint
+from gptj.engine import StopMatcher
+from gptj.sampling import InvalidRequest, SamplingParams, filter_logits
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("tiny") / "gptj", "tiny", "bin", n_positions=128)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path) -> gptj.Model:
+    return gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=3)
+
+
+PROMPT = "The quick brown fox"
+
+
+# ---- samplers -----------------------------------------------------------------------------------
+
+
+def kept(logits: list[float], **kw: object) -> set[int]:
+    out = filter_logits(torch.tensor(logits), SamplingParams(temperature=1.0, top_k=0, **kw))
+    return {i for i, v in enumerate(out.tolist()) if v != -math.inf}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+    assert kept(logits, top_p=0.5) == {0}
+    assert kept(logits, top_p=0.7) == {0, 1}
+    assert kept(logits, top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8 exactly
+    assert kept(logits, top_p=0.81) == {0, 1, 2}
+    assert kept(logits, top_p=1.0) == {0, 1, 2, 3}
+    assert kept(logits, top_p=0.01) == {0}  # the most likely token always stays
+
+
+def test_top_k_and_min_p() -> None:
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().tolist()
+    out = filter_logits(torch.tensor(logits), SamplingParams(temperature=1.0, top_k=2, top_p=1.0))
+    assert {i for i, v in enumerate(out.tolist()) if v != -math.inf} == {0, 1}
+    assert kept(logits, min_p=0.6, top_p=1.0) == {0, 1}  # p >= 0.6 * 0.4
+
+
+def test_greedy_equivalents(tiny: gptj.Model) -> None:
+    greedy = tiny.generate(PROMPT, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert len(greedy.tokens) == 12
+    near_zero = tiny.generate(PROMPT, max_new_tokens=12, temperature=1e-6, top_k=0, top_p=1.0, seed=3, ignore_eos=True)
+    top_k_1 = tiny.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_k=1, seed=4, ignore_eos=True)
+    assert near_zero.tokens == greedy.tokens
+    assert top_k_1.tokens == greedy.tokens
+
+
+def test_seed_reproduces_and_differs(tiny: gptj.Model) -> None:
+    settings = dict(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, ignore_eos=True)
+    a = tiny.generate(PROMPT, seed=1, **settings)
+    b = tiny.generate(PROMPT, seed=1, **settings)
+    c = tiny.generate(PROMPT, seed=2, **settings)
+    assert a.tokens == b.tokens and a.text == b.text
+    assert a.tokens != c.tokens
+
+
+def test_repetition_penalty_changes_repeats(tiny: gptj.Model) -> None:
+    plain = tiny.generate(PROMPT, max_new_tokens=30, temperature=0, ignore_eos=True)
+    penalised = tiny.generate(PROMPT, max_new_tokens=30, temperature=0, repetition_penalty=5.0, ignore_eos=True)
+    prompt_ids = set(tiny.tokenizer.encode(PROMPT))
+    repeats = lambda toks: len(toks) - len(set(toks) - prompt_ids)  # noqa: E731
+    assert repeats(penalised.tokens) <= repeats(plain.tokens)
+    assert penalised.tokens != plain.tokens
+
+
+def test_gptj_padding_ids_are_never_sampled(tiny_dir: Path) -> None:
+    model = gptj.load(str(tiny_dir), dtype=torch.float32)
+    with torch.no_grad():  # make the 143 padding rows by far the most likely
+        model.module.lm_head.bias[50257:] = 50.0
+    out = model.generate(PROMPT, max_new_tokens=30, temperature=1.0, top_k=0, top_p=1.0, seed=0, ignore_eos=True)
+    assert len(out.tokens) == 30
+    assert max(out.tokens) < 50257
+    assert model.logits(model.tokenizer.encode(PROMPT)).shape[-1] == 50400
+
+
+def test_logprobs_on_request(tiny: gptj.Model) -> None:
+    out = tiny.generate(PROMPT, max_new_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    assert len(out.token_infos) == 5
+    for info in out.token_infos:
+        assert info.logprob is not None and info.logprob <= 0
+        assert len(info.top_logprobs) == 3
+        assert info.top_logprobs[0][0] == info.id  # greedy picks the top-1
+    assert tiny.generate(PROMPT, max_new_tokens=2, temperature=0).token_infos[0].logprob is None
+
+
+def test_invalid_settings_name_the_field(tiny: gptj.Model) -> None:
+    for field, value in [("temperature", -1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("repetition_penalty", 0)]:
+        with pytest.raises(InvalidRequest) as err:
+            tiny.generate(PROMPT, **{field: value})
+        assert err.value.field == field and field in str(err.value)
+    with pytest.raises(InvalidRequest, match="unknown setting"):
+        tiny.generate(PROMPT, temprature=0.5)
+
+
+# ---- stops and limits ----------------------------------------------------------------------------
+
+
+def test_stop_matcher_across_pieces_never_leaks_the_stop() -> None:
+    m = StopMatcher(["\nYou:"])
+    out = []
+    for piece in ["Hello", " there\n", "Yo", "u:", " more"]:
+        text, hit = m.push(piece)
+        out.append(text)
+        if hit:
+            break
+    assert "".join(out) == "Hello there" and hit
+    m = StopMatcher(["END"])
+    assert m.push("abcE") == ("abc", False)  # "E" may start the stop: held back
+    assert m.push("x") == ("Ex", False)
+    assert m.flush() == ""
+
+
+def test_stop_sequence_in_generation(tiny: gptj.Model) -> None:
+    full = tiny.generate(PROMPT, max_new_tokens=30, temperature=0, ignore_eos=True)
+    assert len(full.text) > 12
+    stop = full.text[5:12]  # a stop in the middle of the text, most likely spanning tokens
+    cut = tiny.generate(PROMPT, max_new_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(tiny.stream(PROMPT, max_new_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))
+    assert streamed == cut.text
+
+
+def test_eos_stops_generation(tiny_dir: Path) -> None:
+    model = gptj.load(str(tiny_dir), dtype=torch.float32)
+    with torch.no_grad():
+        model.module.lm_head.bias[50256] = 100.0  # <|endoftext|>
+    out = model.generate(PROMPT, max_new_tokens=10, temperature=0)
+    assert out.finish_reason == "stop" and out.tokens == [] and out.text == ""
+
+
+def test_max_new_tokens_and_context_window(tiny: gptj.Model) -> None:
+    out = tiny.generate(PROMPT, max_new_tokens=7, temperature=0, ignore_eos=True)
+    assert out.finish_reason == "length" and len(out.tokens) == 7
+    long_prompt = "word " * 200  # 200+ tokens against a 128-token window
+    with pytest.raises(InvalidRequest) as err:
+        tiny.generate(long_prompt, max_new_tokens=10)
+    assert err.value.field == "prompt" and "128" in str(err.value)
+    out = tiny.generate(long_prompt, max_new_tokens=10, temperature=0, truncate_prompt=True, ignore_eos=True)
+    n_prompt = len(tiny.tokenizer.encode(long_prompt))
+    assert out.prompt_tokens == 118 and out.truncated_prompt_tokens == n_prompt - 118
+    assert len(out.tokens) == 10
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        tiny.generate(PROMPT, max_new_tokens=500)
+
+
+def test_stream_pieces_join_to_the_generated_text(tiny: gptj.Model) -> None:
+    settings = dict(max_new_tokens=40, temperature=1.0, seed=5, ignore_eos=True)
+    pieces = list(tiny.stream(PROMPT, **settings))
+    full = tiny.generate(PROMPT, **settings)
+    assert "".join(pieces) == full.text
+    assert len(pieces) > 1
+
+
+# ---- the engine: batching, prefix reuse, cancellation --------------------------------------------
+
+
+def test_concurrent_requests_equal_their_results_alone(tiny: gptj.Model) -> None:
+    prompts = ["Once upon a time", "def fibonacci(n):", "The capital of France is the city of"]
+    alone = [tiny.generate(p, max_new_tokens=15, temperature=0, ignore_eos=True).tokens for p in prompts]
+    handles = [tiny.submit(p, max_new_tokens=15, temperature=0, ignore_eos=True) for p in prompts]
+    together = [h.result().tokens for h in handles]
+    assert together == alone
+
+
+def test_prefix_cache_reuses_the_common_prefix_and_changes_nothing(tiny_dir: Path) -> None:
+    model = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=2)
+    turn1 = "You: hello there\nGPT-J: hi, how are you?\nYou: fine\nGPT-J:"
+    first = model.generate(turn1, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert first.cached_prompt_tokens == 0
+    turn2 = turn1 + first.text + "\nYou: tell me more\nGPT-J:"
+    second = model.generate(turn2, max_new_tokens=8, temperature=0, ignore_eos=True)
+    n1 = len(model.tokenizer.encode(turn1))
+    assert second.cached_prompt_tokens >= n1
+    fresh = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1).generate(
+        turn2, max_new_tokens=8, temperature=0, ignore_eos=True
+    )
+    assert fresh.cached_prompt_tokens == 0
+    assert second.tokens == fresh.tokens
+
+
+def test_cancel_stops_a_request(tiny: gptj.Model) -> None:
+    handle = tiny.submit(PROMPT, max_new_tokens=100, temperature=0, ignore_eos=True)
+    events = iter(handle)
+    next(events)
+    handle.cancel()
+    result = handle.result()
+    assert result.finish_reason == "cancelled"
+    assert len(result.tokens) < 100
