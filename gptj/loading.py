@@ -66,13 +66,23 @@ def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True))
+            return Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True,
+                                          cache_dir=hf_cache_dir()))
         except Exception as exc:
             raise ModelLoadError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache ({exc.__class__.__name__}); "
                 f"download it with: gptj pull {repo}" + (f" --revision {revision or rev}" if revision or rev else "")
             ) from None
     raise ModelLoadError(f"model {name_or_path!r} not found: not a file, a folder, or a repo id like EleutherAI/gpt-j-6b")
+
+
+def hf_cache_dir() -> str | None:
+    """The hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
 
 
 def weight_files(folder: Path) -> tuple[list[Path], str]:
