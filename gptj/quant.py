@@ -1,0 +1,854 @@
+"""Weight-only quantization of nn.Linear layers: int8 per output row, int4 in groups.
+
+Formats (portable, plain row-major tensors: what a safetensors file holds):
+
+* int8: ``qweight`` int8 [out, in], symmetric, ``scales`` float32 [out]: w = scales[n] * q.
+* int4: ``qweight`` uint8 [out, in // 2], ``scales`` float16 [out, in // G], ``zeros`` uint8
+  [out, in // G] (G = group size, 128 by default), asymmetric: w = s * (q - z), q, z in 0..15.
+  Within a group, byte j holds value j in its low nibble and value j + G/2 in its high nibble,
+  so one 64-byte load unpacks (``& 15``, ``>> 4``) into 128 values in order.
+* ``bias`` float32 [out] when the layer has one.
+
+A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
+``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped ones
+stay mapped). The group size and mode follow from the shapes and dtypes.
+
+Kernels, chosen by measurement (benchmarks/bench_linear.py) on a 2-core AVX-512/AMX Xeon:
+
+* decode (at most ``DECODE_MAX_ROWS`` rows): our own GEMV in C++, built with the system compiler
+  on first use and cached under ~/.cache/gptj/kernels. It quantizes the activations to int8 per
+  block of 128 and runs an integer dot product (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), which
+  keeps the inner loop under memory bandwidth for int4 as well as int8; torch's int8/int4 GEMV
+  ops reach 20-25 GB/s. Without a compiler or AVX2, or for shapes it does not take, the torch
+  ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) serve instead.
+* prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
+  into a reused buffer, a chunk of rows at a time, and run a GEMM: the GEMV ops are 3x slower
+  than a bf16 GEMM at 512 rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("bf16", "int8", "int4")
+GROUP_SIZE = 128
+_QB = 128  # the kernel's activation block; int4 groups must equal it
+# Most rows that go through the decode kernel; above, dequantize + GEMM wins (measured, see the
+# module docstring). GPTJ_QUANT_DECODE_MAX_ROWS overrides.
+DECODE_MAX_ROWS = {"int8": 8, "int4": 8}
+# Prefill dequantizes at most this many bytes of weight at once (a reused buffer).
+_CHUNK_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------- quantization
+
+
+def _group_size(in_features: int, group_size: int) -> int:
+    """The requested group size, or the largest of 128/64/32 that divides in_features."""
+    if in_features % group_size == 0 and group_size % 2 == 0:
+        return group_size
+    for g in (128, 64, 32):
+        if g <= group_size and in_features % g == 0:
+            return g
+    raise ValueError(f"int4 needs in_features ({in_features}) divisible by 32")
+
+
+def quantize_weight(weight: Tensor, mode: str, group_size: int = GROUP_SIZE) -> dict[str, Tensor]:
+    """Quantizes one [out, in] weight to the buffers of a QuantizedLinear ("int8" or "int4").
+
+    Works a slice of rows at a time, in float32, so memory stays near the size of the result."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
+    w = weight.detach()
+    n, k = w.shape
+    step = max(1, (1 << 22) // max(k, 1))  # ~4M values at a time: no full float32 copy
+    if mode == "int8":
+        q = torch.empty(n, k, dtype=torch.int8)
+        scales = torch.empty(n, dtype=torch.float32)
+        for r0 in range(0, n, step):
+            part = w[r0 : r0 + step].float()
+            s = part.abs().amax(dim=1).clamp(min=1e-30) / 127.0
+            q[r0 : r0 + step] = torch.round(part / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            scales[r0 : r0 + step] = s
+        return {"qweight": q, "scales": scales}
+    if mode == "int4":
+        g = _group_size(k, group_size)
+        ng = k // g
+        q = torch.empty(n, k // 2, dtype=torch.uint8)
+        scales = torch.empty(n, ng, dtype=torch.float16)
+        zeros = torch.empty(n, ng, dtype=torch.uint8)
+        for r0 in range(0, n, step):
+            part = w[r0 : r0 + step].float().reshape(-1, ng, g)
+            lo = part.amin(dim=-1).clamp(max=0.0)
+            hi = part.amax(dim=-1).clamp(min=0.0)
+            # scales are stored in fp16: quantize with the rounded value so the zero stays exact
+            s16 = ((hi - lo) / 15.0).clamp(min=1e-7).to(torch.float16)
+            s = s16.float()
+            z = torch.round(-lo / s).clamp_(0, 15)
+            qi = torch.round(part / s[..., None] + z[..., None]).clamp_(0, 15).to(torch.uint8)
+            rows = qi.shape[0]
+            q[r0 : r0 + rows] = (qi[..., : g // 2] | (qi[..., g // 2 :] << 4)).reshape(rows, k // 2)
+            scales[r0 : r0 + rows] = s16
+            zeros[r0 : r0 + rows] = z.to(torch.uint8)
+        return {"qweight": q, "scales": scales, "zeros": zeros}
+    raise ValueError(f"unknown quantization mode {mode!r}: expected 'int8' or 'int4'")
+
+
+def dequantize_weight(buffers: Mapping[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The [out, in] weight that the buffers of a QuantizedLinear stand for (torch ops only)."""
+    q, scales = buffers["qweight"], buffers["scales"]
+    if q.dtype == torch.int8:
+        return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
+    n, half = q.shape
+    ng = scales.shape[1]
+    g = 2 * half // ng
+    p = q.reshape(n, ng, g // 2)
+    vals = torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
+    w = (vals - buffers["zeros"].to(torch.float32)[..., None]) * scales.to(torch.float32)[..., None]
+    return w.reshape(n, 2 * half).to(dtype)
+
+
+# ---------------------------------------------------------------------------- native kernel
+
+_KERNEL_SRC = r"""
+// Weight-only quantized GEMV kernels (int8 per-row, int4 grouped) for x86-64.
+// Activations are quantized on the fly to int8 per block of QB=128 values, so the inner
+// loop is an integer dot product (VNNI dpbusd, or maddubs on plain AVX2).
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QB 128
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GQ_ISA 3
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+#define GQ_ISA 2
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define GQ_ISA 1
+#else
+#error "need AVX2+FMA+F16C"
+#endif
+
+extern "C" int gq_isa(void) { return GQ_ISA; }
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// x [M,K] fp32 -> xq [M,K] int8, xs [M,K/QB] scale, xsum [M,K/QB] = xs * sum(xq) per block.
+static void quant_act(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum, int nthreads) {
+    const int64_t nb = K / QB;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
+    for (int64_t mb = 0; mb < M * nb; ++mb) {
+        const float* xp = x + mb * QB;
+        int8_t* qp = xq + mb * QB;
+        __m256 amax = _mm256_setzero_ps();
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int j = 0; j < QB; j += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xp + j), absmask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float am = _mm_cvtss_f32(m4);
+        float s = am / 127.f;
+        float inv = am > 0 ? 127.f / am : 0.f;
+        __m256 vinv = _mm256_set1_ps(inv);
+        __m256i isum = _mm256_setzero_si256();
+        for (int j = 0; j < QB; j += 32) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j), vinv));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 8), vinv));
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 16), vinv));
+            __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 24), vinv));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+            __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+            __m256i q = _mm256_packs_epi16(ab, cd);
+            // packs works per 128-bit lane: restore order 0..31
+            q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i*)(qp + j), q);
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        xs[mb] = s;
+        xsum[mb] = s * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+// ---------------------------------------------------------------- int8 weights
+// W int8 [N,K] row-major, ws fp32 [N].  y[m,n] = ws[n] * sum_b xs[m,b] * dot_b(W[n], xq[m]).
+// VNNI: dpbusd(u8, s8) with u8 = W ^ 0x80 = W + 128, then subtract 128 * sum(xq) (xsum holds xs*sum).
+// Plain AVX2: maddubs(|W|, sign(xq, W)); |xq| <= 127 and |W| <= 127 keep int16 pairs unsaturated.
+// Tiles of R weight rows x MT activation rows: each weight vector is loaded once per tile.
+#if GQ_ISA == 3
+#define R_T 4
+#define M_T 4
+typedef __m512 vf;
+typedef __m512i vi;
+#define VB 64
+static inline vf vf_zero() { return _mm512_setzero_ps(); }
+static inline vf vf_set(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_cvt(vi a) { return _mm512_cvtepi32_ps(a); }
+static inline float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vi vi_load(const void* p) { return _mm512_loadu_si512(p); }
+static inline vi vi_zero() { return _mm512_setzero_si512(); }
+static inline vi vi_flip(vi a) { return _mm512_xor_si512(a, _mm512_set1_epi8((char)0x80)); }
+static inline vi vi_lo(vi a) { return _mm512_and_si512(a, _mm512_set1_epi8(0x0f)); }
+static inline vi vi_hi(vi a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0f)); }
+static inline vi dot_u8s8(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+#define R_T 2
+#define M_T 2
+typedef __m256 vf;
+typedef __m256i vi;
+#define VB 32
+static inline vf vf_zero() { return _mm256_setzero_ps(); }
+static inline vf vf_set(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vf_cvt(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline float vf_sum(vf a) { return hsum256(a); }
+static inline vi vi_load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline vi vi_zero() { return _mm256_setzero_si256(); }
+static inline vi vi_flip(vi a) { return _mm256_xor_si256(a, _mm256_set1_epi8((char)0x80)); }
+static inline vi vi_lo(vi a) { return _mm256_and_si256(a, _mm256_set1_epi8(0x0f)); }
+static inline vi vi_hi(vi a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(0x0f)); }
+#if GQ_ISA == 2
+static inline vi dot_u8s8(vi acc, vi u, vi s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else
+// u <= 15 here (int4): 2*15*127 fits int16
+static inline vi dot_u8s8(vi acc, vi u, vi s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+#endif
+
+// dot of signed int8 weights with signed int8 activations, in the form the ISA prefers
+static inline vi dot_s8s8(vi acc, vi w, vi x) {
+#if GQ_ISA == 1
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                                                   _mm256_set1_epi16(1)));
+#else
+    return dot_u8s8(acc, vi_flip(w), x);  // caller subtracts 128 * sum(x)
+#endif
+}
+
+template <int R, int MT>
+static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
+                           const float* xsum, float* y, int64_t ldy, const float* bias) {
+    const int64_t nb = K / QB;
+    vf acc[R][MT];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) acc[r][m] = vf_zero();
+    for (int64_t b = 0; b < nb; ++b) {
+        vi x[MT][QB / VB];
+        vf sc[MT];
+        for (int m = 0; m < MT; ++m) {
+            for (int i = 0; i < QB / VB; ++i) x[m][i] = vi_load(xq + m * K + b * QB + i * VB);
+            sc[m] = vf_set(xs[m * nb + b]);
+        }
+        for (int r = 0; r < R; ++r) {
+            vi w[QB / VB];
+            for (int i = 0; i < QB / VB; ++i) w[i] = vi_load(W + r * K + b * QB + i * VB);
+            for (int m = 0; m < MT; ++m) {
+                vi d = vi_zero();
+                for (int i = 0; i < QB / VB; ++i) d = dot_s8s8(d, w[i], x[m][i]);
+                acc[r][m] = vf_fma(vf_cvt(d), sc[m], acc[r][m]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+        float comp = 0.f;
+#if GQ_ISA != 1
+        for (int64_t b = 0; b < nb; ++b) comp += xsum[m * nb + b];
+        comp *= 128.f;
+#endif
+        for (int r = 0; r < R; ++r) {
+            float v = ws[r] * (vf_sum(acc[r][m]) - comp);
+            if (bias) v += bias[r];
+            y[m * ldy + r] = v;
+        }
+    }
+}
+
+template <int R>
+static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
+                           const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias) {
+    const int64_t nb = K / QB;
+    int64_t m = 0;
+    for (; m + M_T <= M; m += M_T)
+        i8_tile<R, M_T>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
+}
+
+// scratch: M*K int8 + 2*M*(K/QB) fp32 for the quantized activations
+extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
+                               const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    int8_t* xq = (int8_t*)scratch;
+    float* xs = (float*)(xq + M * K);
+    float* xsum = xs + M * (K / QB);
+    quant_act(x, M, K, xq, xs, xsum, nthreads);
+    const int64_t nt = (N + R_T - 1) / R_T;
+    // dynamic chunks: a thread that loses its core to another process does not stall the call
+    const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = t * R_T;
+        if (n + R_T <= N)
+            i8_rows<R_T>(W + n * K, K, ws + n, xq, xs, xsum, M, y + n, N, bias ? bias + n : nullptr);
+        else
+            for (int64_t j = n; j < N; ++j)
+                i8_rows<1>(W + j * K, K, ws + j, xq, xs, xsum, M, y + j, N, bias ? bias + j : nullptr);
+    }
+}
+
+// ---------------------------------------------------------------- int4 weights
+// W uint8 [N, K/2]: group g (128 values) is bytes g*64 .. g*64+63, byte j = q[j] | q[j+64] << 4.
+// sc fp16 [N, K/128] scales, zp uint8 [N, K/128] zero points: w = s * (q - z).
+// y[m,n] = sum_g s*xs*dot_g(q, xq) - sum_g s*z*(xs*sum_g(xq)).
+// tmp holds, per tile, the fp32 products s*xs for every (row, act row, group).
+template <int R, int MT>
+static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, const uint8_t* zp, const int8_t* xq,
+                           const float* xs, const float* xsum, float* y, int64_t ldy, const float* bias,
+                           float* tmp) {
+    const int64_t ng = K / QB;
+    float comp[R][MT];
+    for (int r = 0; r < R; ++r) {
+        __m256 cacc[MT];
+        for (int m = 0; m < MT; ++m) cacc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g + 8 <= ng; g += 8) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + r * ng + g)));
+            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zp + r * ng + g))));
+            const __m256 sz = _mm256_mul_ps(s, z);
+            for (int m = 0; m < MT; ++m) {
+                _mm256_storeu_ps(tmp + (r * MT + m) * ng + g, _mm256_mul_ps(s, _mm256_loadu_ps(xs + m * ng + g)));
+                cacc[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + m * ng + g), cacc[m]);
+            }
+        }
+        for (int m = 0; m < MT; ++m) comp[r][m] = hsum256(cacc[m]);
+        for (int64_t g = ng & ~(int64_t)7; g < ng; ++g) {
+            const float s = _cvtsh_ss(sc[r * ng + g]), sz = s * (float)zp[r * ng + g];
+            for (int m = 0; m < MT; ++m) {
+                tmp[(r * MT + m) * ng + g] = s * xs[m * ng + g];
+                comp[r][m] += sz * xsum[m * ng + g];
+            }
+        }
+    }
+    vf acc[R][MT];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) acc[r][m] = vf_zero();
+    for (int64_t g = 0; g < ng; ++g) {
+        vi x[MT][QB / VB];
+        for (int m = 0; m < MT; ++m)
+            for (int i = 0; i < QB / VB; ++i) x[m][i] = vi_load(xq + m * K + g * QB + i * VB);
+        for (int r = 0; r < R; ++r) {
+            // 64 bytes hold 128 nibbles: low nibbles are values 0..63, high nibbles 64..127
+            vi q[QB / VB];
+            for (int i = 0; i < 64 / VB; ++i) {
+                vi w = vi_load(W + r * (K / 2) + g * 64 + i * VB);
+                q[i] = vi_lo(w);
+                q[i + 64 / VB] = vi_hi(w);
+            }
+            for (int m = 0; m < MT; ++m) {
+                vi d = vi_zero();
+                for (int i = 0; i < QB / VB; ++i) d = dot_u8s8(d, q[i], x[m][i]);
+                acc[r][m] = vf_fma(vf_cvt(d), vf_set(tmp[(r * MT + m) * ng + g]), acc[r][m]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) {
+            float v = vf_sum(acc[r][m]) - comp[r][m];
+            if (bias) v += bias[r];
+            y[m * ldy + r] = v;
+        }
+}
+
+template <int R>
+static inline void i4_rows(const uint8_t* W, int64_t K, const uint16_t* sc, const uint8_t* zp, const int8_t* xq,
+                           const float* xs, const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias,
+                           float* tmp) {
+    const int64_t ng = K / QB;
+    int64_t m = 0;
+    for (; m + M_T <= M; m += M_T)
+        i4_tile<R, M_T>(W, K, sc, zp, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias, tmp);
+    for (; m < M; ++m)
+        i4_tile<R, 1>(W, K, sc, zp, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias, tmp);
+}
+
+extern "C" void gq_linear_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, const float* bias,
+                               int64_t N, int64_t K, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    int8_t* xq = (int8_t*)scratch;
+    float* xs = (float*)(xq + M * K);
+    float* xsum = xs + M * (K / QB);
+    quant_act(x, M, K, xq, xs, xsum, nthreads);
+    const int64_t nt = (N + R_T - 1) / R_T;
+    const int64_t ng = K / QB;
+    const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float tmp[R_T * M_T * 512];  // ng <= 512 (K <= 65536), checked by the caller
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t t = 0; t < nt; ++t) {
+            const int64_t n = t * R_T;
+            if (n + R_T <= N)
+                i4_rows<R_T>(W + n * (K / 2), K, sc + n * ng, zp + n * ng, xq, xs, xsum, M, y + n, N,
+                             bias ? bias + n : nullptr, tmp);
+            else
+                for (int64_t j = n; j < N; ++j)
+                    i4_rows<1>(W + j * (K / 2), K, sc + j * ng, zp + j * ng, xq, xs, xsum, M, y + j, N,
+                               bias ? bias + j : nullptr, tmp);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dequantization (prefill)
+static inline void store_row(const float* src, void* dst, int64_t n, int bf16) {
+    if (!bf16) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t* d = (uint16_t*)dst;
+    int64_t j = 0;
+#if defined(__AVX512BF16__)
+    for (; j + 16 <= n; j += 16) _mm256_storeu_si256((__m256i*)(d + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+#endif
+    for (; j + 8 <= n; j += 8) {  // round to nearest even
+        __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + j));
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        r = _mm256_srli_epi32(r, 16);
+        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i*)(d + j), p);
+    }
+    for (; j < n; ++j) {
+        uint32_t u;
+        memcpy(&u, src + j, 4);
+        d[j] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+// rows [n0, n1) of W into out [(n1-n0), K], fp32 or bf16
+extern "C" void gq_dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float buf[4096];
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; ++n) {
+            const __m256 s = _mm256_set1_ps(ws[n]);
+            char* orow = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+            for (int64_t k0 = 0; k0 < K; k0 += 4096) {
+                const int64_t kn = K - k0 < 4096 ? K - k0 : 4096;
+                const int8_t* wp = W + n * K + k0;
+                int64_t j = 0;
+                for (; j + 8 <= kn; j += 8)
+                    _mm256_storeu_ps(buf + j, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wp + j))))));
+                for (; j < kn; ++j) buf[j] = ws[n] * wp[j];
+                store_row(buf, orow + k0 * (bf16 ? 2 : 4), kn, bf16);
+            }
+        }
+    }
+}
+
+extern "C" void gq_dequant_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, int64_t n0, int64_t n1, int64_t K,
+                                void* out, int bf16, int nthreads) {
+    const int64_t ng = K / QB;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float buf[QB];
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; ++n) {
+            char* orow = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+            for (int64_t g = 0; g < ng; ++g) {
+                const float s = _cvtsh_ss(sc[n * ng + g]);
+                const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(-s * zp[n * ng + g]);
+                const uint8_t* wp = W + n * (K / 2) + g * 64;
+                for (int j = 0; j < 64; j += 8) {
+                    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wp + j)));
+                    __m256 l = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+                    __m256 h = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+                    _mm256_storeu_ps(buf + j, _mm256_fmadd_ps(l, vs, vb));
+                    _mm256_storeu_ps(buf + 64 + j, _mm256_fmadd_ps(h, vs, vb));
+                }
+                store_row(buf, orow + g * QB * (bf16 ? 2 : 4), QB, bf16);
+            }
+        }
+    }
+}
+"""
+
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+_lib_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gptj" / "kernels"
+
+
+def _build(cxx: str, flags: list[str]) -> Path:
+    """Compiles the kernel into the cache (once per source, compiler, flags and CPU)."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    flag_text = " ".join(sorted(_cpu_flags()))
+    key = hashlib.sha256("\0".join([_KERNEL_SRC, cxx, version, *flags, flag_text]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"gq_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "gq.cpp"
+        src.write_text(_KERNEL_SRC)
+        lib = Path(tmp) / "gq.so"
+        cmd = [cxx, *flags, "-shared", "-fPIC", "-fopenmp", "-std=c++17", str(src), "-o", str(lib)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        os.replace(lib, out)  # atomic: concurrent builders both end with a whole file
+    return out
+
+
+def _load_kernel() -> ctypes.CDLL | None:
+    if os.environ.get("GPTJ_QUANT_KERNEL", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        log.warning("gptj.quant: no C++ compiler; using torch's quantized ops (slower decode)")
+        return None
+    err: Exception | None = None
+    # -march=native picks AVX-512 VNNI / AVX-VNNI where present; plain AVX2 if that fails
+    for flags in (["-O3", "-march=native"], ["-O3", "-mavx2", "-mfma", "-mf16c"]):
+        try:
+            return _open(_build(cxx, flags))
+        except Exception as e:  # any failure means: use the torch ops
+            err = e
+    log.warning("gptj.quant: kernel build failed, using torch's quantized ops: %s", err)
+    return None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # after torch: its libgomp serves our OpenMP too (same soname)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, p, i64, p, p, i32]
+    lib.gq_linear_int4.argtypes = [p, p, p, p, i64, i64, p, i64, p, p, i32]
+    lib.gq_dequant_int8.argtypes = [p, p, i64, i64, i64, p, i32, i32]
+    lib.gq_dequant_int4.argtypes = [p, p, p, i64, i64, i64, p, i32, i32]
+    for fn in (lib.gq_linear_int8, lib.gq_linear_int4, lib.gq_dequant_int8, lib.gq_dequant_int4):
+        fn.restype = None
+    lib.gq_isa.restype = ctypes.c_int
+    return lib
+
+
+def native_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on first call), or None where it cannot be had."""
+    global _lib, _lib_tried
+    if not _lib_tried:
+        with _lib_lock:
+            if not _lib_tried:
+                _lib = _load_kernel()
+                _lib_tried = True
+    return _lib
+
+
+def kernel_name() -> str:
+    """Which decode kernel serves: 'avx512-vnni', 'avx-vnni', 'avx2' or 'torch'."""
+    lib = native_kernel()
+    return "torch" if lib is None else {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2"}[lib.gq_isa()]
+
+
+def _gemm_dtype() -> torch.dtype:
+    # bf16 GEMMs run on AMX / AVX512-BF16 (~1.5 TFLOP/s here, 6x float32); elsewhere float32
+    global _GEMM_DTYPE
+    if _GEMM_DTYPE is None:
+        flags = _cpu_flags()
+        _GEMM_DTYPE = torch.bfloat16 if flags & {"amx_bf16", "avx512_bf16"} else torch.float32
+    return _GEMM_DTYPE
+
+
+_GEMM_DTYPE: torch.dtype | None = None
+_workspace = threading.local()
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread scratch tensor, kept between calls: fresh large allocations page-fault."""
+    key = f"buf_{dtype}"
+    buf = getattr(_workspace, key, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_workspace, key, buf)
+    return buf[:numel]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer with int8 or int4 weights; takes and returns float32 or bfloat16."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        mode: str,
+        bias: bool = True,
+        group_size: int = GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        if mode not in ("int8", "int4"):
+            raise ValueError(f"unknown quantization mode {mode!r}: expected 'int8' or 'int4'")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        n, k = out_features, in_features
+        if mode == "int8":
+            self.group_size = k
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(n, dtype=torch.float32))
+        else:
+            self.group_size = g = _group_size(k, group_size)
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(n, k // g, dtype=torch.float16))
+            self.register_buffer("zeros", torch.empty(n, k // g, dtype=torch.uint8))
+        self.register_buffer("bias", torch.empty(n, dtype=torch.float32) if bias else None)
+        self._int4pack: tuple[Tensor, Tensor] | None = None  # torch-op fallback, made on demand
+
+    # -- construction
+
+    @classmethod
+    def empty(
+        cls, in_features: int, out_features: int, mode: str, bias: bool = True, group_size: int = GROUP_SIZE
+    ) -> QuantizedLinear:
+        """A module with uninitialized buffers, for a loader to fill (load_state_dict or copy_)."""
+        return cls(in_features, out_features, mode, bias, group_size)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor], prefix: str = "") -> QuantizedLinear:
+        """A module over the tensors ``{prefix}qweight``, ``scales`` (``zeros``, ``bias``), not copied."""
+        q, scales = state[prefix + "qweight"], state[prefix + "scales"]
+        bias = state.get(prefix + "bias")
+        if q.dtype == torch.int8:
+            mode, n, k, g = "int8", q.shape[0], q.shape[1], q.shape[1]
+        elif q.dtype == torch.uint8:
+            mode, n, k = "int4", q.shape[0], 2 * q.shape[1]
+            g = k // scales.shape[1]
+        else:
+            raise ValueError(f"{prefix}qweight has dtype {q.dtype}: expected int8 or uint8")
+        mod = cls(k, n, mode, bias is not None, g)
+        for name in ("qweight", "scales", "zeros", "bias"):
+            if getattr(mod, name, None) is not None:
+                t = state[prefix + name]
+                if t.shape != getattr(mod, name).shape or t.dtype != getattr(mod, name).dtype:
+                    raise ValueError(f"{prefix}{name}: {t.dtype} {list(t.shape)} does not fit a {mode} layer")
+                setattr(mod, name, t if name != "bias" else t.contiguous())
+        return mod
+
+    @classmethod
+    def from_weight(
+        cls, weight: Tensor, bias: Tensor | None, mode: str, group_size: int = GROUP_SIZE
+    ) -> QuantizedLinear:
+        n, k = weight.shape
+        mod = cls(k, n, mode, bias is not None, group_size)
+        for name, t in quantize_weight(weight, mode, mod.group_size).items():
+            setattr(mod, name, t)
+        if bias is not None:
+            mod.bias = bias.detach().to(torch.float32, copy=True)
+        return mod
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._int4pack = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{g}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The [out, in] weight this layer stands for."""
+        return dequantize_weight(self._buffers, dtype)  # type: ignore[arg-type]
+
+    # -- forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", DECODE_MAX_ROWS[self.mode]))
+        return self.forward_decode(x) if rows <= limit else self.forward_prefill(x)
+
+    def _kernel_fits(self) -> bool:
+        k = self.in_features
+        ok = k % _QB == 0 and k <= 65536 and self.qweight.is_contiguous() and self.scales.is_contiguous()
+        return ok and (self.mode == "int8" or (self.group_size == _QB and self.zeros.is_contiguous()))
+
+    def forward_decode(self, x: Tensor) -> Tensor:
+        """The GEMV path: our kernel, or torch's int8/int4 op without it."""
+        x2 = x.reshape(-1, self.in_features)
+        lib = native_kernel()
+        if lib is not None and self._kernel_fits():
+            y = self._native_gemv(lib, x2)
+        elif self.mode == "int8":
+            xt = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            y = torch._weight_int8pack_mm(xt.contiguous(), self.qweight, self.scales.to(xt.dtype))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = self._torch_int4_gemv(x2)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _native_gemv(self, lib: ctypes.CDLL, x2: Tensor) -> Tensor:
+        m, k, n = x2.shape[0], self.in_features, self.out_features
+        xf = x2.to(torch.float32).contiguous()
+        y = torch.empty(m, n, dtype=torch.float32)
+        scratch = torch.empty(m * k + 8 * m * (k // _QB), dtype=torch.uint8)
+        threads = torch.get_num_threads()
+        if self.mode == "int8":
+            lib.gq_linear_int8(
+                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
+                xf.data_ptr(), m, y.data_ptr(), scratch.data_ptr(), threads,
+            )  # fmt: skip
+        else:
+            lib.gq_linear_int4(
+                self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), _ptr(self.bias), n, k,
+                xf.data_ptr(), m, y.data_ptr(), scratch.data_ptr(), threads,
+            )  # fmt: skip
+        return y
+
+    def _torch_int4_gemv(self, x2: Tensor) -> Tensor:
+        g = self.group_size
+        if g not in (32, 64, 128, 256) or self.out_features % 16:
+            return self._gemm(x2)  # shapes the op does not take
+        if self._int4pack is None:
+            # torch's layout: its own packing, and w = (q - 8) * s + zero per [group, row]
+            vals = torch.cat([self.qweight.view(self.out_features, -1, g // 2) & 15,
+                              self.qweight.view(self.out_features, -1, g // 2) >> 4], dim=-1)  # fmt: skip
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                vals.reshape(self.out_features, self.in_features).to(torch.int32), 1
+            )
+            s = self.scales.float()
+            zero = s * (8.0 - self.zeros.float())
+            self._int4pack = (packed, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous())
+        packed, sz = self._int4pack
+        xt = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xt.contiguous(), packed, g, sz.to(xt.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward_prefill(self, x: Tensor) -> Tensor:
+        """The GEMM path: dequantize a chunk of rows at a time into a reused buffer."""
+        y = self._gemm(x.reshape(-1, self.in_features))
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _gemm(self, x2: Tensor) -> Tensor:
+        dt = _gemm_dtype()
+        n, k = self.out_features, self.in_features
+        xc = x2.to(dt).contiguous()
+        step = max(1, min(n, _CHUNK_BYTES // (k * dt.itemsize)))
+        buf = _buffer(step * k, dt)
+        lib = native_kernel() if self._kernel_fits() else None
+        out = torch.empty(x2.shape[0], n, dtype=dt) if step < n else None
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            w = buf[: (n1 - n0) * k].view(n1 - n0, k)
+            self._dequant_rows(lib, n0, n1, w)
+            if out is None:
+                out = F.linear(xc, w)
+            else:
+                out[:, n0:n1] = F.linear(xc, w)
+        assert out is not None
+        y = out.float()
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _dequant_rows(self, lib: ctypes.CDLL | None, n0: int, n1: int, out: Tensor) -> None:
+        bf16 = int(out.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        if lib is not None and out.dtype in (torch.float32, torch.bfloat16):
+            k = self.in_features
+            if self.mode == "int8":
+                lib.gq_dequant_int8(
+                    self.qweight.data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
+                )
+            else:
+                lib.gq_dequant_int4(
+                    self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), n0, n1, k,
+                    out.data_ptr(), bf16, threads,
+                )  # fmt: skip
+            return
+        part = {"qweight": self.qweight[n0:n1], "scales": self.scales[n0:n1]}
+        if self.mode == "int4":
+            part["zeros"] = self.zeros[n0:n1]
+        out.copy_(dequantize_weight(part, out.dtype))
+
+
+class BF16Linear(nn.Linear):
+    """An nn.Linear stored in bfloat16 that casts its input and returns the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def quantize_linear(linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) -> nn.Module:
+    """A quantized copy of `linear`: QuantizedLinear for "int8"/"int4", BF16Linear for "bf16".
+
+    `linear` itself is left unchanged (its weight may be tied to an embedding)."""
+    if mode == "bf16":
+        new = BF16Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        new.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+        return new
+    return QuantizedLinear.from_weight(linear.weight, linear.bias, mode, group_size)
+
+
+def quantize_model(model: nn.Module, mode: str, skip: Callable[[str], bool] | None = None) -> nn.Module:
+    """Replaces every nn.Linear in `model` (lm_head included) with its quantized form, in place.
+
+    `skip(name)` keeps a layer as it is. Each original layer is dropped as soon as its replacement
+    is in place, so only one full-precision matrix extra exists at a time. Returns the model (or
+    the replacement, when `model` is itself a Linear)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}: expected one of {', '.join(MODES)}")
+
+    def wanted(m: nn.Module) -> bool:
+        return isinstance(m, nn.Linear) and not (mode == "bf16" and isinstance(m, BF16Linear))
+
+    if wanted(model):
+        return quantize_linear(model, mode)  # type: ignore[arg-type]
+    names = [name for name, m in model.named_modules() if name and wanted(m) and not (skip and skip(name))]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, quantize_linear(getattr(parent, attr), mode))
+    return model

@@ -1,0 +1,286 @@
+"""Weight-only quantization: accuracy against float, decode vs prefill kernels, the torch-op
+fallback, the native kernel's ISA variants, safetensors round trips and quantize_model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gptj import quant
+from gptj.quant import BF16Linear, QuantizedLinear, quantize_linear, quantize_model, quantize_weight
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def linear(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with our kernel and with the torch-op fallback."""
+    if request.param == "native":
+        if quant.native_kernel() is None:
+            pytest.skip("no native kernel on this machine")
+    else:
+        monkeypatch.setattr(quant, "native_kernel", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("mode, w_tol, y_tol", [("int8", 0.01, 0.02), ("int4", 0.12, 0.12)])
+def test_accuracy_against_float(mode: str, w_tol: float, y_tol: float, kernel: str) -> None:
+    lin = linear(512, 264)  # 264 rows: not a multiple of the kernel's row tile
+    q = quantize_linear(lin, mode)
+    assert isinstance(q, QuantizedLinear)
+    assert rel(q.dequantize(), lin.weight) < w_tol
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        ref = lin(x)
+    for y in (q.forward_decode(x), q.forward_prefill(x), q(x)):
+        assert y.shape == (3, 264) and y.dtype == torch.float32
+        assert rel(y, ref) < y_tol
+        # against the exact dequantized weight only the activation / bf16 rounding remains
+        assert rel(y, F.linear(x, q.dequantize(), q.bias)) < 0.015
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9, 33])
+def test_decode_and_prefill_agree(mode: str, rows: int, kernel: str) -> None:
+    q = quantize_linear(linear(1024, 136), mode)
+    x = torch.randn(rows, 1024)
+    assert rel(q.forward_decode(x), q.forward_prefill(x)) < 0.015
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_native_kernel_matches_torch_ops(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if quant.native_kernel() is None:
+        pytest.skip("no native kernel on this machine")
+    q = quantize_linear(linear(2048, 528), mode)  # a multiple of 16: torch int4 op takes it
+    x = torch.randn(6, 2048)
+    ours = q.forward_decode(x)
+    monkeypatch.setattr(quant, "native_kernel", lambda: None)
+    assert rel(ours, q.forward_decode(x)) < 0.015
+
+
+def _variant_flags() -> list[list[str]]:
+    flags = quant._cpu_flags()
+    variants = []
+    if {"avx2", "fma", "f16c"} <= flags:
+        variants.append(["-O3", "-mavx2", "-mfma", "-mf16c"])  # maddubs path
+    if {"avx2", "fma", "f16c", "avx_vnni"} <= flags:
+        variants.append(["-O3", "-mavx2", "-mfma", "-mf16c", "-mavxvnni"])  # 256-bit VNNI path
+    return variants
+
+
+@pytest.mark.parametrize("flags", _variant_flags(), ids=lambda f: "+".join(f[2:]))
+def test_each_isa_variant(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 and AVX-VNNI builds, which a machine with AVX-512 would not pick by itself."""
+    cxx = shutil.which("g++")
+    if quant.native_kernel() is None or cxx is None:
+        pytest.skip("no native kernel on this machine")
+    lib = quant._open(quant._build(cxx, flags))
+    monkeypatch.setattr(quant, "native_kernel", lambda: lib)
+    for mode in ("int8", "int4"):
+        q = quantize_linear(linear(1024, 70), mode)
+        x = torch.randn(5, 1024)
+        exact = F.linear(x, q.dequantize(), q.bias)
+        assert rel(q.forward_decode(x), exact) < 0.015
+        assert rel(q.forward_prefill(x), exact) < 0.015
+
+
+def test_chunked_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "_CHUNK_BYTES", 1024 * 256 * 2)  # 256 bf16 rows of 1024 per chunk
+    for mode in ("int8", "int4"):
+        q = quantize_linear(linear(1024, 1000), mode)
+        x = torch.randn(40, 1024)
+        assert rel(q.forward_prefill(x), F.linear(x, q.dequantize(), q.bias)) < 0.015
+
+
+def test_dispatch_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = quantize_linear(linear(256, 64), "int8")
+    calls: list[str] = []
+    monkeypatch.setattr(q, "forward_decode", lambda x: calls.append("decode") or x)
+    monkeypatch.setattr(q, "forward_prefill", lambda x: calls.append("prefill") or x)
+    limit = quant.DECODE_MAX_ROWS["int8"]
+    q(torch.randn(1, limit, 256))
+    q(torch.randn(limit + 1, 256))
+    assert calls == ["decode", "prefill"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_odd_shapes_use_fallbacks(mode: str) -> None:
+    # in_features 576 (SmolLM2): not a multiple of 128, so int4 groups become 64 and the
+    # torch ops serve; 7 output rows leave a partial tile
+    lin = linear(576, 7)
+    q = quantize_linear(lin, mode)
+    if mode == "int4":
+        assert q.group_size == 64
+    x = torch.randn(2, 3, 576)
+    with torch.no_grad():
+        ref = lin(x)
+    assert rel(q(x), ref) < (0.02 if mode == "int8" else 0.12)
+    assert rel(q.forward_prefill(x), q.forward_decode(x)) < 0.015
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bias_handling(mode: str, kernel: str) -> None:
+    with_bias = linear(256, 32, bias=True)
+    without = linear(256, 32, bias=False)
+    qb, qn = quantize_linear(with_bias, mode), quantize_linear(without, mode)
+    assert qb.bias is not None and qb.bias.dtype == torch.float32
+    assert torch.equal(qb.bias, with_bias.bias.detach())
+    assert qn.bias is None and "bias" not in qn.state_dict()
+    x = torch.randn(4, 256)
+    for fwd in ("forward_decode", "forward_prefill"):
+        y = getattr(qb, fwd)(x)
+        assert rel(y, F.linear(x, qb.dequantize(), qb.bias)) < 0.015
+        assert rel(getattr(qn, fwd)(x), F.linear(x, qn.dequantize())) < 0.015
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bf16_input_gives_bf16(mode: str, kernel: str) -> None:
+    q = quantize_linear(linear(512, 96), mode)
+    x = torch.randn(2, 3, 512, dtype=torch.bfloat16)
+    exact = F.linear(x.float(), q.dequantize(), q.bias)
+    for y in (q.forward_decode(x), q.forward_prefill(x), q(x)):
+        assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 96)
+        assert rel(y, exact) < 0.02
+
+
+def test_quantize_weight_from_bf16_tensor() -> None:
+    w = torch.randn(96, 256) * 0.02
+    for mode in ("int8", "int4"):
+        a = quantize_weight(w, mode)
+        b = quantize_weight(w.to(torch.bfloat16), mode)
+        assert a.keys() == b.keys()
+        assert rel(quant.dequantize_weight(b), w) < (0.01 if mode == "int8" else 0.12)
+    assert quantize_weight(w, "int4")["scales"].dtype == torch.float16
+    with pytest.raises(ValueError):
+        quantize_weight(w, "int3")
+
+
+def test_int4_layout() -> None:
+    """The documented nibble layout: byte j of a group holds values j and j + G/2."""
+    w = torch.zeros(1, 128)
+    w[0, :] = torch.arange(128) % 16 - 7.0  # exact in 4 bits with s=1, z=7..8
+    b = quantize_weight(w, "int4")
+    packed = b["qweight"][0]
+    z = int(b["zeros"][0, 0])
+    vals = torch.cat([packed & 15, packed >> 4]).to(torch.int64) - z
+    assert float(b["scales"][0, 0]) == 1.0
+    assert torch.equal(vals.float(), w[0])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    q = quantize_linear(linear(384, 48, bias=bias), mode)
+    path = tmp_path / "layer.safetensors"
+    save_file({f"layer.{k}": v for k, v in q.state_dict().items()}, str(path))
+    x = torch.randn(3, 384)
+    loaded = load_file(str(path))
+    # 1. over the loaded tensors, no copy
+    r = QuantizedLinear.from_state(loaded, prefix="layer.")
+    assert (r.mode, r.in_features, r.out_features, r.group_size) == (q.mode, 384, 48, q.group_size)
+    assert r.qweight.data_ptr() == loaded["layer.qweight"].data_ptr()
+    assert torch.equal(r(x), q(x))
+    # 2. an empty module filled by load_state_dict
+    e = QuantizedLinear.empty(384, 48, mode, bias=bias)
+    e.load_state_dict({k.removeprefix("layer."): v for k, v in loaded.items()})
+    assert torch.equal(e(x), q(x))
+    assert set(e.state_dict()) == {"qweight", "scales"} | ({"zeros"} if mode == "int4" else set()) | (
+        {"bias"} if bias else set()
+    )
+
+
+def test_from_state_rejects_wrong_tensors() -> None:
+    with pytest.raises(ValueError):
+        QuantizedLinear.from_state({"qweight": torch.zeros(4, 8), "scales": torch.zeros(4)})
+    with pytest.raises(ValueError):
+        QuantizedLinear.from_state({"qweight": torch.zeros(4, 8, dtype=torch.int8), "scales": torch.zeros(3)})
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256, bias=False)) for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(256)
+        self.lm_head = nn.Linear(256, 300, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return self.lm_head(self.norm(x))
+
+
+@pytest.mark.parametrize("mode, min_cos", [("int8", 0.99), ("int4", 0.95), ("bf16", 0.99)])
+def test_quantize_model(mode: str, min_cos: float) -> None:
+    model = TinyMLP().eval()
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        ref = model(x)
+    assert quantize_model(model, mode) is model
+    kinds = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    assert len(kinds) == 5
+    want = BF16Linear if mode == "bf16" else QuantizedLinear
+    assert all(isinstance(m, want) for m in kinds)
+    if mode == "bf16":
+        assert all(m.weight.dtype == torch.bfloat16 for m in kinds)
+    with torch.no_grad():
+        assert cosine(model(x), ref) > min_cos
+        assert model(x).dtype == torch.float32
+        assert cosine(model(x[:, :1]), ref[:, :1]) > min_cos  # decode-sized input
+
+
+def test_quantize_model_skip_and_state_dict(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = quantize_model(TinyMLP(), "int8", skip=lambda name: name == "lm_head")
+    assert type(model.lm_head) is nn.Linear
+    assert isinstance(model.blocks[0][0], QuantizedLinear)
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(path))
+    state = load_file(str(path))
+    fresh = TinyMLP()
+    for name in [n for n, _ in fresh.named_modules() if f"{n}.qweight" in state]:
+        parent, _, attr = name.rpartition(".")
+        setattr(fresh.get_submodule(parent), attr, QuantizedLinear.from_state(state, prefix=name + "."))
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_quantize_linear_leaves_tied_weight_alone() -> None:
+    emb = nn.Embedding(300, 256)
+    head = nn.Linear(256, 300, bias=False)
+    head.weight = emb.weight
+    before = emb.weight.detach().clone()
+    for mode in ("int8", "int4", "bf16"):
+        quantize_linear(head, mode)
+    assert torch.equal(emb.weight, before) and emb.weight.dtype == torch.float32
+
+
+def test_bad_mode() -> None:
+    with pytest.raises(ValueError):
+        quantize_model(TinyMLP(), "int2")
+    with pytest.raises(ValueError):
+        QuantizedLinear(64, 64, "fp8")
