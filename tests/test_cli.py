@@ -1,0 +1,76 @@
+"""The `gptj` command end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GPTJ = [sys.executable, "-m", "gptj.cli"]
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*GPTJ, *args], capture_output=True, text=True, input=stdin, timeout=300)
+
+
+def test_generate_names_paris() -> None:
+    out = run("generate", "The capital of France is", "--temperature", "0", "-n", "8")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_generate_json_and_stop() -> None:
+    out = run("generate", "The capital of France is", "--temperature", "0", "-n", "12", "--stop", ".", "--json")
+    result = json.loads(out.stdout)
+    assert result["finish_reason"] == "stop" and result["text"].strip() == "Paris"
+
+
+def test_bad_setting_is_a_clear_error() -> None:
+    out = run("generate", "hi", "--top-p", "1.5")
+    assert out.returncode == 2
+    assert "top_p" in out.stderr and "<= 1" in out.stderr
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    out = run("generate", "hi", "--model", "/nonexistent/model")
+    assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_tokenize_shows_ids_and_pieces() -> None:
+    out = run("tokenize", "Hello world")
+    assert out.returncode == 0
+    assert "2 tokens" in out.stdout and "15496" in out.stdout and '" world"' in out.stdout
+    pieces = json.loads(run("tokenize", "👋", "--json").stdout)
+    assert [p["piece"].startswith("bytes") for p in pieces] == [True, True]
+
+
+def test_models_lists_the_bundled_model() -> None:
+    out = run("models", "--json")
+    rows = json.loads(out.stdout)
+    assert any(r["source"] == "bundled" and r["architecture"] == "llama" for r in rows)
+
+
+def test_random_checkpoint_generate_and_preset(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    out = run("make-random-checkpoint", str(folder), "--shape", "tiny", "--format", "safetensors")
+    assert out.returncode == 0, out.stderr
+    assert (folder / "model.safetensors").exists() and json.loads((folder / "config.json").read_text())["model_type"] == "gptj"
+    out = run("models", "--dir", str(tmp_path), "--json")
+    assert any(r["name"] == "tiny" and r["architecture"] == "gptj" for r in json.loads(out.stdout))
+    out = run("generate", "Hello", "--model", str(folder), "-n", "5", "--seed", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["tokens"]) <= 5
+
+
+def test_translation_preset_stops_at_the_line_end() -> None:
+    out = run("generate", "Thank you", "--preset", "translation", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "\n" not in result["text"] and result["text"].strip()
+
+
+def test_chat_reads_standard_input() -> None:
+    out = run("chat", "--temperature", "0", "-n", "24", stdin="What is the capital of France?\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
