@@ -1,0 +1,157 @@
+// The sampling settings panel (sliders with number boxes, stop sequences, seed), shared by
+// the playground and the chat.
+
+import { $, clamp, el, formatStops, parseStops, visibleToken } from "./util.js";
+
+// name: the server's setting; the request field is `request` (OpenAI's names).
+export const SLIDERS = [
+  { name: "max_new_tokens", request: "max_tokens", label: "Max new tokens", min: 1, max: 2048, step: 1, int: true,
+    hint: "Length of the continuation, in tokens." },
+  { name: "temperature", request: "temperature", label: "Temperature", min: 0, max: 2, step: 0.01,
+    hint: "0 always picks the most likely token; higher is more varied." },
+  { name: "top_p", request: "top_p", label: "Top-p", min: 0.01, max: 1, step: 0.01,
+    hint: "Sample from the smallest set of tokens holding this much probability." },
+  { name: "top_k", request: "top_k", label: "Top-k", min: 0, max: 200, step: 1, int: true,
+    hint: "Sample from the k most likely tokens; 0 turns it off." },
+  { name: "repetition_penalty", request: "repetition_penalty", label: "Repetition penalty", min: 1, max: 2, step: 0.01,
+    inputMin: 0.01, inputMax: 10, hint: "Above 1 makes tokens already in the text less likely." },
+];
+
+const FALLBACK = { max_new_tokens: 128, temperature: 0.8, top_p: 0.95, top_k: 40, repetition_penalty: 1.0 };
+
+export class Settings {
+  constructor({ onChange = () => {} } = {}) {
+    this.onChange = onChange;
+    this.defaults = { ...FALLBACK };
+    this.inputs = {};
+    const box = $("#sliders");
+    for (const spec of SLIDERS) {
+      const num = el("input", {
+        type: "number", id: `set-${spec.name}`, "data-testid": `setting-${spec.name}`,
+        min: spec.inputMin ?? spec.min, max: spec.inputMax ?? spec.max, step: spec.step, inputMode: spec.int ? "numeric" : "decimal",
+      });
+      const range = el("input", {
+        type: "range", id: `set-${spec.name}-range`, "data-testid": `range-${spec.name}`,
+        min: spec.min, max: spec.max, step: spec.step, "aria-label": spec.label,
+      });
+      range.addEventListener("input", () => {
+        num.value = this.format(spec, Number(range.value));
+        this.changed();
+      });
+      num.addEventListener("input", () => {
+        if (num.value !== "" && isFinite(Number(num.value))) range.value = String(Number(num.value));
+        this.changed();
+      });
+      num.addEventListener("change", () => {
+        // Out-of-range or empty: fall back into range when the user leaves the box.
+        const lo = spec.inputMin ?? spec.min;
+        const hi = spec.inputMax ?? spec.max;
+        const v = num.value === "" || !isFinite(Number(num.value)) ? this.defaults[spec.name] : clamp(Number(num.value), lo, hi);
+        this.setOne(spec.name, v);
+        this.changed();
+      });
+      this.inputs[spec.name] = { num, range, spec };
+      box.append(
+        el("div", { class: "field slider" },
+          el("div", { class: "field-row" }, el("label", { htmlFor: num.id }, spec.label), num),
+          range,
+          el("small", { class: "hint" }, spec.hint)),
+      );
+    }
+    this.stopInput = $("#stop-input");
+    this.seedInput = $("#seed-input");
+    this.stopInput.addEventListener("input", () => {
+      this.renderStops();
+      this.changed();
+    });
+    this.seedInput.addEventListener("input", () => this.changed());
+    $("#settings-reset").addEventListener("click", () => {
+      this.apply(this.defaults, []);
+      this.seedInput.value = "";
+      this.changed();
+    });
+  }
+
+  format(spec, v) {
+    return spec.int ? String(Math.round(v)) : String(Math.round(v * 100) / 100);
+  }
+
+  setDefaults(defaults, contextLength) {
+    for (const k of Object.keys(FALLBACK)) if (typeof defaults?.[k] === "number") this.defaults[k] = defaults[k];
+    if (contextLength) {
+      const { range, num } = this.inputs.max_new_tokens;
+      range.max = String(Math.min(4096, contextLength));
+      num.max = String(contextLength);
+    }
+  }
+
+  setOne(name, value) {
+    const { num, range, spec } = this.inputs[name];
+    num.value = this.format(spec, value);
+    range.value = String(value);
+  }
+
+  /** Fills the sliders from a settings object (defaults for the ones it lacks) and the stops. */
+  apply(settings, stop) {
+    for (const spec of SLIDERS) this.setOne(spec.name, settings?.[spec.name] ?? this.defaults[spec.name]);
+    if (stop !== undefined) {
+      this.stopInput.value = formatStops(stop);
+      this.renderStops();
+    }
+  }
+
+  renderStops() {
+    const stops = parseStops(this.stopInput.value);
+    $("#stop-chips").replaceChildren(...stops.map((s) => el("code", { class: "chip", title: JSON.stringify(s) }, visibleToken(s))));
+  }
+
+  get stops() {
+    return parseStops(this.stopInput.value);
+  }
+
+  get seed() {
+    const v = this.seedInput.value.trim();
+    return v === "" || !isFinite(Number(v)) ? null : Math.trunc(Number(v));
+  }
+
+  /** Current values keyed by the server's setting names. */
+  values() {
+    const out = {};
+    for (const { num, spec } of Object.values(this.inputs)) {
+      const v = Number(num.value);
+      out[spec.name] = num.value === "" || !isFinite(v) ? this.defaults[spec.name] : spec.int ? Math.round(v) : v;
+    }
+    return out;
+  }
+
+  /** The OpenAI-style request fields; `withStops` for the playground only. */
+  request({ withStops = true } = {}) {
+    const v = this.values();
+    const body = {};
+    for (const spec of SLIDERS) body[spec.request] = v[spec.name];
+    if (withStops) {
+      const stop = this.stops;
+      if (stop.length) body.stop = stop;
+    }
+    const seed = this.seed;
+    if (seed !== null) body.seed = seed;
+    return body;
+  }
+
+  /** For remembering across reloads. */
+  state() {
+    return { values: this.values(), stop: this.stopInput.value, seed: this.seedInput.value };
+  }
+
+  restore(saved) {
+    if (!saved) return;
+    this.apply(saved.values || {}, undefined);
+    if (typeof saved.stop === "string") this.stopInput.value = saved.stop;
+    if (typeof saved.seed === "string") this.seedInput.value = saved.seed;
+    this.renderStops();
+  }
+
+  changed() {
+    this.onChange(this.state());
+  }
+}
