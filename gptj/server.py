@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
@@ -29,6 +30,30 @@ from gptj.tokenizer import load_tokenizer
 MAX_BODY_BYTES = 1_000_000
 MAX_N = 8
 WEB_DIR = Path(__file__).parent / "web"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 once a body passes MAX_BODY_BYTES, also one sent without a
+    Content-Length (chunked), which the guard's header check cannot see."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"body: over the limit of {MAX_BODY_BYTES} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class APIError(Exception):
@@ -186,6 +211,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
+    app.add_middleware(BodyLimit)
     open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
 
     @app.middleware("http")
@@ -213,6 +239,8 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
 
     @app.exception_handler(InvalidRequest)
     async def on_invalid(_: Request, err: InvalidRequest) -> JSONResponse:
+        if err.field == "max_new_tokens":  # the engine's name for what HTTP clients send as max_tokens
+            return error_response(APIError(400, "max_tokens" + str(err).removeprefix("max_new_tokens"), "max_tokens"))
         return error_response(APIError(400, str(err), err.field))
 
     @app.exception_handler(QueueFull)
@@ -231,9 +259,13 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             message = f"{param}: {message}"
         return error_response(APIError(400, message, param))
 
+    # Starlette's class: FastAPI raises it for unknown routes and bodies it cannot decode.
     @app.exception_handler(HTTPException)
     async def on_http(_: Request, err: HTTPException) -> JSONResponse:
-        return error_response(APIError(err.status_code, str(err.detail)))
+        if err.status_code == 400 and err.detail == "There was an error parsing the body":  # e.g. not UTF-8
+            return error_response(APIError(400, "body: must be valid UTF-8 JSON", "body"))
+        param = "body" if err.status_code == 413 else None
+        return error_response(APIError(err.status_code, str(err.detail), param, headers=err.headers))
 
     def check_model(name: str | None) -> None:
         if name and name not in (model.name, "default", model.info.path) and name.lower() not in ("gpt-j", "gptj"):
@@ -349,6 +381,14 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
         """Completions of all handles; a client that goes away cancels them."""
         t0 = time.monotonic()
         results: list[Completion | None] = [None] * len(handles)
+
+        async def until_disconnect() -> None:
+            # request.is_disconnected() never sees the disconnect behind the @app.middleware guard
+            # (its zero-timeout receive is cancelled inside BaseHTTPMiddleware); a waiting receive does.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(until_disconnect())
         try:
             while any(r is None for r in results):
                 for i, h in enumerate(handles):
@@ -360,10 +400,11 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
                         if isinstance(item, Completion):
                             results[i] = item
                 if any(r is None for r in results):
-                    if await request.is_disconnected():
+                    if gone.done():
                         raise asyncio.CancelledError
                     await asyncio.sleep(0.005)
         finally:
+            gone.cancel()
             for h in handles:
                 h.cancel()
         for c in results:
