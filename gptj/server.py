@@ -148,6 +148,10 @@ class DetokenizeBody(BaseModel):
 # ---- helpers -----------------------------------------------------------------------------------
 
 
+def first_set(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
 def engine_settings(body: Settings, max_tokens: int | None) -> dict[str, Any]:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return dict(
@@ -482,7 +486,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     async def completions(body: CompletionBody, request: Request) -> Response:
         check_model(body.model)
         ids, prompt_text = prompt_ids_of(body.prompt)
-        settings = engine_settings(body, body.max_completion_tokens or body.max_tokens)
+        settings = engine_settings(body, first_set(body.max_completion_tokens, body.max_tokens))
         echo_text = prompt_text if body.echo else ""
         handles = submit_all(ids, settings, body.n, body.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -546,7 +550,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     async def chat_completions(body: ChatBody, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
-        settings = engine_settings(body, body.max_completion_tokens or body.max_tokens or 256)
+        settings = engine_settings(body, first_set(body.max_completion_tokens, body.max_tokens, 256))
         prompt, settings, dropped = chat.prepare(messages, settings)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         handles = submit_all(tokenizer.encode(prompt, allow_special=True), settings, body.n, logprobs)
