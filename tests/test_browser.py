@@ -174,14 +174,15 @@ def test_generate_streams_marks_and_probabilities(page, server: str) -> None:
     set_setting(page, "max_new_tokens", "16")
     set_setting(page, "temperature", "0.8")
     page.fill("#seed-input", "7")
-    # Record the editor's length while the text streams in.
+    # Record the editor's length each time streamed text lands in it.
     page.evaluate("""() => { window.__lens = [];
-        window.__timer = setInterval(() => window.__lens.push(document.querySelector('#prompt').value.length), 40); }""")
+        window.__observer = new MutationObserver(() => window.__lens.push(document.querySelector('#prompt').value.length));
+        window.__observer.observe(document.querySelector('#editor-backdrop'), {childList: true}); }""")
     page.press("#prompt", "Control+Enter")
     sync_api.expect(page.locator("#stop-btn")).to_be_enabled()
     assert page.is_disabled("#generate-btn")
     wait_idle(page)
-    lens = page.evaluate("() => { clearInterval(window.__timer); return window.__lens; }")
+    lens = page.evaluate("() => { window.__observer.disconnect(); return window.__lens; }")
     text = page.input_value("#prompt")
     assert text.startswith(prompt) and len(text) > len(prompt)
     partial = {n for n in lens if len(prompt) < n < len(text)}
@@ -335,6 +336,11 @@ def test_chat_dropped_messages_note(page) -> None:
     page.click("#chat-send")
     sync_api.expect(page.get_by_test_id("chat-note")).to_have_text("3 earlier messages were left out to fit the context window")
     sync_api.expect(page.locator("[data-testid=msg-assistant] .msg-body")).to_have_text("Still here.")
+    # Retry replaces the last reply (and its note) instead of adding one.
+    page.click("#chat-retry")
+    sync_api.expect(page.locator("#chat-send")).to_be_enabled()
+    sync_api.expect(page.locator("[data-testid=msg-assistant]")).to_have_count(1)
+    sync_api.expect(page.get_by_test_id("chat-note")).to_have_count(1)
 
     error = {"error": {"message": "messages: the conversation is too long", "type": "invalid_request_error", "param": "messages"}}
     page.unroute("**/v1/chat/completions")

@@ -107,12 +107,17 @@ export class Chat {
 
   retry() {
     if (this.busy) return;
-    while (this.messages.length && this.messages[this.messages.length - 1].role === "assistant") {
-      this.messages.pop();
-      const nodes = this.list.querySelectorAll(".msg.assistant");
-      nodes[nodes.length - 1]?.remove();
+    while (this.messages.length && this.messages[this.messages.length - 1].role === "assistant") this.messages.pop();
+    if (!this.messages.length) return;
+    // Drop what followed the last question (the reply, its notes) and ask again.
+    const users = this.list.querySelectorAll(".msg.user");
+    let node = users[users.length - 1]?.nextSibling;
+    while (node) {
+      const next = node.nextSibling;
+      node.remove();
+      node = next;
     }
-    if (this.messages.length) this.reply();
+    this.reply();
   }
 
   async reply() {
@@ -160,6 +165,8 @@ export class Chat {
       this.messages.push({ role: "assistant", content: text });
       if (finish === "stopped") node.append(el("div", { class: "msg-meta" }, "stopped"));
       else if (finish === "length") node.append(el("div", { class: "msg-meta" }, "cut off at max new tokens"));
+    } else if (finish === "stop" || finish === "length") {
+      node.append(el("div", { class: "msg-meta" }, "the model replied with nothing: try Retry"));
     } else {
       node.remove();
     }

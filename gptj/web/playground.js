@@ -144,6 +144,7 @@ export class Playground {
     this.controller = controller;
     this.updateButtons();
     this.editor.beginGeneration();
+    this.editor.scrollToBottom(); // the continuation appears at the end
     const body = { prompt, logprobs: 5, ...this.settings.request({ withStops: true }) };
     const t0 = performance.now();
     let tokens = 0;
