@@ -278,15 +278,30 @@ def load_model(
     model, cfg = build(arch, config)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = dtype or default_dtype(n_params)
-    check_memory(display, model, quantize, dtype, limit)
+    stored_mode = (config.get("quantization_config") or {}).get("mode")
+    if stored_mode and quantize not in (None, stored_mode):
+        raise ModelLoadError(f"{path} is already quantized to {stored_mode}; load it without quantize={quantize!r}")
+    check_memory(display, model, quantize or stored_mode, dtype, limit)
 
     total = sum(f.stat().st_size for f in files)
     bar = _progress_bar(total, path.name, progress)
     skip = skip_checkpoint_key if arch == "gptj" else (lambda n: n.endswith("rotary_emb.inv_freq"))
-    fill(model, iter_tensors(files, fmt), dtype, quantize, skip, bar.update if bar else None)
+    tensors = iter_tensors(files, fmt)
+    if stored_mode:
+        # A `gptj quantize` checkpoint: its layers come quantized, used as mapped.
+        from gptj.quantized_checkpoint import install_quantized_layers
+
+        state = dict(tensors)
+        install_quantized_layers(model, state)
+        tensors, quantize = iter(state.items()), None
+    fill(model, tensors, dtype, quantize, skip, bar.update if bar else None)
     if bar:
         bar.close()
-    tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
+    quantize = quantize or stored_mode
+    if (path / "gguf_tokenizer.json").exists():
+        tokenizer = Tokenizer.from_gguf_metadata(json.loads((path / "gguf_tokenizer.json").read_text()))
+    else:
+        tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
     info = ModelInfo(
         name=display,
         architecture=arch,
