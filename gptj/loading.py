@@ -332,7 +332,7 @@ def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtyp
         architecture=arch,
         path=str(path),
         parameters=n_params,
-        quantization=quantize or f"none (dequantized from {meta.get('_file_types', 'GGUF')})",
+        quantization=quantize or "none",
         dtype=str(dtype).removeprefix("torch."),
         context_length=cfg.context_length,
         format="gguf",
