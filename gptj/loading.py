@@ -69,6 +69,11 @@ def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
             return Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True,
                                           cache_dir=hf_cache_dir()))
         except Exception as exc:
+            # `gptj pull` takes only the files a model needs; huggingface_hub calls such a
+            # snapshot incomplete against the repo's full file listing, and names its folder.
+            partial = getattr(exc, "snapshot_path", None)
+            if partial and (Path(partial) / "config.json").exists():
+                return Path(partial)
             raise ModelLoadError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache ({exc.__class__.__name__}); "
                 f"download it with: gptj pull {repo}" + (f" --revision {revision or rev}" if revision or rev else "")
