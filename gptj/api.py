@@ -57,6 +57,11 @@ class Model:
     def context_length(self) -> int:
         return self.engine.context_length
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights and the KV cache are (`load(device=...)`)."""
+        return self.engine.device
+
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -86,11 +91,11 @@ class Model:
 
     @torch.no_grad()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Float32 next-token logits [len(token_ids), vocab] for every position (no cache)."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        """Float32 next-token logits [len(token_ids), vocab] for every position (no cache), on the CPU."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         if ids.shape[1] == 0 or ids.shape[1] > self.config.context_length:
             raise InvalidRequest("token_ids", f"need 1 to {self.config.context_length} tokens, got {ids.shape[1]}")
-        return self.module(ids)[0]
+        return self.module(ids)[0].cpu()
 
     def __repr__(self) -> str:
         i = self.info
@@ -107,9 +112,11 @@ def load(
     max_batch: int = 1,
     context_length: int | None = None,
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> Model:
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
-    `quantize` is None, "bf16", "int8" or "int4"."""
-    module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress)
+    `quantize` is None, "bf16", "int8" or "int4". `device`: "cpu" (None), "cuda", "cuda:N", or "auto"
+    (CUDA when torch sees a GPU); weights and the KV cache go there."""
+    module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
     return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length)

@@ -19,6 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="revision of a cached Hugging Face repo (e.g. float16)")
     p.add_argument("--max-memory", default=None, help="refuse to load above this size, e.g. 8GB")
     p.add_argument("--context-length", type=int, default=None, help="cap the context window (tokens)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="where the model runs (default auto: a CUDA GPU when torch sees one, else the CPU)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,7 @@ def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
         max_memory=args.max_memory,
         context_length=args.context_length,
         max_batch=max_batch,
+        device=getattr(args, "device", None),
     )
 
 

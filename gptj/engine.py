@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptj.device import module_device
 from gptj.kv_cache import KVCache
 from gptj.sampling import InvalidRequest, SamplingParams, apply_penalties, choose_token
 from gptj.tokenizer import StreamDecoder, Tokenizer
@@ -158,6 +159,7 @@ class Engine:
         self.context_length = min(context_length or cfg.context_length, cfg.context_length)
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.kv_dtype = kv_dtype
+        self.device = module_device(model)  # the KV cache and the inputs go where the weights are
         self.banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long)
         self.eos_ids = {tokenizer.eos_token_id, *eos_token_ids}
         self.cache: KVCache | None = None  # allocated on first use
@@ -273,7 +275,7 @@ class Engine:
     def _assign_row(self, r: _Request) -> None:
         if self.cache is None:
             cfg = self.model.config
-            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim, self.kv_dtype)
+            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim, self.kv_dtype, self.device)
         busy = {a.row for a in self.active}
         free = [i for i in range(self.max_batch) if i not in busy]
 
@@ -309,9 +311,10 @@ class Engine:
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled
         chunk = r.prompt_ids[start : start + self.prefill_chunk]
-        ids = torch.tensor([chunk])
-        positions = torch.arange(start, start + len(chunk))[None]
-        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True)
+        ids = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        # sampling runs on the CPU (a no-op there): same seed, same draws on any device
+        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True).cpu()
         r.prefilled += len(chunk)
         self.row_tokens[r.row].extend(chunk)
         if r.prefilled == len(r.prompt_ids):
@@ -339,7 +342,7 @@ class Engine:
             positions[row - lo, 0] = r.length - 1 if r in batch else r.length
             if r in batch:
                 ids[row - lo, 0] = r.generated[-1]
-        logits = self.model(ids, positions, self.cache, slice(lo, hi))
+        logits = self.model(ids.to(self.device), positions.to(self.device), self.cache, slice(lo, hi)).cpu()
         for r in batch:
             self.row_tokens[r.row].append(r.generated[-1])
             self._accept(r, logits[r.row - lo, -1])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptj.device import free_memory, resolve_device
 from gptj.models.gptj import GPTJ, GPTJConfig, skip_checkpoint_key
 from gptj.models.llama import Llama, LlamaConfig
 from gptj.tokenizer import Tokenizer, load_tokenizer
@@ -47,6 +48,7 @@ class ModelInfo:
     context_length: int
     format: str
     vocab_size: int
+    device: str = "cpu"
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -206,8 +208,9 @@ def fill(
     quantize: str | None,
     skip: Callable[[str], bool] = lambda _: False,
     progress: Callable[[int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Moves checkpoint tensors into a meta-device model, checking names and shapes."""
+    """Moves checkpoint tensors into a meta-device model on `device`, checking names and shapes."""
     targets = dict(model.named_parameters())
     modules = dict(model.named_modules())
     for name, tensor in tensors:
@@ -230,9 +233,9 @@ def fill(
                 from gptj.quant import quantize_linear
 
                 parent_name, _, child = module_name.rpartition(".")
-                setattr(modules[parent_name], child, quantize_linear(module, quantize))
+                setattr(modules[parent_name], child, quantize_linear(module, quantize).to(device))
         else:
-            module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+            module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         if progress:
             progress(tensor.numel() * tensor.element_size())
     if getattr(model.config, "tie_word_embeddings", False):
@@ -241,7 +244,7 @@ def fill(
         if quantize:
             from gptj.quant import quantize_linear
 
-            model.lm_head = quantize_linear(model.lm_head, quantize)
+            model.lm_head = quantize_linear(model.lm_head, quantize).to(device)
     if targets:
         listed = ", ".join(list(targets)[:5]) + (" ..." if len(targets) > 5 else "")
         raise ModelLoadError(f"the checkpoint lacks {len(targets)} tensors: {listed}")
@@ -264,14 +267,18 @@ def load_model(
     max_memory: int | str | None = None,
     revision: str | None = None,
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, Tokenizer, ModelInfo]:
     if quantize not in QUANT_MODES:
         raise ModelLoadError(f"quantize must be one of {', '.join(str(m) for m in QUANT_MODES)}, got {quantize!r}")
     path = resolve(name_or_path, revision)
+    device = resolve_device(device)
     limit = parse_size(max_memory)
+    if limit is None:
+        limit = free_memory(device)  # on a GPU its free memory; on the CPU the host's (check_memory)
     display = str(name_or_path or DEFAULT_MODEL)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, display, quantize, dtype, limit)
+        return _load_gguf(path, display, quantize, dtype, limit, device)
     if path.is_file():
         raise ModelLoadError(f"{path} is a file; give the model folder that holds config.json, or a .gguf file")
     files, fmt = weight_files(path)
@@ -299,7 +306,9 @@ def load_model(
         state = dict(tensors)
         install_quantized_layers(model, state)
         tensors, quantize = iter(state.items()), None
-    fill(model, tensors, dtype, quantize, skip, bar.update if bar else None)
+    fill(model, tensors, dtype, quantize, skip, bar.update if bar else None, device)
+    if device.type != "cpu":
+        model.to(device)  # what fill did not place: the layers of a `gptj quantize` checkpoint
     if bar:
         bar.close()
     quantize = quantize or stored_mode
@@ -317,11 +326,13 @@ def load_model(
         context_length=cfg.context_length,
         format=fmt,
         vocab_size=cfg.vocab_size,
+        device=str(device),
     )
     return model, tokenizer, info
 
 
-def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None):
+def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None,
+               device: torch.device | str = "cpu"):
     from gptj.gguf import read_gguf
 
     meta, config, tensors = read_gguf(path)
@@ -330,7 +341,7 @@ def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtyp
     n_params = sum(p.numel() for p in model.parameters())
     dtype = dtype or default_dtype(n_params)
     check_memory(display, model, quantize, dtype, limit)
-    fill(model, iter(tensors.items()), dtype, quantize)
+    fill(model, iter(tensors.items()), dtype, quantize, device=device)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     info = ModelInfo(
         name="SmolLM2-135M-Instruct" if display == DEFAULT_MODEL else display,
@@ -342,6 +353,7 @@ def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtyp
         context_length=cfg.context_length,
         format="gguf",
         vocab_size=cfg.vocab_size,
+        device=str(device),
     )
     return model, tokenizer, info
 

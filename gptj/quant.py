@@ -52,6 +52,8 @@ _QB = 128  # the kernel's activation block; int4 groups must equal it
 # Most rows that go through the decode kernel; above, dequantize + GEMM wins (measured, see the
 # module docstring). GPTJ_QUANT_DECODE_MAX_ROWS overrides.
 DECODE_MAX_ROWS = {"int8": 8, "int4": 8}
+# Whether torch's _weight_int8pack_mm runs on a device type (learnt on first use).
+_GPU_INT8_MM: dict[str, bool] = {}
 # Prefill dequantizes at most this many bytes of weight at once (a reused buffer).
 _CHUNK_BYTES = 64 << 20
 
@@ -705,9 +707,29 @@ class QuantizedLinear(nn.Module):
     # -- forward
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return self.forward_gpu(x)
         rows = x.numel() // self.in_features if self.in_features else 0
         limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", DECODE_MAX_ROWS[self.mode]))
         return self.forward_decode(x) if rows <= limit else self.forward_prefill(x)
+
+    def forward_gpu(self, x: Tensor) -> Tensor:
+        """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
+        weight dequantized for the call (one layer's full-precision weight exists at a time)."""
+        x2 = x.reshape(-1, self.in_features)
+        dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        xt = x2.to(dt).contiguous()
+        y = None
+        if self.mode == "int8" and x2.shape[0] <= DECODE_MAX_ROWS["int8"] and _GPU_INT8_MM.get(x.device.type, True):
+            try:
+                y = torch._weight_int8pack_mm(xt, self.qweight, self.scales.to(dt))
+            except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
+                _GPU_INT8_MM[x.device.type] = False
+        if y is None:
+            y = F.linear(xt, dequantize_weight(self._buffers, dt))  # type: ignore[arg-type]
+        if self.bias is not None:
+            y = y + self.bias.to(dt)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_fits(self) -> bool:
         k = self.in_features

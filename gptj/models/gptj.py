@@ -60,7 +60,7 @@ class GPTJConfig:
 
 def rotary_tables(positions: torch.Tensor, rotary_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B, 1, T, rotary_dim], each frequency repeated for the two members of its pair."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, rotary_dim/2]
     angles = angles.repeat_interleave(2, dim=-1)[:, None]
     return angles.cos(), angles.sin()
