@@ -95,6 +95,7 @@ def make_random_checkpoint(
     config = gptj_config(shape, vocab_size, n_positions)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer_files(out)
     safetensors = "safetensors" in fmt
     tensors = random_tensors(config, dtype, seed, with_buffers=not safetensors)
     if not fmt.startswith("sharded"):
@@ -108,6 +109,22 @@ def make_random_checkpoint(
         return out
     _write_shards(out, tensors, safetensors, shard_bytes)
     return out
+
+
+def write_tokenizer_files(out: Path) -> None:
+    """The tokenizer files of EleutherAI/gpt-j-6b: GPT-2's BPE plus 143 added tokens (50400 ids)."""
+    from gptj.tokenizer import gpt2_vocab_files
+
+    encoder, bpe = gpt2_vocab_files()
+    (out / "vocab.json").write_bytes(encoder.read_bytes())
+    (out / "merges.txt").write_bytes(bpe.read_bytes())
+    added = {f"<|extratoken_{k}|>": 50256 + k for k in range(1, 144)}
+    (out / "added_tokens.json").write_text(json.dumps(added))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 2048, "add_prefix_space": False, **special,
+    }))
 
 
 def _write_shards(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], safetensors: bool, shard_bytes: int) -> None:

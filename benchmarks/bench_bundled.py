@@ -1,0 +1,76 @@
+"""Decode speed on the bundled SmolLM2-135M-Instruct: our engine beside transformers, same weights.
+
+    .venv/bin/python benchmarks/bench_bundled.py [--tokens 128] [--repeats 3]
+
+transformers runs LlamaForCausalLM over the very tensors we read from the GGUF (dequantized
+to float32), with its KV cache, greedy, token by token. Ours goes through the whole engine
+(sampling, detokenizing, stop checks included). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gptj
+from gptj.gguf import bundled_gguf_path, read_gguf
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def ours(model: gptj.Model, tokens: int) -> float:
+    """Seconds per generated token, excluding the first (prefill) token."""
+    stamps = []
+    for _event in model.submit(PROMPT, max_new_tokens=tokens, temperature=0, ignore_eos=True):
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return statistics.median(gaps)
+
+
+def transformers_decode(tokens: int) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, config, state = read_gguf(bundled_gguf_path())
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})).eval()
+    hf.load_state_dict(state, strict=False)
+    hf.tie_weights()
+    ids = torch.tensor([gptj.load_tokenizer("smollm2").encode(PROMPT)])
+    gaps = []
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(tokens):
+            t = time.perf_counter()
+            out = hf(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            gaps.append(time.perf_counter() - t)
+    return statistics.median(gaps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    rows = []
+    ref = min(transformers_decode(args.tokens) for _ in range(args.repeats))
+    rows.append(("transformers (float32, same weights)", ref))
+    for quant in (None, "int8"):
+        model = gptj.load(quantize=quant)
+        ours(model, 8)  # warm-up: kernels built, caches allocated
+        best = min(ours(model, args.tokens) for _ in range(args.repeats))
+        rows.append((f"gptj-studio ({quant or 'float32'})", best))
+    print(f"\nSmolLM2-135M-Instruct decode, {args.tokens} tokens, median of each run, best of {args.repeats}; "
+          f"{torch.get_num_threads()} threads\n")
+    print("| engine | ms/token | tokens/s |")
+    print("|---|---:|---:|")
+    for name, sec in rows:
+        print(f"| {name} | {sec * 1000:.1f} | {1 / sec:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
