@@ -1,0 +1,261 @@
+"""GPT-J-6B on this CPU: our engine (bf16, int8, int4) beside transformers bf16 and
+CTranslate2 int8, on one synthetic checkpoint in the exact Hugging Face layout, in one run.
+
+    .venv/bin/python benchmarks/bench_6b.py            # the real 6B shape (~12 GB checkpoint)
+    .venv/bin/python benchmarks/bench_6b.py --quick    # a 1B-parameter GPT-J, a few minutes
+
+Each engine runs in its own process, so its peak RSS is its own. Measured: decode ms/token
+(median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
+size on disk; plus the machine's memory bandwidth and the decode floor it sets for each weight
+size. Prints a markdown table and writes a PNG chart next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def folder_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".bin", ".safetensors")) / 1e9
+
+
+def prompt_ids(n: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, 50000, (n,), generator=g).tolist()
+
+
+# ---- workers: each runs in a fresh process and prints one JSON line ---------------------------------
+
+
+def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int) -> dict:
+    import torch
+
+    import gptj
+
+    t0 = time.perf_counter()
+    if mode == "bf16":
+        model = gptj.load(ckpt, dtype=torch.bfloat16, progress=False)
+    else:
+        model = gptj.load(ckpt, progress=False)  # a `gptj quantize` checkpoint
+    load_s = time.perf_counter() - t0
+    model.generate(prompt_ids(8), max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up (kernels)
+    ids = prompt_ids(n_prompt)
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"load_s": load_s, "prefill_s": stamps[0] - start, "decode_ms": 1000 * statistics.median(gaps)}
+
+
+def work_transformers(ckpt: str, n_prompt: int, n_new: int) -> dict:
+    import torch
+    from transformers import GPTJForCausalLM
+
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    model = GPTJForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids(n_prompt)])
+    t = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill_s = time.perf_counter() - t
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    gaps = []
+    for _ in range(n_new):
+        t = time.perf_counter()
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        gaps.append(time.perf_counter() - t)
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(gaps)}
+
+
+def work_ct2(ct2_dir: str, n_prompt: int, n_new: int) -> dict:
+    import ctranslate2
+
+    t0 = time.perf_counter()
+    gen = ctranslate2.Generator(ct2_dir, device="cpu", compute_type="int8", intra_threads=os.cpu_count() or 2)
+    load_s = time.perf_counter() - t0
+    vocab = json.loads((Path(ct2_dir) / "vocabulary.json").read_text())
+    tokens = [vocab[i] for i in prompt_ids(n_prompt)]  # CTranslate2 takes token strings
+    gen.generate_batch([tokens[:8]], max_length=2, sampling_topk=1, include_prompt_in_result=False)
+    t = time.perf_counter()
+    gen.generate_batch([tokens], max_length=1, sampling_topk=1, include_prompt_in_result=False)
+    prefill_s = time.perf_counter() - t
+    stamps = []
+    t = time.perf_counter()
+    for _step in gen.generate_tokens(tokens, max_length=n_new, sampling_topk=1):
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(gaps)}
+
+
+def work_quantize(src: str, dst: str, bits: int) -> dict:
+    from gptj.quantized_checkpoint import write_quantized
+
+    t = time.perf_counter()
+    write_quantized(src, dst, bits)
+    return {"quantize_s": time.perf_counter() - t}
+
+
+def work_bandwidth() -> dict:
+    import torch
+
+    a = torch.ones(1 << 28)  # 1 GiB of float32
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t))
+    return {"bandwidth_gbs": best / 1e9}
+
+
+def worker_main(argv: list[str]) -> None:
+    kind, *rest = argv
+    fn = {"ours": work_ours, "transformers": work_transformers, "ct2": work_ct2,
+          "quantize": work_quantize, "bandwidth": work_bandwidth}[kind]
+    args = [int(a) if a.isdigit() else a for a in rest]
+    result = fn(*args)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_worker(*args: object, timeout: int = 3600) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+
+
+def run_ct2_convert(ckpt: Path, out: Path) -> dict:
+    """Peak RSS of the converter, read from its own rusage via /usr/bin/time-like wrapper."""
+    code = (
+        "import resource, subprocess, sys, json, time; t = time.perf_counter();"
+        f"r = subprocess.run(['{Path(sys.executable).parent / 'ct2-transformers-converter'}', '--model', '{ckpt}', "
+        f"'--output_dir', '{out}', '--quantization', 'int8', '--force'], capture_output=True, text=True);"
+        "print('RESULT ' + json.dumps({'convert_s': time.perf_counter() - t, 'rc': r.returncode, "
+        "'err': r.stderr[-300:], 'peak_rss_gb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": proc.stderr[-300:]}
+
+
+# ---- the driver -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="GPT-J-6B on this CPU, beside the peers.")
+    parser.add_argument("--quick", action="store_true", help="a 1B-parameter GPT-J instead of 6B")
+    parser.add_argument("--shape", default=None, choices=["tiny", "small", "1b", "6b"], help="any checkpoint shape")
+    parser.add_argument("--dir", default="/var/tmp/gptj-bench", help="where checkpoints are written (kept for reruns)")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    parser.add_argument("--tokens", type=int, default=24, help="generated tokens per engine")
+    parser.add_argument("--skip", action="append", default=[], help="skip an engine: ours-bf16, ours-int8, ours-int4, transformers, ct2")
+    args = parser.parse_args()
+
+    from gptj.checkpoint import make_random_checkpoint
+
+    shape = args.shape or ("1b" if args.quick else "6b")
+    base = Path(args.dir) / shape
+    src = base / "hf-float16"
+    if not (src / "pytorch_model.bin").exists():
+        print(f"writing a random GPT-J ({shape}) in the float16 revision's layout to {src} ...", flush=True)
+        make_random_checkpoint(src, shape, "bin")
+    rows: list[dict] = []
+    bw = run_worker("bandwidth")["bandwidth_gbs"]
+    n_params = _param_count(src)
+
+    for bits, mode in ((8, "int8"), (4, "int4")):
+        name = f"ours-{mode}"
+        if name in args.skip:
+            continue
+        qdir = base / f"gptj-{mode}"
+        q = run_worker("quantize", src, qdir, bits) if not (qdir / "model.safetensors").exists() else {}
+        r = run_worker("ours", qdir, mode, args.prompt, args.tokens)
+        rows.append({"engine": f"gptj-studio {mode}", **r, "quantize_peak_gb": q.get("peak_rss_gb"),
+                     "disk_gb": folder_gb(qdir), "weight_bytes": n_params * (1.0 if mode == "int8" else 0.5 + 4 / 128)})
+    if "ours-bf16" not in args.skip:
+        r = run_worker("ours", src, "bf16", args.prompt, args.tokens)
+        rows.append({"engine": "gptj-studio bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2})
+    if "transformers" not in args.skip:
+        r = run_worker("transformers", src, args.prompt, args.tokens)
+        rows.append({"engine": "transformers bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2})
+    if "ct2" not in args.skip and shutil.which(str(Path(sys.executable).parent / "ct2-transformers-converter")):
+        ct2_dir = base / "ct2-int8"
+        conv = run_ct2_convert(src, ct2_dir) if not (ct2_dir / "model.bin").exists() else {}
+        r = run_worker("ct2", ct2_dir, args.prompt, args.tokens)
+        rows.append({"engine": "CTranslate2 4.8.5 int8", **r, "quantize_peak_gb": conv.get("peak_rss_gb"),
+                     "disk_gb": sum(f.stat().st_size for f in ct2_dir.iterdir()) / 1e9 if ct2_dir.exists() else None,
+                     "weight_bytes": n_params * 1.0})
+
+    print(f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), {os.cpu_count()} cores; "
+          f"prompt {args.prompt} tokens, {args.tokens} generated; memory bandwidth {bw:.1f} GB/s\n")
+    print(f"| engine | decode ms/token | floor ms/token | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        floor = r["weight_bytes"] / (bw * 1e9) * 1000
+        print(f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {_f(r.get('prefill_s'), 1)} | "
+              f"{_f(r.get('load_s'), 1)} | {_f(r.get('peak_rss_gb'), 1)} | {_f(r.get('quantize_peak_gb'), 1)} | {_f(r.get('disk_gb'), 1)} |"
+              + (f" error: {r['error']}" if "error" in r else ""))
+    _chart(rows, bw, base / "bench.png", shape)
+    print(f"\nchart: {base / 'bench.png'}")
+
+
+def _param_count(src: Path) -> int:
+    from gptj.loading import build
+
+    model, _ = build("gptj", json.loads((src / "config.json").read_text()))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _f(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _chart(rows: list[dict], bw: float, path: Path, shape: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in rows if r.get("decode_ms")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r["engine"] for r in ok]
+    ax.barh(names, [r["decode_ms"] for r in ok], color="#5b5bd6", label="decode ms/token")
+    ax.scatter([r["weight_bytes"] / (bw * 1e9) * 1000 for r in ok], names, color="#d33", marker="|", s=400,
+               label=f"bandwidth floor ({bw:.0f} GB/s)", zorder=3)
+    ax.set_xlabel("ms per generated token (lower is better)")
+    ax.set_title(f"GPT-J {shape} decode on this CPU")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2:])
+    else:
+        main()
