@@ -202,40 +202,14 @@ class Metrics:
         self.gen_tokens += c.completion_tokens
 
 
-# ---- the app -----------------------------------------------------------------------------------
+def error_response(err: APIError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
-def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
-    app = FastAPI(title="GPT-J Studio", version="0.1.0", description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
-    app.state.model = model
-    metrics = Metrics()
-    chat = ChatSession(model)
-    tokenizer = model.tokenizer
-    started = time.time()
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-
-    app.add_middleware(BodyLimit)
-    open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
-        if api_key and request.method != "OPTIONS" and request.url.path not in open_paths and not request.url.path.startswith("/static"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
-        path = request.url.path
-        metrics.requests[path] = metrics.requests.get(path, 0) + 1
-        response = await call_next(request)
-        if response.status_code >= 400:
-            metrics.errors[response.status_code] = metrics.errors.get(response.status_code, 0) + 1
-        return response
-
-    def error_response(err: APIError) -> JSONResponse:
-        body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
-        return JSONResponse(body, status_code=err.status, headers=err.headers)
+def install_error_handlers(app: FastAPI) -> None:
+    """The JSON error format ({"error": {message, type, param, code}}) for every failure: also
+    used by the upstream front (gptj.upstream), so both answer errors the same way."""
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, err: APIError) -> JSONResponse:
@@ -270,6 +244,40 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             return error_response(APIError(400, "body: must be valid UTF-8 JSON", "body"))
         param = "body" if err.status_code == 413 else None
         return error_response(APIError(err.status_code, str(err.detail), param, headers=err.headers))
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+
+def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="GPT-J Studio", version="0.1.0", description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
+    app.state.model = model
+    metrics = Metrics()
+    chat = ChatSession(model)
+    tokenizer = model.tokenizer
+    started = time.time()
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    app.add_middleware(BodyLimit)
+    open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
+        if api_key and request.method != "OPTIONS" and request.url.path not in open_paths and not request.url.path.startswith("/static"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
+        path = request.url.path
+        metrics.requests[path] = metrics.requests.get(path, 0) + 1
+        response = await call_next(request)
+        if response.status_code >= 400:
+            metrics.errors[response.status_code] = metrics.errors.get(response.status_code, 0) + 1
+        return response
+
+    install_error_handlers(app)
 
     def check_model(name: str | None) -> None:
         if name and name not in (model.name, "default", model.info.path) and name.lower() not in ("gpt-j", "gptj"):
@@ -649,6 +657,10 @@ def serve(args) -> int:  # noqa: ANN001
 
     from gptj.cli import load_model
 
+    if getattr(args, "upstream", None):  # in front of another server (vLLM, TGI, gptj): no local model
+        from gptj.upstream import serve_upstream
+
+        return serve_upstream(args)
     api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
     check_bind(args.host, api_key, args.insecure)
     model = load_model(args, max_batch=args.parallel)

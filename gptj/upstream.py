@@ -1,0 +1,454 @@
+"""`gptj serve --upstream URL`: the playground, chat, presets, token viewer and both API styles
+in front of any OpenAI-compatible server (vLLM, TGI, another `gptj serve`), with no local model.
+
+* `/v1/*` is forwarded as it is: streams pass through as server-sent events, errors with the
+  upstream's status and body. A completion or chat request without `model` gets the upstream's
+  (its first in `/v1/models`), which vLLM and TGI want.
+* `/complete` and `/completion` (EleutherAI) become upstream `/v1/completions` calls.
+* `/api/info` describes the upstream model (from `/v1/models`) with architecture "remote".
+* `/tokenize` and `/detokenize` use a local tokenizer when the upstream model is known here
+  (GPT-J names: GPT-J's tokenizer) or the request names one (`tokenizer: "gpt-j"`), else the
+  upstream's own `/tokenize` (vLLM and gptj have it), else they answer 501.
+* An upstream that cannot be reached gives 502 (504 when it does not answer in time).
+
+`--upstream-key` goes to the upstream as `Authorization: Bearer KEY`; the client's own
+Authorization header (checked against `--api-key` here) is never passed on. Request bodies are
+validated with the same models as `gptj serve` and errors have the same JSON shape
+(`gptj.server.install_error_handlers`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+
+from gptj.api import sampling_params
+from gptj.presets import load_presets
+from gptj.server import (
+    MAX_BODY_BYTES,
+    WEB_DIR,
+    APIError,
+    BodyLimit,
+    CompleteBody,
+    DetokenizeBody,
+    HostedCompletionBody,
+    TokenizeBody,
+    check_bind,
+    error_response,
+    install_error_handlers,
+    piece_json,
+)
+from gptj.tokenizer import Tokenizer, load_tokenizer
+
+MODELS_TTL = 30.0  # seconds the upstream's model list is reused
+# Upstream model names whose tokenizer is here: (substring of the lower-cased id, tokenizer name)
+KNOWN_TOKENIZERS = (("gpt-j", "gpt-j"), ("gptj", "gpt-j"))
+PASSED_HEADERS = ("retry-after", "x-request-id")
+
+
+def known_tokenizer(model_id: str) -> str | None:
+    """The local tokenizer name for an upstream model id, when it is one we know."""
+    name = model_id.lower()
+    return next((tok for key, tok in KNOWN_TOKENIZERS if key in name), None)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tokenizer(name: str) -> Tokenizer:
+    return load_tokenizer(name)
+
+
+class UpstreamResponse(Exception):  # noqa: N818 (not an error of ours: the upstream's answer, passed on)
+    """An upstream answer (an error) to hand to the client as it is."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"upstream answered {response.status_code}")
+        self.response = response
+
+
+class Upstream:
+    """The OpenAI-compatible server behind the front: `url` with or without its `/v1`."""
+
+    def __init__(self, url: str, key: str | None = None, *, timeout: float = 600.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        base = url.strip().rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise ValueError(f"--upstream {url!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8001/v1")
+        self.v1 = base if base.endswith("/v1") else base + "/v1"
+        self.root = self.v1.removesuffix("/v1")
+        self.key = key
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport)
+        self._models: tuple[float, list[dict]] | None = None
+
+    def headers(self, content_type: str | None = "application/json", accept: str | None = None) -> dict[str, str]:
+        h = {"Accept-Encoding": "identity"}
+        if content_type:
+            h["Content-Type"] = content_type
+        if accept:
+            h["Accept"] = accept
+        if self.key:
+            h["Authorization"] = f"Bearer {self.key}"
+        return h
+
+    async def send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        """The upstream's response; 502/504 APIErrors when it cannot be reached."""
+        try:
+            return await self.client.send(request, stream=stream)
+        except httpx.TimeoutException as exc:
+            raise APIError(504, f"upstream {self.v1} did not answer in time ({type(exc).__name__})", None,
+                           "upstream_timeout") from None
+        except httpx.HTTPError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise APIError(502, f"upstream {self.v1} is unreachable ({type(exc).__name__}: {detail}); "
+                           "is the server running there?", None, "upstream_unreachable") from None
+
+    async def call(self, method: str, url: str, body: Any = None) -> httpx.Response:
+        request = self.client.build_request(method, url, headers=self.headers(), json=body)
+        return await self.send(request)
+
+    async def models(self) -> list[dict]:
+        now = time.monotonic()
+        if self._models and now - self._models[0] < MODELS_TTL:
+            return self._models[1]
+        response = await self.call("GET", f"{self.v1}/models")
+        if response.status_code >= 400:
+            raise UpstreamResponse(response)
+        try:
+            data = response.json()["data"]
+            models = [m for m in data if isinstance(m, dict) and m.get("id")]
+        except (ValueError, KeyError, TypeError):
+            raise APIError(502, f"upstream {self.v1}/models did not answer with an OpenAI model list", None,
+                           "upstream_error") from None
+        if not models:
+            raise APIError(502, f"upstream {self.v1} serves no model (its /v1/models is empty)", None, "upstream_error")
+        self._models = (now, models)
+        return models
+
+    async def model_id(self) -> str:
+        return (await self.models())[0]["id"]
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class Guard:
+    """ASGI middleware: the API key of this front, the body size limit, and request counts."""
+
+    OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/metrics")
+
+    def __init__(self, app, api_key: str | None, counts: dict) -> None:  # noqa: ANN001
+        self.app, self.api_key, self.counts = app, api_key, counts
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        label = "/v1" if path.startswith("/v1/") else "/static" if path.startswith("/static/") else path
+        self.counts["requests"][label] = self.counts["requests"].get(label, 0) + 1
+        length = headers.get("content-length", "")
+        error = None
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            error = APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body")
+        elif (self.api_key and scope["method"] != "OPTIONS" and path not in self.OPEN_PATHS
+              and not path.startswith("/static") and headers.get("authorization", "") != f"Bearer {self.api_key}"):
+            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                             "authentication_error")
+        if error is not None:
+            self.count_error(error.status)
+            return await error_response(error)(scope, receive, send)
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.count_error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def count_error(self, status: int) -> None:
+        self.counts["errors"][status] = self.counts["errors"].get(status, 0) + 1
+
+
+def passthrough(response: httpx.Response, content: bytes) -> Response:
+    headers = {k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}
+    return Response(content, status_code=response.status_code, headers=headers,
+                    media_type=response.headers.get("content-type", "application/json"))
+
+
+def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None = None,
+                        cors_origins: list[str] | None = None, timeout: float = 600.0,
+                        transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The front: `url` is the upstream (`http://host:8001/v1`), `key` its API key, `api_key`
+    the key clients of this front must send. `transport` is for tests."""
+    upstream = Upstream(url, key, timeout=timeout, transport=transport)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await upstream.close()
+
+    app = FastAPI(title="GPT-J Studio (upstream)", version="0.1.0", lifespan=lifespan,
+                  description=f"The GPT-J Studio playground and APIs in front of {upstream.v1}")
+    app.state.upstream = upstream
+    counts: dict[str, dict] = {"requests": {}, "errors": {}}
+    started = time.time()
+    app.add_middleware(BodyLimit)
+    app.add_middleware(Guard, api_key=api_key, counts=counts)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Retry-After"])
+    install_error_handlers(app)
+
+    @app.exception_handler(UpstreamResponse)
+    async def on_upstream(_: Request, err: UpstreamResponse) -> Response:
+        return passthrough(err.response, err.response.content)
+
+    # ---- page and info ----
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return FileResponse(str(WEB_DIR / "index.html"))
+
+    @app.get("/static/{name:path}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        target = WEB_DIR / name
+        if ".." in name or not target.is_file():
+            raise APIError(404, f"no such file: {name}")
+        return FileResponse(str(target))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": await upstream.model_id(), "upstream": upstream.v1,
+                "uptime_s": round(time.time() - started, 1)}
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        models = await upstream.models()
+        first = models[0]
+        context = first.get("max_model_len") or first.get("context_length") or first.get("context_window")
+        if context is None:  # another gptj serve says it on its /api/info
+            try:
+                response = await upstream.call("GET", f"{upstream.root}/api/info")
+                if response.status_code == 200:
+                    context = response.json().get("context_length")
+            except (APIError, ValueError, AttributeError):
+                pass
+        defaults = sampling_params()
+        return {
+            "name": first["id"],
+            "architecture": "remote",
+            "path": upstream.v1,
+            "upstream": upstream.v1,
+            "models": [m["id"] for m in models],
+            "owned_by": first.get("owned_by"),
+            "parameters": None,
+            "quantization": None,
+            "dtype": None,
+            "format": "remote",
+            "vocab_size": None,
+            "context_length": context,
+            "tokenizer": known_tokenizer(first["id"]),
+            "defaults": {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+                                                           "repetition_penalty")},
+            "parallel": None,
+        }
+
+    @app.get("/api/presets")
+    async def presets() -> dict:
+        found, errors = load_presets()
+        return {"presets": [p.as_dict() for p in found.values()], "errors": errors}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> str:
+        lines = [
+            "# HELP gptj_requests_total HTTP requests to this front, by route (/v1: all forwarded ones)",
+            "# TYPE gptj_requests_total counter",
+            *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(counts["requests"].items())],
+            "# HELP gptj_errors_total responses with status >= 400 (502/504: the upstream could not be reached)",
+            "# TYPE gptj_errors_total counter",
+            *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(counts["errors"].items())],
+        ]
+        return "\n".join(lines) + "\n"
+
+    # ---- tokenizer ----
+
+    async def local_tokenizer(name: str | None) -> Tokenizer | None:
+        """The tokenizer a request names, else the upstream model's when it is known here."""
+        if not name:
+            name = known_tokenizer(await upstream.model_id())
+            if name is None:
+                return None
+        try:
+            return cached_tokenizer(name)
+        except (ValueError, OSError) as exc:
+            raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
+
+    async def upstream_tokenizer_call(path: str, body: dict) -> dict:
+        response = await upstream.call("POST", f"{upstream.root}/{path}", body)
+        if response.status_code in (404, 405):
+            model = await upstream.model_id()
+            raise APIError(501, f"{path}: no tokenizer for the upstream model {model!r} is known here and "
+                           f"{upstream.root} has no /{path}; name one, e.g. \"tokenizer\": \"gpt-j\"",
+                           "tokenizer", "not_implemented")
+        if response.status_code >= 400:
+            raise UpstreamResponse(response)
+        try:
+            return response.json()
+        except ValueError:
+            raise APIError(502, f"upstream {upstream.root}/{path} did not answer with JSON", None, "upstream_error") from None
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        text = body.text if body.text is not None else body.prompt if body.prompt is not None else body.content
+        if text is None:
+            raise APIError(400, "text: required (the text to split into tokens)", "text")
+        tok = await local_tokenizer(body.tokenizer)
+        if tok is not None:
+            ids = tok.encode(text, allow_special=body.add_special)
+            return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tok, i) for i in ids]}
+        data = await upstream_tokenizer_call("tokenize", {
+            "model": await upstream.model_id(), "prompt": text, "add_special_tokens": body.add_special,
+            "add_special": body.add_special, "return_token_strs": True,
+        })
+        ids = [int(i) for i in data.get("tokens", [])]
+        pieces = data.get("pieces")
+        if not pieces:  # vLLM: token_strs, the vocabulary's strings
+            strs = data.get("token_strs") or [None] * len(ids)
+            pieces = [{"id": i, "text": s, "bytes": list(s.encode()) if isinstance(s, str) else []}
+                      for i, s in zip(ids, strs, strict=False)]
+        return {"count": len(ids), "tokens": ids, "pieces": pieces}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        tok = await local_tokenizer(body.tokenizer)
+        if tok is not None:
+            bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
+            if bad:
+                raise APIError(400, f"tokens: id {bad[0]} is outside 0..{tok.vocab_size - 1}", "tokens")
+            return {"text": tok.decode(body.tokens)}
+        data = await upstream_tokenizer_call("detokenize", {"model": await upstream.model_id(), "tokens": body.tokens})
+        return {"text": data.get("text", data.get("prompt", ""))}
+
+    # ---- OpenAI: forwarded ----
+
+    async def with_model(raw: bytes) -> bytes:
+        """A completion/chat body without `model` gets the upstream's (vLLM and TGI want one)."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return raw  # the upstream says what is wrong with it
+        if isinstance(body, dict) and not body.get("model"):
+            body["model"] = await upstream.model_id()
+            return json.dumps(body).encode()
+        return raw
+
+    async def forward(path: str, request: Request) -> Response:
+        raw = await request.body()
+        if request.method == "POST" and path in ("completions", "chat/completions"):
+            raw = await with_model(raw)
+        outgoing = upstream.client.build_request(
+            request.method, f"{upstream.v1}/{path}", params=request.url.query or None, content=raw or None,
+            headers=upstream.headers(request.headers.get("content-type"), request.headers.get("accept")),
+        )
+        response = await upstream.send(outgoing, stream=True)
+        if response.status_code >= 400 or "text/event-stream" not in response.headers.get("content-type", ""):
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+            return passthrough(response, content)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+            except httpx.HTTPError as exc:  # the upstream went away mid-stream: say so in the stream
+                message = f"upstream {upstream.v1} broke off the stream ({type(exc).__name__})"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'upstream_error', 'code': 502}})}\n\n".encode()
+            finally:  # also when our client goes away: closing the upstream stream cancels its generation
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+        headers = {"Cache-Control": "no-cache", **{k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}}
+        return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream", headers=headers)
+
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # one route each: distinct OpenAPI operation ids
+        app.add_api_route("/v1/{path:path}", forward, methods=[method], name=f"forward_{method.lower()}",
+                          summary=f"{method} /v1/...: forwarded to the upstream")
+
+    # ---- EleutherAI: translated to /v1/completions ----
+
+    async def simple_generate(context: str, temp: float, top_p: float, length: int) -> str:
+        if not context:
+            raise APIError(400, "context: must not be empty", "context")
+        body = {"model": await upstream.model_id(), "prompt": context, "max_tokens": length,
+                "temperature": temp, "top_p": top_p}
+        response = await upstream.call("POST", f"{upstream.v1}/completions", body)
+        if response.status_code >= 400:
+            raise UpstreamResponse(response)
+        try:
+            return response.json()["choices"][0]["text"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise APIError(502, f"upstream {upstream.v1}/completions did not answer with a completion", None,
+                           "upstream_error") from None
+
+    @app.post("/complete")
+    async def complete(body: CompleteBody) -> dict:
+        """mesh-transformer-jax's server: the continuation only, 512 tokens by default."""
+        return {"completion": await simple_generate(body.context, body.temp, body.top_p, body.length)}
+
+    @app.post("/completion")
+    async def hosted_completion(body: HostedCompletionBody) -> list[dict]:
+        """The old hosted API: a list with one generated_text, the context included unless remove_input."""
+        text = await simple_generate(body.context, body.temp, body.top_p, body.response_length)
+        return [{"generated_text": text if body.remove_input else body.context + text}]
+
+    return app
+
+
+def serve_upstream(args) -> int:  # noqa: ANN001
+    """`gptj serve --upstream URL [--upstream-key K]`: the front, with no local model."""
+    import uvicorn
+
+    api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
+    check_bind(args.host, api_key, args.insecure)
+    key = args.upstream_key or os.environ.get("GPTJ_UPSTREAM_KEY")
+    try:
+        app = create_upstream_app(args.upstream, key, api_key=api_key, cors_origins=args.cors)
+    except ValueError as exc:
+        raise SystemExit(f"gptj serve: {exc}") from None
+    upstream: Upstream = app.state.upstream
+    url = f"http://{args.host}:{args.port}/"
+    print(f"gptj: serving the playground and APIs at {url} in front of {upstream.v1}", flush=True)
+    try:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.get(f"{upstream.v1}/models", headers=headers, timeout=5.0)
+        if response.status_code == 200:
+            names = [m.get("id") for m in response.json().get("data", [])]
+            print(f"gptj: the upstream serves {', '.join(map(str, names)) or 'no model'}", flush=True)
+        else:
+            print(f"gptj: warning: {upstream.v1}/models answered {response.status_code}"
+                  + (" (check --upstream-key)" if response.status_code in (401, 403) else ""), flush=True)
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"gptj: warning: the upstream is not reachable yet ({type(exc).__name__}); "
+              "requests get 502 until it is", flush=True)
+    if args.open:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.0, lambda: webbrowser.open(url)).start()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
+
+
+__all__ = ["Upstream", "create_upstream_app", "known_tokenizer", "serve_upstream"]
