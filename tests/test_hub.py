@@ -32,7 +32,7 @@ import torch
 
 import gptj
 from gptj.checkpoint import make_random_checkpoint
-from gptj.hub import HubError, NotEnoughDiskSpace, RepoFile, pull, select_files
+from gptj.hub import TOKENIZER_FILES, HubError, NotEnoughDiskSpace, RepoFile, pull, select_files
 
 REPO = "test-org/tiny-gptj"
 LFS_MIN = 1024  # files at least this big are listed as LFS files, as on the Hub
@@ -219,15 +219,18 @@ def test_pull_then_load_offline_gives_the_same_logits(hub: StandInHub, checkpoin
     main = gptj_cli(["pull", REPO], env)
     assert main.returncode == 0, main.stderr
     folder = Path(main.stdout.strip())  # stdout: just the folder; the plan and progress go to stderr
-    assert "pulling test-org/tiny-gptj (safetensors, 2 files" in main.stderr
+    tokenizer_files = sorted(p.name for p in checkpoints["bin"].iterdir() if p.name in TOKENIZER_FILES)
+    assert "merges.txt" in tokenizer_files and "vocab.json" in tokenizer_files
+    assert f"pulling test-org/tiny-gptj (safetensors, {2 + len(tokenizer_files)} files" in main.stderr
     assert folder.is_relative_to(tmp_path / "hub") and folder.name == hub.repos[REPO]["main"]["sha"]
-    # one weight layout (safetensors over the .bin), and nothing a model does not need
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    # config, tokenizer, one weight layout (safetensors over the .bin), and nothing a model does not need
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", *tokenizer_files])
     assert not hub.downloads("pytorch_model.bin") and not hub.downloads("README.md")
 
     f16 = gptj_cli(["pull", REPO, "--revision", "float16"], env)
     assert f16.returncode == 0, f16.stderr
-    assert sorted(p.name for p in Path(f16.stdout.strip().splitlines()[-1]).iterdir()) == ["config.json", "pytorch_model.bin"]
+    f16_files = sorted(p.name for p in Path(f16.stdout.strip()).iterdir())
+    assert f16_files == sorted(["config.json", "pytorch_model.bin", *tokenizer_files])
 
     script = (
         "import sys, torch, gptj\n"
@@ -255,7 +258,8 @@ def test_pull_refuses_when_the_disk_is_too_small(hub: StandInHub, tmp_path: Path
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
     with pytest.raises(NotEnoughDiskSpace) as err:
         pull(REPO, progress=False, endpoint=hub.url, token=False)
-    need = sum(len(d) for n, d in hub.repos[REPO]["main"]["files"].items() if n in ("config.json", "model.safetensors"))
+    wanted = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+    need = sum(len(d) for n, d in hub.repos[REPO]["main"]["files"].items() if n in wanted)
     assert f"({need} bytes)" in str(err.value) and f"({free} bytes)" in str(err.value)
     assert not [r for r in hub.requests if "/resolve/" in r[1]]  # refused before any download
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.safetensors"))
