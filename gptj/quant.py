@@ -77,7 +77,7 @@ def quantize_weight(weight: Tensor, mode: str, group_size: int = GROUP_SIZE) -> 
     Works a slice of rows at a time, in float32, so memory stays near the size of the result."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {list(weight.shape)}")
-    w = weight.detach()
+    w = weight.detach().cpu()  # a GPU weight (a tied embedding) is quantized here too; .to() takes it back
     n, k = w.shape
     step = max(1, (1 << 22) // max(k, 1))  # ~4M values at a time: no full float32 copy
     if mode == "int8":
