@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
     p.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a generation past this (queueing included) ends with finish_reason 'timeout'; 0: no limit")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, running requests get this long to finish, then end with finish_reason 'shutdown'")
     p.add_argument("--upstream", default=None, help="serve in front of an OpenAI-compatible server (vLLM, TGI, gptj)")
     p.add_argument("--upstream-key", default=None)
     p.add_argument("--open", action="store_true", help="open the playground in a browser")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +42,9 @@ class StreamEvent:
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (EOS or a stop sequence), "length", "cancelled", "timeout" or "error"
+    # "stop" (EOS or a stop sequence), "length", "cancelled", "timeout" (past the request's time
+    # limit), "shutdown" (the engine stopped before it finished) or "error"
+    finish_reason: str
     prompt_tokens: int
     token_infos: list[TokenInfo] = field(default_factory=list)
     truncated_prompt_tokens: int = 0  # tokens dropped from the left of the prompt
@@ -170,7 +173,11 @@ class Engine:
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.draining = False  # shutting down: new requests are refused
+        self.in_flight = 0  # submitted and not finished (the batch plus the queue), under `lock`
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0}
+        self.finish_reasons: dict[str, int] = {}  # finished requests by finish_reason
+        self.token_times: deque[float] = deque(maxlen=200_000)  # when recent tokens were sampled
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -198,15 +205,25 @@ class Engine:
     def submit(
         self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None
     ) -> RequestHandle:
+        """Queues a request. `timeout`: seconds from now (queueing included) after which it ends
+        with finish_reason "timeout". Raises QueueFull when `max_batch` requests are running and
+        `max_queue` more are waiting, ShuttingDown while `shutdown()` runs."""
         params.validate()
         ids, truncated = self.prepare_prompt(prompt_ids, params)
-        if self.waiting.qsize() >= self.max_queue:
-            raise QueueFull(self.max_queue)
         request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated)
         if params.seed is not None:
-            request.generator = torch.Generator().manual_seed(params.seed)
+            try:
+                request.generator = torch.Generator().manual_seed(params.seed)
+            except (RuntimeError, OverflowError, ValueError, TypeError):
+                raise InvalidRequest("seed", f"{params.seed} is out of range (-2**63 to 2**64 - 1)") from None
         request.decoder = StreamDecoder(self.tokenizer)
         request.stops = StopMatcher(params.stop)
+        with self.lock:  # the check and the count together: concurrent submits cannot overshoot
+            if self.draining:
+                raise ShuttingDown()
+            if self.in_flight >= self.max_batch + self.max_queue:
+                raise QueueFull(self.max_queue)
+            self.in_flight += 1
         self.waiting.put(request)
         self._ensure_worker()
         return RequestHandle(request)
@@ -216,23 +233,40 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self.waiting.qsize()
+        """Requests waiting for a place in the batch (cancelled ones left out)."""
+        with self.waiting.mutex:
+            return sum(1 for r in self.waiting.queue if r is not None and not r.cancelled)
 
     @property
     def batch_size(self) -> int:
         return len(self.active)
 
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens sampled per second over the last `window` seconds, all requests together."""
+        since = time.monotonic() - window
+        times = list(self.token_times)
+        return sum(1 for t in times if t >= since) / window
+
     def shutdown(self, grace: float = 10.0) -> None:
-        """Lets running requests finish for up to `grace` seconds, then cancels the rest."""
-        end = time.monotonic() + grace
-        while (self.active or not self.waiting.empty()) and time.monotonic() < end:
-            time.sleep(0.05)
-        self.stopping = True
-        for r in list(self.active):
-            r.cancelled = True
-        self.waiting.put(None)  # type: ignore[arg-type]  # wakes the worker
-        if self.thread:
-            self.thread.join(timeout=5)
+        """Refuses new requests (ShuttingDown), lets the running and queued ones finish for up to
+        `grace` seconds, then ends the rest with finish_reason "shutdown". Every request gets
+        its Completion. A later submit starts the engine again."""
+        with self.lock:
+            self.draining = True
+        try:
+            end = time.monotonic() + grace
+            while self.in_flight and time.monotonic() < end:
+                time.sleep(0.02)
+            self.stopping = True
+            self.waiting.put(None)  # type: ignore[arg-type]  # wakes the worker
+            thread = self.thread
+            if thread:
+                thread.join(timeout=30)
+            if not (thread and thread.is_alive()):
+                self._end_all("shutdown")  # a worker that never ran leaves nothing; this is a guard
+        finally:
+            with self.lock:
+                self.draining = False
 
     # ---- the worker ---------------------------------------------------------------------------
 
@@ -253,8 +287,33 @@ class Engine:
                 self._step()
             except Exception as exc:  # never let one bad step kill the server: fail the batch
                 for r in self.active:
+                    self.row_tokens[r.row] = []  # what the row's cache holds is unknown now
                     self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
                 self.active.clear()
+        self._end_all("shutdown")
+
+    def _end_all(self, reason: str) -> None:
+        """Ends every running and waiting request, so that no client waits for ever."""
+        for r in list(self.active):
+            self._retire(r, "cancelled" if r.cancelled else reason)
+        while True:
+            try:
+                r = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if r is not None:
+                self._finish(r, "cancelled" if r.cancelled else reason)
+
+    def _purge_waiting(self) -> None:
+        """Ends waiting requests that were cancelled or ran out of time, freeing their places."""
+        now = time.monotonic()
+        with self.waiting.mutex:
+            gone = [r for r in self.waiting.queue
+                    if r is not None and (r.cancelled or r.deadline is not None and now > r.deadline)]
+            for r in gone:
+                self.waiting.queue.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
 
     def _admit(self) -> None:
         block = not self.active
@@ -269,7 +328,14 @@ class Engine:
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
-            self._assign_row(request)
+            if request.deadline is not None and time.monotonic() > request.deadline:
+                self._finish(request, "timeout")
+                continue
+            try:
+                self._assign_row(request)
+            except Exception as exc:  # e.g. no memory for the cache: fail this one, keep serving
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                continue
             self.active.append(request)
 
     def _assign_row(self, r: _Request) -> None:
@@ -295,6 +361,7 @@ class Engine:
         self.stats["cached_prompt_tokens"] += reuse
 
     def _step(self) -> None:
+        self._purge_waiting()
         now = time.monotonic()
         for r in list(self.active):
             if r.cancelled:
@@ -355,16 +422,24 @@ class Engine:
         if info_logprobs:
             logprobs = logits.log_softmax(-1)
         history = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long)
-        token = choose_token(apply_penalties(logits.clone(), r.params, history), r.params, r.generator)
+        scores = apply_penalties(logits.clone(), r.params, history)
+        try:
+            token = choose_token(scores, r.params, r.generator)
+        except RuntimeError:
+            # Settings at the edge of float32 (a temperature of 1e-309, a repetition penalty of
+            # 1e-300) leave no distribution to sample: take their limit, the most likely token.
+            token = int(torch.argmax(torch.nan_to_num(scores, nan=float("-inf"))))
         info = TokenInfo(token)
         if info_logprobs:
             info.logprob = float(logprobs[token])
             if r.params.logprobs:
                 top = torch.topk(logprobs, r.params.logprobs)
                 info.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+        now = time.monotonic()
         if r.first_token_at is None:
-            r.first_token_at = time.monotonic()
+            r.first_token_at = now
         self.stats["generated_tokens"] += 1
+        self.token_times.append(now)
         if token in self.eos_ids and not r.params.ignore_eos or token in r.params.stop_token_ids:
             r.infos.append(info)
             self._retire(r, "stop")
@@ -403,6 +478,9 @@ class Engine:
         self._finish(r, reason, error)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        with self.lock:
+            self.in_flight -= 1
+        self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(r.prompt_ids)
         ttft = r.first_token_at - r.started if r.first_token_at else None
@@ -422,7 +500,17 @@ class Engine:
 
 
 class QueueFull(RuntimeError):
+    """No place for a request: the batch is full and `limit` requests are already waiting."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"queue full ({limit} requests waiting), try again later")
         self.limit = limit
+
+
+class ShuttingDown(QueueFull):
+    """The engine is shutting down and takes no new requests."""
+
+    def __init__(self) -> None:
+        RuntimeError.__init__(self, "the server is shutting down, try again later")
+        self.limit = 0
 

@@ -1,12 +1,24 @@
 """`gptj serve`: the playground page and the HTTP APIs (OpenAI- and EleutherAI-compatible)
-on one engine. Every generation goes through `gptj.engine`; this module only translates."""
+on one engine. Every generation goes through `gptj.engine`; this module only translates.
+
+Serving many users: requests share the engine's running batch (`--parallel`); past it, up to
+`--max-queue` wait, and more get 503 with Retry-After ("queue full ..., try again later").
+A request past `--request-timeout` seconds (queueing included) ends with what it has, with
+finish_reason "timeout"; one still running when the server shuts down after `--shutdown-grace`
+seconds ends with finish_reason "shutdown". Both are passed on as they are in every API (the
+OpenAI clients accept them; they are not "length", so a client can tell a limit it set from
+one the server imposed). A client that disconnects leaves the batch at the next step.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ipaddress
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -187,17 +199,24 @@ def sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         self.errors: dict[int, int] = {}
         self.ttft_sum, self.ttft_count = 0.0, 0
+        self.ttft_buckets = [0] * len(TTFT_BUCKETS)  # not cumulative; summed up when shown
         self.gen_seconds, self.gen_tokens = 0.0, 0
 
     def observe(self, c: Completion, seconds: float) -> None:
         if c.time_to_first_token is not None:
             self.ttft_sum += c.time_to_first_token
             self.ttft_count += 1
+            i = bisect.bisect_left(TTFT_BUCKETS, c.time_to_first_token)
+            if i < len(TTFT_BUCKETS):
+                self.ttft_buckets[i] += 1
         self.gen_seconds += seconds
         self.gen_tokens += c.completion_tokens
 
@@ -249,33 +268,48 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---- the app -----------------------------------------------------------------------------------
 
 
-def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None,
+               request_timeout: float | None = None) -> FastAPI:
+    """The app. `request_timeout`: seconds (queueing included) after which a generation ends
+    with finish_reason "timeout"; None or 0: no limit."""
     app = FastAPI(title="GPT-J Studio", version="0.1.0", description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
     app.state.model = model
     metrics = Metrics()
     chat = ChatSession(model)
     tokenizer = model.tokenizer
     started = time.time()
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    timeout = request_timeout or None
 
     app.add_middleware(BodyLimit)
     open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
 
+    def path_label(path: str) -> str:
+        """The route, not the raw path: unknown paths must not grow /metrics without bound."""
+        if path.startswith("/static/"):
+            return "/static"
+        routes = {getattr(r, "path", None) for r in app.routes}
+        return path if path in routes else "other"
+
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
+        label = path_label(request.url.path)
+        metrics.requests[label] = metrics.requests.get(label, 0) + 1
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
-        if api_key and request.method != "OPTIONS" and request.url.path not in open_paths and not request.url.path.startswith("/static"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
-        path = request.url.path
-        metrics.requests[path] = metrics.requests.get(path, 0) + 1
-        response = await call_next(request)
+            response = error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
+        elif (api_key and request.method != "OPTIONS" and request.url.path not in open_paths
+              and not request.url.path.startswith("/static")
+              and request.headers.get("authorization", "") != f"Bearer {api_key}"):
+            response = error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
+        else:
+            response = await call_next(request)
         if response.status_code >= 400:
             metrics.errors[response.status_code] = metrics.errors.get(response.status_code, 0) + 1
         return response
+
+    if cors_origins:  # added last, so outermost: errors from the guard (401, 413) carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Retry-After"])
 
     install_error_handlers(app)
 
@@ -320,27 +354,50 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        s = model.engine.stats
+        engine = model.engine
+        s = engine.stats
+        buckets, total = [], 0
+        for le, n in zip(TTFT_BUCKETS, metrics.ttft_buckets, strict=True):
+            total += n
+            buckets.append(f'gptj_time_to_first_token_seconds_bucket{{le="{le}"}} {total}')
         lines = [
+            "# HELP gptj_requests_total HTTP requests by route ('other': no such route)",
             "# TYPE gptj_requests_total counter",
             *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(metrics.requests.items())],
+            "# HELP gptj_errors_total HTTP responses with status >= 400 (503: queue full or shutting down)",
             "# TYPE gptj_errors_total counter",
             *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(metrics.errors.items())],
+            "# HELP gptj_generations_total generation requests finished, by finish_reason",
+            "# TYPE gptj_generations_total counter",
+            *[f'gptj_generations_total{{finish_reason="{r}"}} {n}' for r, n in sorted(engine.finish_reasons.items())],
             "# TYPE gptj_generated_tokens_total counter",
             f"gptj_generated_tokens_total {s['generated_tokens']}",
             "# TYPE gptj_prompt_tokens_total counter",
             f"gptj_prompt_tokens_total {s['prompt_tokens']}",
             "# TYPE gptj_cached_prompt_tokens_total counter",
             f"gptj_cached_prompt_tokens_total {s['cached_prompt_tokens']}",
+            "# HELP gptj_queue_depth requests waiting for a place in the batch",
             "# TYPE gptj_queue_depth gauge",
-            f"gptj_queue_depth {model.engine.queue_depth}",
+            f"gptj_queue_depth {engine.queue_depth}",
+            "# TYPE gptj_queue_limit gauge",
+            f"gptj_queue_limit {engine.max_queue}",
+            "# HELP gptj_batch_size requests in the running batch",
             "# TYPE gptj_batch_size gauge",
-            f"gptj_batch_size {model.engine.batch_size}",
-            "# TYPE gptj_time_to_first_token_seconds summary",
+            f"gptj_batch_size {engine.batch_size}",
+            "# TYPE gptj_batch_limit gauge",
+            f"gptj_batch_limit {engine.max_batch}",
+            "# HELP gptj_time_to_first_token_seconds from arrival (queueing included) to the first token",
+            "# TYPE gptj_time_to_first_token_seconds histogram",
+            *buckets,
+            f'gptj_time_to_first_token_seconds_bucket{{le="+Inf"}} {metrics.ttft_count}',
             f"gptj_time_to_first_token_seconds_sum {metrics.ttft_sum:.6f}",
             f"gptj_time_to_first_token_seconds_count {metrics.ttft_count}",
+            "# HELP gptj_tokens_per_second tokens generated per second over the last 10 s, all requests together",
             "# TYPE gptj_tokens_per_second gauge",
-            f"gptj_tokens_per_second {metrics.gen_tokens / metrics.gen_seconds if metrics.gen_seconds else 0:.3f}",
+            f"gptj_tokens_per_second {engine.tokens_per_second(10.0):.3f}",
+            "# HELP gptj_request_tokens_per_second mean speed of one request: its tokens over its time",
+            "# TYPE gptj_request_tokens_per_second gauge",
+            f"gptj_request_tokens_per_second {metrics.gen_tokens / metrics.gen_seconds if metrics.gen_seconds else 0:.3f}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -382,7 +439,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             if logprobs is not None:
                 s["logprobs"] = logprobs
             try:
-                handles.append(model.engine.submit(prompt_ids, sampling_params(**s)))
+                handles.append(model.engine.submit(prompt_ids, sampling_params(**s), timeout=timeout))
             except Exception:
                 for h in handles:
                     h.cancel()
@@ -653,6 +710,10 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def serve(args) -> int:  # noqa: ANN001
+    """Serves until SIGTERM or SIGINT (Ctrl-C), then shuts down gracefully: no new connections
+    or requests (503), running and queued requests get `--shutdown-grace` seconds to finish and
+    then end with finish_reason "shutdown", so every stream closes properly; exit status 0.
+    A second Ctrl-C quits at once."""
     import uvicorn
 
     from gptj.cli import load_model
@@ -663,18 +724,43 @@ def serve(args) -> int:  # noqa: ANN001
         return serve_upstream(args)
     api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
     check_bind(args.host, api_key, args.insecure)
+    grace = max(0.0, getattr(args, "shutdown_grace", 10.0))
     model = load_model(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
-    app = create_app(model, api_key=api_key, cors_origins=args.cors)
+    app = create_app(model, api_key=api_key, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None))
     url = f"http://{args.host}:{args.port}/"
     print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}", flush=True)
     if args.open:
-        import threading
         import webbrowser
 
         threading.Timer(1.0, lambda: webbrowser.open(url)).start()
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
-    server.run()
-    model.engine.shutdown(grace=10)
+
+    draining = threading.Thread(target=model.engine.shutdown, kwargs={"grace": grace}, name="gptj-shutdown", daemon=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+            super().handle_exit(sig, frame)
+            # Uvicorn stops accepting connections and waits for the open ones; the engine lets
+            # their requests finish within the grace period, then ends them, which closes them.
+            if not draining.is_alive() and not draining.ident:
+                print("gptj: shutting down (running requests get "
+                      f"{grace:g} s to finish; Ctrl-C again to quit at once)", flush=True)
+                draining.start()
+
+    # Uvicorn re-raises the signal it caught once it has stopped, to the handler it found: let
+    # that be a no-op, so a graceful shutdown exits with status 0 instead of dying of SIGTERM.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # Uvicorn's own limit only backs up the engine's: it cancels what is still open then.
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=grace + 10)
+        server = Server(config)
+        server.run()
+        if draining.ident:
+            draining.join(timeout=0 if server.force_exit else None)
+        else:
+            model.engine.shutdown(grace=grace)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
