@@ -7,6 +7,8 @@ would copy the whole cache of every layer at every decode step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -35,25 +37,23 @@ class KVCache:
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def update(
-        self, layer: int, rows: slice, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Store k, v ([B, H, T, D]) at `positions` ([B, T]) and return the keys and values
-        of `rows` up to the furthest position written, plus that length."""
-        k_rows, v_rows = self.k[layer, rows], self.v[layer, rows]
-        batch, steps = positions.shape
-        if batch == 1:
-            start = int(positions[0, 0])
+    def view(self, positions: torch.Tensor, rows: slice) -> CacheView:
+        return CacheView.of(positions, rows)
+
+    def update(self, layer: int, view: CacheView, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([B, H, T, D]) at the view's positions and return the keys and values of
+        its rows up to the furthest position written."""
+        k_rows, v_rows = self.k[layer, view.rows], self.v[layer, view.rows]
+        if view.start is not None:
             # Contiguous positions for one sequence: a plain slice copy, the common case.
-            k_rows[0, :, start : start + steps] = k[0]
-            v_rows[0, :, start : start + steps] = v[0]
-            length = start + steps
+            end = view.start + k.shape[2]
+            k_rows[0, :, view.start : end] = k[0]
+            v_rows[0, :, view.start : end] = v[0]
         else:
-            b = torch.arange(batch, device=positions.device)[:, None]
-            k_rows[b, :, positions] = k.transpose(1, 2)
-            v_rows[b, :, positions] = v.transpose(1, 2)
-            length = int(positions.max()) + 1
-        return k_rows[:, :, :length], v_rows[:, :, :length], length
+            b = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_rows[b, :, view.positions] = k.transpose(1, 2)
+            v_rows[b, :, view.positions] = v.transpose(1, 2)
+        return k_rows[:, :, : view.length], v_rows[:, :, : view.length]
 
     def copy_prefix(self, src_row: int, dst_row: int, length: int) -> None:
         """Reuse the first `length` positions of one row in another (prefix caching)."""
@@ -61,13 +61,25 @@ class KVCache:
         self.v[:, dst_row, :, :length] = self.v[:, src_row, :, :length]
 
 
-def attention_mask(positions: torch.Tensor, length: int) -> torch.Tensor | None:
-    """Boolean mask [B, 1, T, L]: a query at position p sees keys at positions <= p.
+@dataclass
+class CacheView:
+    """One forward pass's place in the cache, worked out once per pass rather than in every
+    layer: reading a GPU tensor's value from Python waits for the GPU."""
 
-    Returns None when every query may see every key (one-token decode of one sequence),
-    which lets SDPA take its fastest path."""
-    batch, steps = positions.shape
-    if batch == 1 and steps == 1 and int(positions[0, 0]) == length - 1:
-        return None
-    keys = torch.arange(length, device=positions.device)
-    return (keys[None, None, None, :] <= positions[:, None, :, None])
+    rows: slice
+    positions: torch.Tensor  # [B, T] absolute positions
+    start: int | None  # the first position, when one sequence has contiguous positions
+    length: int  # keys to attend to: the furthest position written + 1
+    mask: torch.Tensor | None  # [B, 1, T, length]: a query at position p sees keys <= p
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, rows: slice) -> CacheView:
+        host = positions.cpu()
+        batch, steps = host.shape
+        length = int(host.max()) + 1
+        start = int(host[0, 0]) if batch == 1 else None
+        mask = None
+        if not (batch == 1 and steps == 1):  # one token of one sequence sees every key: no mask
+            keys = torch.arange(length, device=positions.device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]
+        return cls(rows, positions, start, length, mask)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptj.kv_cache import KVCache, attention_mask
+from gptj.kv_cache import CacheView, KVCache
 
 
 @dataclass
@@ -90,9 +90,8 @@ class Attention(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
         cache: KVCache | None,
-        rows: slice,
+        view: CacheView | None,
     ) -> torch.Tensor:
         batch, steps, _ = h.shape
 
@@ -105,9 +104,8 @@ class Attention(nn.Module):
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=steps > 1)
         else:
-            k, v, length = cache.update(self.layer, rows, positions, k, v)
-            mask = attention_mask(positions, length)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            k, v = cache.update(self.layer, view, k, v)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=view.mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
@@ -129,9 +127,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, cache, rows) -> torch.Tensor:  # noqa: ANN001
+    def forward(self, x, cos, sin, cache, view) -> torch.Tensor:  # noqa: ANN001
         h = self.ln_1(x)
-        return x + self.attn(h, cos, sin, positions, cache, rows) + self.mlp(h)
+        return x + self.attn(h, cos, sin, cache, view) + self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -169,8 +167,9 @@ class GPTJ(nn.Module):
         compute_dtype = self.transformer.ln_f.weight.dtype
         x = x.to(compute_dtype)
         cos, sin = rotary_tables(positions, self.config.rotary_dim)
+        view = cache.view(positions, rows) if cache is not None else None
         for block in self.transformer.h:
-            x = block(x, cos, sin, positions, cache, rows)
+            x = block(x, cos, sin, cache, view)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float()

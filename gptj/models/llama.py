@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptj.kv_cache import KVCache, attention_mask
+from gptj.kv_cache import CacheView, KVCache
 
 
 @dataclass
@@ -132,9 +132,8 @@ class Attention(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
         cache: KVCache | None,
-        rows: slice,
+        view: CacheView | None,
     ) -> torch.Tensor:
         batch, steps, _ = h.shape
 
@@ -146,9 +145,9 @@ class Attention(nn.Module):
         v = heads(self.v_proj(h), self.n_kv_heads)
         mask = None
         if cache is not None:
-            k, v, length = cache.update(self.layer, rows, positions, k, v)
+            k, v = cache.update(self.layer, view, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            mask = attention_mask(positions, length)
+            mask = view.mask
         # SDPA pairs query head j with kv head j // (n_head / n_kv_heads), as HF's repeat_kv,
         # without materialising the repeated keys and values of the whole cache.
         out = F.scaled_dot_product_attention(
@@ -176,8 +175,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, cache, rows) -> torch.Tensor:  # noqa: ANN001
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows)
+    def forward(self, x, cos, sin, cache, view) -> torch.Tensor:  # noqa: ANN001
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, view)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,8 +220,9 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
         cos, sin = rotary_tables(positions, cfg.head_dim or cfg.hidden_size // cfg.n_head, cfg.rope_theta)
+        view = cache.view(positions, rows) if cache is not None else None
         for block in self.model.layers:
-            x = block(x, cos, sin, positions, cache, rows)
+            x = block(x, cos, sin, cache, view)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
