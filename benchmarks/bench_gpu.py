@@ -36,10 +36,13 @@ def random_gptj(shape: str, device: str) -> torch.nn.Module:
 
 def time_engine(model: Model, n_prompt: int, n_new: int) -> tuple[float, float]:
     ids = torch.randint(100, 50000, (n_prompt,)).tolist()
-    model.generate(ids[:16], max_new_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+    model.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)  # warm-up (kernel plans per shape)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)]
+    handle = model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)
+    stamps = [time.perf_counter() for _ in handle]
+    if handle.result().error:
+        raise RuntimeError(handle.result().error)
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return stamps[0] - start, 1000 * statistics.median(gaps)
 
@@ -98,8 +101,11 @@ def main() -> None:
         info = ModelInfo(f"random GPT-J {args.shape}", "gptj", "-", params, mode if mode != "bf16" else "none",
                          "bfloat16", 2048, "random", 50400)
         model = Model(module, tokenizer, info)
-        prefill, decode = time_engine(model, args.prompt, args.tokens)
-        rows.append((f"gptj-studio {mode}", prefill, decode))
+        try:
+            prefill, decode = time_engine(model, args.prompt, args.tokens)
+            rows.append((f"gptj-studio {mode}", prefill, decode))
+        except Exception as exc:
+            print(f"{mode}: {type(exc).__name__}: {exc}", flush=True)
         print(f"{mode}: peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
         del model, module
         torch.cuda.empty_cache()

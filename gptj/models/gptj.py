@@ -58,22 +58,24 @@ class GPTJConfig:
         return self.n_head
 
 
-def rotary_tables(positions: torch.Tensor, rotary_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, 1, T, rotary_dim], each frequency repeated for the two members of its pair."""
+def rotary_tables(
+    positions: torch.Tensor, rotary_dim: int, head_dim: int, dtype: torch.dtype, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, T, head_dim] in `dtype`, each frequency repeated for the two members of its
+    pair. Past `rotary_dim`, cos is 1 and sin 0: those dims pass through unchanged, with no
+    slicing and concatenating in every layer."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device) / rotary_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, rotary_dim/2]
-    angles = angles.repeat_interleave(2, dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    angles = (positions.to(torch.float32)[..., None] * inv_freq).repeat_interleave(2, dim=-1)  # [B, T, rotary_dim]
+    cos = F.pad(angles.cos(), (0, head_dim - rotary_dim), value=1.0)
+    sin = F.pad(angles.sin(), (0, head_dim - rotary_dim), value=0.0)
+    return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2i], x[2i+1]) of the first rotary dims; the rest pass through."""
-    rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    pairs = x_rot.unflatten(-1, (-1, 2))
-    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    x_rot = x_rot * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
-    return torch.cat((x_rot, x_pass), dim=-1)
+    """Rotate the adjacent pairs (x[2i], x[2i+1]): x * cos + rotate_every_two(x) * sin."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -166,7 +168,7 @@ class GPTJ(nn.Module):
         x = self.transformer.wte(input_ids)
         compute_dtype = self.transformer.ln_f.weight.dtype
         x = x.to(compute_dtype)
-        cos, sin = rotary_tables(positions, self.config.rotary_dim)
+        cos, sin = rotary_tables(positions, self.config.rotary_dim, self.config.head_dim, compute_dtype)
         view = cache.view(positions, rows) if cache is not None else None
         for block in self.transformer.h:
             x = block(x, cos, sin, cache, view)

@@ -103,18 +103,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, 1, T, head_dim]: frequency i serves dims i and i + head_dim/2."""
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, T, head_dim] in `dtype`: frequency i serves dims i and i + head_dim/2."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # [B, T, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated_half = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+    return x * cos + rotated_half * sin
 
 
 class Attention(nn.Module):
@@ -219,7 +219,7 @@ class Llama(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
-        cos, sin = rotary_tables(positions, cfg.head_dim or cfg.hidden_size // cfg.n_head, cfg.rope_theta)
+        cos, sin = rotary_tables(positions, cfg.head_dim or cfg.hidden_size // cfg.n_head, cfg.rope_theta, x.dtype)
         view = cache.view(positions, rows) if cache is not None else None
         for block in self.model.layers:
             x = block(x, cos, sin, cache, view)
