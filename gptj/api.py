@@ -8,7 +8,7 @@ from dataclasses import fields
 import torch
 
 from gptj.engine import Completion, Engine, RequestHandle
-from gptj.loading import ModelInfo, load_model
+from gptj.loading import ModelInfo, load_model, parse_size
 from gptj.sampling import InvalidRequest, SamplingParams
 from gptj.tokenizer import Tokenizer
 
@@ -28,7 +28,8 @@ def sampling_params(**settings: object) -> SamplingParams:
 
 class Model:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo, max_batch: int = 1,
-                 context_length: int | None = None) -> None:
+                 context_length: int | None = None, prefix_cache: bool = True,
+                 prefix_cache_bytes: int = 512 << 20) -> None:
         self.module = model
         self.tokenizer = tokenizer
         self.info = info
@@ -47,6 +48,8 @@ class Model:
             kv_dtype=kv_dtype,
             banned_token_ids=banned,
             eos_token_ids=end_ids,
+            prefix_cache=prefix_cache,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
 
     @property
@@ -113,10 +116,15 @@ def load(
     context_length: int | None = None,
     progress: bool | None = None,
     device: str | torch.device | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_bytes: int | str = 512 << 20,
 ) -> Model:
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
     `quantize` is None, "bf16", "int8" or "int4". `device`: "cpu" (None), "cuda", "cuda:N", or "auto"
-    (CUDA when torch sees a GPU); weights and the KV cache go there."""
+    (CUDA when torch sees a GPU); weights and the KV cache go there. `prefix_cache` reuses the
+    keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond
+    the cache rows in use (e.g. "1GB")."""
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
-    return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length)
+    return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length,
+                 prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0)

@@ -55,6 +55,7 @@ def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
         context_length=args.context_length,
         max_batch=max_batch,
         device=getattr(args, "device", None),
+        prefix_cache_bytes=getattr(args, "prefix_cache", "512MB"),
     )
 
 
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--parallel", type=int, default=4, help="requests decoded together (continuous batching)")
+    p.add_argument("--prefix-cache", default="1GB", help="memory for keys/values of earlier prompts that later ones share (0 turns it off)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; past it: 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")

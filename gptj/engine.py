@@ -21,6 +21,7 @@ import torch
 
 from gptj.device import module_device
 from gptj.kv_cache import KVCache
+from gptj.prefix_cache import PrefixStore, common_prefix
 from gptj.sampling import InvalidRequest, SamplingParams, apply_penalties, choose_token
 from gptj.tokenizer import StreamDecoder, Tokenizer
 
@@ -55,6 +56,9 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
+
+
+MIN_STORED_TOKENS = 32  # shorter prefixes are cheaper to recompute than to keep
 
 
 class StopMatcher:
@@ -156,6 +160,8 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         prefill_chunk: int = 512,
         max_queue: int = 64,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int = 512 << 20,
     ) -> None:
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
@@ -168,6 +174,10 @@ class Engine:
         self.cache: KVCache | None = None  # allocated on first use
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each row holds
         self.row_last_used = [0.0] * max_batch
+        # Prefix caching: rows keep their tokens for later requests (when enabled), and what a
+        # row held moves to the store when another request takes the row.
+        self.prefix_cache = prefix_cache
+        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache and prefix_cache_bytes > 0 else None
         self.active: list[_Request] = []
         self.waiting: queue.Queue[_Request] = queue.Queue()
         self.lock = threading.Lock()
@@ -344,20 +354,28 @@ class Engine:
             self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim, self.kv_dtype, self.device)
         busy = {a.row for a in self.active}
         free = [i for i in range(self.max_batch) if i not in busy]
-
-        def shared(row: int) -> int:
-            n = 0
-            for a, b in zip(self.row_tokens[row], r.prompt_ids, strict=False):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        best = max(free, key=lambda row: (shared(row), -self.row_last_used[row]))
+        prompt = r.prompt_ids
+        if not self.prefix_cache:
+            row = min(free, key=lambda i: self.row_last_used[i])
+            r.row, r.prefilled, r.cached, self.row_tokens[row] = row, 0, 0, []
+            return
+        row = max(free, key=lambda i: (common_prefix(self.row_tokens[i], prompt), -self.row_last_used[i]))
+        shared = common_prefix(self.row_tokens[row], prompt)
+        store_key, store_shared = self.prefix_store.best(prompt) if self.prefix_store else (None, 0)
+        held = self.row_tokens[row]
+        if self.prefix_store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
+            # This request overwrites what the row holds: keep it for a later request.
+            n = len(held)
+            self.prefix_store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+        if store_key is not None and store_shared > shared:
+            k, v = self.prefix_store.get(store_key)
+            self.cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]
+            self.cache.v[:, row, :, :store_shared] = v[:, :, :store_shared]
+            shared = store_shared
         # The last prompt token is always recomputed: its logits pick the first new token.
-        reuse = min(shared(best), len(r.prompt_ids) - 1)
-        r.row, r.prefilled, r.cached = best, reuse, reuse
-        self.row_tokens[best] = r.prompt_ids[:reuse]
+        reuse = min(shared, len(prompt) - 1)
+        r.row, r.prefilled, r.cached = row, reuse, reuse
+        self.row_tokens[row] = prompt[:reuse]
         self.stats["cached_prompt_tokens"] += reuse
 
     def _step(self) -> None:

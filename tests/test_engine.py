@@ -203,3 +203,39 @@ def test_cancel_stops_a_request(tiny: gptj.Model) -> None:
     result = handle.result()
     assert result.finish_reason == "cancelled"
     assert len(result.tokens) < 100
+
+
+def test_prefix_store_keeps_a_displaced_conversation(tiny_dir: Path) -> None:
+    """One cache row, two conversations taking turns: each turn finds its earlier prefix in the
+    store (LRU, bounded in bytes), and greedy results equal those without any cache."""
+    cached = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1)
+    plain = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1, prefix_cache=False)
+    a = "You: " + "tell me about the sea and the sky " * 6 + "\nGPT-J:"
+    b = "You: " + "what is the weather like in the hills " * 6 + "\nGPT-J:"
+    settings = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    for prompt in (a, b):
+        cached.generate(prompt, **settings)
+    again = cached.generate(a + " more", **settings)  # a's row was taken by b: served from the store
+    assert again.cached_prompt_tokens >= len(cached.tokenizer.encode(a)) - 1
+    assert cached.engine.prefix_store.hits == 1
+    assert again.tokens == plain.generate(a + " more", **settings).tokens
+    assert plain.generate(a + " more", **settings).cached_prompt_tokens == 0
+
+
+def test_prefix_store_is_bounded_and_evicts_least_recently_used() -> None:
+    from gptj.prefix_cache import PrefixStore
+
+    def kv(n: int) -> torch.Tensor:
+        return torch.zeros(2, 1, n, 4)  # 2 layers, 1 head, n tokens, 4 dims: 32 bytes a token each for k and v
+
+    store = PrefixStore(max_bytes=64 * 10 * 2)
+    store.put([1] * 10, kv(10), kv(10))
+    store.put([2] * 10, kv(10), kv(10))
+    assert len(store) == 2 and store.nbytes == 2 * 640
+    store.get(tuple([1] * 10))  # 1 is now the most recently used
+    store.put([3] * 10, kv(10), kv(10))  # no room: 2 goes
+    assert store.best([2] * 10) == (None, 0)
+    assert store.best([1] * 12)[1] == 10 and store.best([3, 3, 4])[1] == 2
+    store.put([1] * 10 + [5], kv(11), kv(11))  # extends entry 1: replaces it
+    assert store.best([1] * 10)[0] == tuple([1] * 10 + [5])
+    assert store.nbytes <= store.max_bytes

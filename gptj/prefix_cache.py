@@ -1,0 +1,66 @@
+"""Keys and values of earlier prompts, kept for later requests that start the same way.
+
+The engine's cache rows already keep what their last request left there; when a row is taken
+by a request with another prefix, what it held moves here first (if it is worth keeping).
+The store is bounded in bytes and drops the least recently used entry first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixStore:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def best(self, prompt: Sequence[int]) -> tuple[tuple[int, ...] | None, int]:
+        """The entry sharing the longest prefix with `prompt`, and that length."""
+        best_key, best_len = None, 0
+        for key in self.entries:
+            n = common_prefix(key, prompt)
+            if n > best_len:
+                best_key, best_len = key, n
+        return best_key, best_len
+
+    def get(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return self.entries[key]
+
+    def put(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keeps k, v ([layers, heads, len(tokens), head_dim]) for `tokens`, evicting the least
+        recently used entries to stay within max_bytes. Entries that are prefixes of the new
+        one are dropped: the new one serves them too."""
+        size = (k.numel() * k.element_size()) * 2
+        if size > self.max_bytes:
+            return
+        key = tuple(tokens)
+        for other in [e for e in self.entries if len(e) <= len(key) and key[: len(e)] == e]:
+            self._drop(other)
+        while self.entries and self.nbytes + size > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+        self.entries[key] = (k, v)
+        self.nbytes += size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        k, v = self.entries.pop(key)
+        self.nbytes -= (k.numel() * k.element_size()) * 2
