@@ -10,9 +10,11 @@ first when nothing matches).
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -286,6 +288,9 @@ class Engine:
                 self.stopping = False
                 self.thread = threading.Thread(target=self._run, name="gptj-engine", daemon=True)
                 self.thread.start()
+                # Stop the worker before the interpreter tears torch down: a thread killed
+                # inside torch at exit aborts the process ("terminate called ...").
+                atexit.register(_stop_at_exit, weakref.ref(self))
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -515,6 +520,17 @@ class Engine:
                 error=error,
             )
         )
+
+
+def _stop_at_exit(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is None or engine.thread is None or not engine.thread.is_alive():
+        return
+    engine.stopping = True
+    for r in list(engine.active):
+        r.cancelled = True
+    engine.waiting.put(None)  # type: ignore[arg-type]  # wakes a worker waiting for requests
+    engine.thread.join(timeout=5)
 
 
 class QueueFull(RuntimeError):
