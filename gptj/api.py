@@ -72,19 +72,24 @@ class Model:
             return self.tokenizer.encode(prompt, allow_special=True)
         return list(prompt)
 
-    def submit(self, prompt: str | Sequence[int], **settings: object) -> RequestHandle:
+    def submit(self, prompt: str | Sequence[int], preset: str | None = None, **settings: object) -> RequestHandle:
+        if preset is not None:  # the preset's template around the prompt, its settings under ours
+            from gptj.presets import apply_preset
+
+            prompt, settings = apply_preset(preset, str(prompt), settings)
         return self.engine.submit(self.encode_prompt(prompt), sampling_params(**settings))
 
     def generate(self, prompt: str | Sequence[int], **settings: object) -> Completion:
         """Generate a continuation. Settings: max_new_tokens, temperature, top_p, top_k, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, stop_token_ids, seed,
-        ignore_eos, logprobs, truncate_prompt."""
+        ignore_eos, logprobs, truncate_prompt; `preset="translation"` (see gptj.presets) puts the
+        prompt into that preset's template and takes its settings where none are given."""
         return self.submit(prompt, **settings).result()
 
     def stream(self, prompt: str | Sequence[int], **settings: object) -> Iterator[str]:
         """Yields text pieces as they are generated (never half a UTF-8 character, never part
         of a stop sequence). Closing the iterator early cancels the generation."""
-        handle = self.submit(prompt, **settings)
+        handle = self.submit(prompt, **settings)  # type: ignore[arg-type]
         try:
             for event in handle:
                 if event.text:

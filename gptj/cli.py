@@ -122,6 +122,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from gptj.presets import load_presets, user_preset_dir
+
+    presets, errors = load_presets()
+    if args.json:
+        print(json.dumps({"presets": [p.as_dict() for p in presets.values()], "errors": errors}, indent=2, ensure_ascii=False))
+        return 0
+    for p in presets.values():
+        print(f"{p.name:<14} {p.kind:<10} {p.source if p.source != 'built-in' else '(built-in)'}\n    {p.description}")
+    for e in errors:
+        print(f"skipped: {e}", file=sys.stderr)
+    print(f"\nyour own presets: JSON files in {user_preset_dir()}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptj.server import serve
 
@@ -207,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="gpt-j", help="gpt-j (default), gpt2, smollm2, or a model folder / .gguf")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("presets", help="list the presets (built-in and your own)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("models", help="list bundled, local and cached models")
     p.add_argument("--dir", action="append", default=None, help="also look in this folder (repeatable)")

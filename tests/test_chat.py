@@ -171,3 +171,21 @@ def test_user_presets_and_a_broken_one(tmp_path: Path) -> None:
     assert "broken" not in presets and "code" in presets
     assert any("broken.json" in e and "'settings'" in e and "temprature" in e for e in errors)
     assert any("notjson.json" in e for e in errors)
+
+
+def test_python_api_and_cli_use_user_presets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    folder = tmp_path / "gptj" / "presets"
+    folder.mkdir(parents=True)
+    (folder / "capital.json").write_text(json.dumps({
+        "description": "Capitals", "template": "The capital of {input} is", "settings": {"temperature": 0, "max_new_tokens": 4}, "stop": ["."],
+    }))
+    monkeypatch.setenv("GPTJ_CONFIG_DIR", str(tmp_path / "gptj"))
+    out = gptj.load().generate("France", preset="capital")
+    assert out.text.strip() == "Paris" and out.finish_reason == "stop"
+    env = {**__import__("os").environ, "GPTJ_CONFIG_DIR": str(tmp_path / "gptj")}
+    listing = subprocess.run([sys.executable, "-m", "gptj.cli", "presets", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    names = {p["name"]: p["source"] for p in json.loads(listing.stdout)["presets"]}
+    assert names["capital"].endswith("capital.json") and names["translation"] == "built-in"
