@@ -51,11 +51,11 @@ GROUP_SIZE = 128
 _QB = 128  # the kernel's activation block; int4 groups must equal it
 # Most rows that go through the decode kernel; above, dequantize + GEMM wins (measured, see the
 # module docstring). GPTJ_QUANT_DECODE_MAX_ROWS overrides.
-DECODE_MAX_ROWS = {"int8": 8, "int4": 8}
+DECODE_MAX_ROWS = {"int8": 32, "int4": 32}
 # Whether torch's _weight_int8pack_mm runs on a device type (learnt on first use).
 _GPU_INT8_MM: dict[str, bool] = {}
 # Prefill dequantizes at most this many bytes of weight at once (a reused buffer).
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -272,6 +272,10 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
         for (int r = 0; r < R; ++r) {
             vi w[QB / VB];
             for (int i = 0; i < QB / VB; ++i) w[i] = vi_load(W + r * K + b * QB + i * VB);
+            // prefetch the next tile (the rows that follow) into L2: one core's demand misses
+            // and the hardware prefetcher alone do not keep enough reads in flight
+            _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB), _MM_HINT_T1);
+            _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB + 64), _MM_HINT_T1);
             for (int m = 0; m < MT; ++m) {
                 vi d = vi_zero();
                 for (int i = 0; i < QB / VB; ++i) d = dot_s8s8(d, w[i], x[m][i]);
@@ -366,6 +370,7 @@ static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, cons
         for (int r = 0; r < R; ++r) {
             // 64 bytes hold 128 nibbles: low nibbles are values 0..63, high nibbles 64..127
             vi q[QB / VB];
+            _mm_prefetch((const char*)(W + R * (K / 2) + (g * R + r) * 64), _MM_HINT_T1);  // next tile
             for (int i = 0; i < 64 / VB; ++i) {
                 vi w = vi_load(W + r * (K / 2) + g * 64 + i * VB);
                 q[i] = vi_lo(w);
@@ -425,73 +430,90 @@ extern "C" void gq_linear_int4(const uint8_t* W, const uint16_t* sc, const uint8
 }
 
 // ---------------------------------------------------------------- dequantization (prefill)
-static inline void store_row(const float* src, void* dst, int64_t n, int bf16) {
+// Rows [n0, n1) of W into out [(n1-n0), K] as bf16 (bf16 != 0) or fp32, for a GEMM.
+static inline uint16_t to_bf16(float f) {  // round to nearest even
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static inline void put1(void* out, int64_t j, float v, int bf16) {
+    if (bf16)
+        ((uint16_t*)out)[j] = to_bf16(v);
+    else
+        ((float*)out)[j] = v;
+}
+#if GQ_ISA == 3
+#define DW 16
+typedef __m512 dv;
+static inline dv dv_set(float a) { return _mm512_set1_ps(a); }
+static inline dv dv_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+static inline __m512i du_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline dv dv_lo(__m512i b) { return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))); }
+static inline dv dv_hi(__m512i b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
+static inline void put(void* out, int64_t j, dv v, int bf16) {
     if (!bf16) {
-        memcpy(dst, src, n * sizeof(float));
+        _mm512_storeu_ps((float*)out + j, v);
         return;
     }
-    uint16_t* d = (uint16_t*)dst;
-    int64_t j = 0;
 #if defined(__AVX512BF16__)
-    for (; j + 16 <= n; j += 16) _mm256_storeu_si256((__m256i*)(d + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)out + j), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)out + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 #endif
-    for (; j + 8 <= n; j += 8) {  // round to nearest even
-        __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + j));
-        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-        r = _mm256_srli_epi32(r, 16);
-        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i*)(d + j), p);
+}
+#define dv_mul _mm512_mul_ps
+#define dv_fma _mm512_fmadd_ps
+#else
+#define DW 8
+typedef __m256 dv;
+static inline dv dv_set(float a) { return _mm256_set1_ps(a); }
+static inline dv dv_i8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+static inline __m256i du_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline dv dv_lo(__m256i b) { return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))); }
+static inline dv dv_hi(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)); }
+static inline void put(void* out, int64_t j, dv v, int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float*)out + j, v);
+        return;
     }
-    for (; j < n; ++j) {
-        uint32_t u;
-        memcpy(&u, src + j, 4);
-        d[j] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    __m256i u = _mm256_castps_si256(v);
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    u = _mm256_srli_epi32(u, 16);
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + j), _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+#define dv_mul _mm256_mul_ps
+#define dv_fma _mm256_fmadd_ps
+#endif
+
+extern "C" void gq_dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out,
+                                int bf16, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* wp = W + n * K;
+        void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+        const dv s = dv_set(ws[n]);
+        int64_t j = 0;
+        for (; j + DW <= K; j += DW) put(o, j, dv_mul(s, dv_i8(wp + j)), bf16);
+        for (; j < K; ++j) put1(o, j, ws[n] * wp[j], bf16);
     }
 }
 
-// rows [n0, n1) of W into out [(n1-n0), K], fp32 or bf16
-extern "C" void gq_dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        float buf[4096];
-#pragma omp for schedule(static)
-        for (int64_t n = n0; n < n1; ++n) {
-            const __m256 s = _mm256_set1_ps(ws[n]);
-            char* orow = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
-            for (int64_t k0 = 0; k0 < K; k0 += 4096) {
-                const int64_t kn = K - k0 < 4096 ? K - k0 : 4096;
-                const int8_t* wp = W + n * K + k0;
-                int64_t j = 0;
-                for (; j + 8 <= kn; j += 8)
-                    _mm256_storeu_ps(buf + j, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wp + j))))));
-                for (; j < kn; ++j) buf[j] = ws[n] * wp[j];
-                store_row(buf, orow + k0 * (bf16 ? 2 : 4), kn, bf16);
-            }
-        }
-    }
-}
-
-extern "C" void gq_dequant_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, int64_t n0, int64_t n1, int64_t K,
-                                void* out, int bf16, int nthreads) {
+extern "C" void gq_dequant_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, int64_t n0, int64_t n1,
+                                int64_t K, void* out, int bf16, int nthreads) {
     const int64_t ng = K / QB;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float buf[QB];
-#pragma omp for schedule(static)
-        for (int64_t n = n0; n < n1; ++n) {
-            char* orow = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
-            for (int64_t g = 0; g < ng; ++g) {
-                const float s = _cvtsh_ss(sc[n * ng + g]);
-                const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(-s * zp[n * ng + g]);
-                const uint8_t* wp = W + n * (K / 2) + g * 64;
-                for (int j = 0; j < 64; j += 8) {
-                    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wp + j)));
-                    __m256 l = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-                    __m256 h = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-                    _mm256_storeu_ps(buf + j, _mm256_fmadd_ps(l, vs, vb));
-                    _mm256_storeu_ps(buf + 64 + j, _mm256_fmadd_ps(h, vs, vb));
-                }
-                store_row(buf, orow + g * QB * (bf16 ? 2 : 4), QB, bf16);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; ++n) {
+        void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+        for (int64_t g = 0; g < ng; ++g) {
+            const float s = _cvtsh_ss(sc[n * ng + g]);
+            const dv vs = dv_set(s), vb = dv_set(-s * zp[n * ng + g]);
+            const uint8_t* wp = W + n * (K / 2) + g * 64;
+            for (int j = 0; j < 64; j += DW) {  // byte j: value j (low nibble), value j + 64 (high)
+                const auto b = du_u8(wp + j);
+                put(o, g * QB + j, dv_fma(dv_lo(b), vs, vb), bf16);
+                put(o, g * QB + 64 + j, dv_fma(dv_hi(b), vs, vb), bf16);
             }
         }
     }
@@ -720,7 +742,11 @@ class QuantizedLinear(nn.Module):
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         xt = x2.to(dt).contiguous()
         y = None
-        if self.mode == "int8" and x2.shape[0] <= DECODE_MAX_ROWS["int8"] and _GPU_INT8_MM.get(x.device.type, True):
+        if (
+            self.mode == "int8"
+            and x2.shape[0] <= DECODE_MAX_ROWS["int8"]
+            and _GPU_INT8_MM.get(x.device.type, True)
+        ):
             try:
                 y = torch._weight_int8pack_mm(xt, self.qweight, self.scales.to(dt))
             except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
@@ -743,10 +769,11 @@ class QuantizedLinear(nn.Module):
         if lib is not None and self._kernel_fits():
             y = self._native_gemv(lib, x2)
         elif self.mode == "int8":
-            xt = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-            y = torch._weight_int8pack_mm(xt.contiguous(), self.qweight, self.scales.to(xt.dtype))
+            # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here
+            xt = x2.to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(xt, self.qweight, self.scales.to(torch.bfloat16))
             if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+                y = y.float() if self.bias is None else y.float() + self.bias
         else:
             y = self._torch_int4_gemv(x2)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -782,11 +809,12 @@ class QuantizedLinear(nn.Module):
             )
             s = self.scales.float()
             zero = s * (8.0 - self.zeros.float())
-            self._int4pack = (packed, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous())
+            sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._int4pack = (packed, sz)
         packed, sz = self._int4pack
-        xt = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xt.contiguous(), packed, g, sz.to(xt.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        xt = x2.to(torch.bfloat16).contiguous()  # as for int8: far slower with float32
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xt, packed, g, sz)
+        return y.float() if self.bias is None else y.float() + self.bias
 
     def forward_prefill(self, x: Tensor) -> Tensor:
         """The GEMM path: dequantize a chunk of rows at a time into a reused buffer."""
@@ -851,7 +879,8 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) 
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         return new
-    return QuantizedLinear.from_weight(linear.weight, linear.bias, mode, group_size)
+    # quantize_weight works on the CPU; the layer goes back where the original lived
+    return QuantizedLinear.from_weight(linear.weight, linear.bias, mode, group_size).to(linear.weight.device)
 
 
 def quantize_model(model: nn.Module, mode: str, skip: Callable[[str], bool] | None = None) -> nn.Module:
