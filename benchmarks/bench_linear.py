@@ -1,6 +1,6 @@
 """Batch-1 decode and 512-row prefill speed of every Linear kernel candidate on this CPU.
 
-    .venv/bin/python benchmarks/bench_linear.py [--quick] [--model]
+    .venv/bin/python benchmarks/bench_linear.py [--quick] [--model | --model-only]
 
 For each GPT-J shape (out x in) and M in {1, 512} it prints ms per call and the effective weight
 bandwidth (weight bytes incl. scales / time), next to the machine's measured memory bandwidth.
@@ -184,6 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs, smaller working set")
     ap.add_argument("--model", action="store_true", help="also time the linear layers of a whole GPT-J-6B")
+    ap.add_argument("--model-only", action="store_true", help="only the whole-model timing")
     ap.add_argument("--working-set", type=float, default=1.0, help="GB of weight copies per candidate")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -194,8 +195,9 @@ def main() -> None:
         print(f"memory bandwidth, {name}: {gbs:.1f} GB/s")
     ws = 0.3e9 if args.quick else args.working_set * 1e9
     with torch.inference_mode():
-        bench_shapes([1, 512], ws, 0.2 if args.quick else 1.0)
-        if args.model:
+        if not args.model_only:
+            bench_shapes([1, 512], ws, 0.2 if args.quick else 1.0)
+        if args.model or args.model_only:
             bench_model(["int8", "int4"])
 
 

@@ -13,17 +13,19 @@ A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those bu
 ``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped ones
 stay mapped). The group size and mode follow from the shapes and dtypes.
 
-Kernels, chosen by measurement (benchmarks/bench_linear.py) on a 2-core AVX-512/AMX Xeon:
+Kernels, chosen by measurement (benchmarks/bench_linear.py) on a 2-core AVX-512/AMX Xeon VM
+whose two cores read memory at 21-31 GB/s:
 
 * decode (at most ``DECODE_MAX_ROWS`` rows): our own GEMV in C++, built with the system compiler
   on first use and cached under ~/.cache/gptj/kernels. It quantizes the activations to int8 per
-  block of 128 and runs an integer dot product (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), which
-  keeps the inner loop under memory bandwidth for int4 as well as int8; torch's int8/int4 GEMV
-  ops reach 20-25 GB/s. Without a compiler or AVX2, or for shapes it does not take, the torch
-  ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) serve instead.
+  block of 128 and runs an integer dot product (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), and
+  prefetches the next tile of rows into L2. At one row it streams int8 weights at 25-30 GB/s and
+  int4 at 23-26 GB/s, against 19-24 and 16-17 GB/s for torch's ``_weight_int8pack_mm`` and
+  ``_weight_int4pack_mm_for_cpu`` (with bf16 activations; float32 ones are 2-20x slower). Without
+  a compiler or AVX2, or for shapes it does not take, those torch ops serve instead.
 * prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
-  into a reused buffer, a chunk of rows at a time, and run a GEMM: the GEMV ops are 3x slower
-  than a bf16 GEMM at 512 rows.
+  into a reused buffer, in big chunks of rows, and run a GEMM (AMX here): 512 rows of a
+  16384x4096 layer take ~50 ms, against ~400-500 ms for the GEMV ops.
 """
 
 from __future__ import annotations
@@ -49,13 +51,16 @@ log = logging.getLogger(__name__)
 MODES = ("bf16", "int8", "int4")
 GROUP_SIZE = 128
 _QB = 128  # the kernel's activation block; int4 groups must equal it
-# Most rows that go through the decode kernel; above, dequantize + GEMM wins (measured, see the
-# module docstring). GPTJ_QUANT_DECODE_MAX_ROWS overrides.
+# Most rows that go through the decode kernel; above, dequantize + GEMM wins. Measured on
+# 16384x4096: the two cross at 48-56 rows for int8 and int4; 32 leaves a margin.
+# GPTJ_QUANT_DECODE_MAX_ROWS overrides.
 DECODE_MAX_ROWS = {"int8": 32, "int4": 32}
 # Whether torch's _weight_int8pack_mm runs on a device type (learnt on first use).
 _GPU_INT8_MM: dict[str, bool] = {}
-# Prefill dequantizes at most this many bytes of weight at once (a reused buffer).
-_CHUNK_BYTES = 16 << 20
+# Prefill dequantizes at most this many bytes of weight at once, into a reused per-thread
+# buffer. Big chunks measured best: GEMMs over fewer output rows (1-2k) ran up to 2x slower on
+# 2 threads; 128 MB holds any GPT-J layer but the lm_head (4 chunks) in one.
+_CHUNK_BYTES = 128 << 20
 
 
 # ---------------------------------------------------------------------------- quantization
