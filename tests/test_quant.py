@@ -79,6 +79,25 @@ def test_native_kernel_matches_torch_ops(mode: str, monkeypatch: pytest.MonkeyPa
     assert rel(ours, q.forward_decode(x)) < 0.015
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_native_quantizer_gives_the_torch_bytes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if quant.native_kernel() is None:
+        pytest.skip("no native kernel on this machine")
+    torch.manual_seed(1)
+    w = torch.randn(70, 576) * 0.02
+    w[0] = 0  # an all-zero row / group
+    w[1, :64] = 0
+    w[2, 3] = 1.0  # an outlier
+    for src in (w, w.to(torch.bfloat16)):
+        ours = quantize_weight(src, mode)
+        monkeypatch.setattr(quant, "native_kernel", lambda: None)
+        ref = quantize_weight(src, mode)
+        monkeypatch.undo()
+        assert ours.keys() == ref.keys()
+        for name in ours:
+            assert torch.equal(ours[name], ref[name]), name
+
+
 def _variant_flags() -> list[list[str]]:
     flags = quant._cpu_flags()
     variants = []
