@@ -8,7 +8,10 @@ quantized is quantized as it arrives.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ ARCHITECTURES = {"gptj": (GPTJ, GPTJConfig), "llama": (Llama, LlamaConfig)}
 QUANT_MODES = (None, "bf16", "int8", "int4")
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 GB = 1e9
+MADV_DONTNEED = 4  # Linux
+_UNMAPPED: set[int] = set()  # storages of checkpoint tensors that were not memory-mapped
 
 
 class ModelLoadError(ValueError):
@@ -132,11 +137,33 @@ def iter_tensors(files: list[Path], fmt: str) -> Iterator[tuple[str, torch.Tenso
                     if "mmap" not in str(exc):
                         raise
                     state = torch.load(f, map_location="cpu", weights_only=True)  # legacy format: no mmap
+                    # These tensors live in ordinary memory, where dropping pages would zero
+                    # them (and storages can be shared): mark them so none are released.
+                    for t in state.values():
+                        _UNMAPPED.add(t.untyped_storage().data_ptr())
                 yield from state.items()
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"weight file {f} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def release_mapped_pages(t: torch.Tensor) -> None:
+    """Drops the whole pages of a memory-mapped checkpoint tensor from this process once the
+    model holds its own copy: otherwise every page read stays resident until the file is
+    closed, and loading a 12 GB pickle would peak at the file's size plus the model's."""
+    if t.device.type != "cpu" or t.numel() == 0 or t.untyped_storage().data_ptr() in _UNMAPPED:
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def available_memory() -> int:
@@ -209,8 +236,12 @@ def fill(
     skip: Callable[[str], bool] = lambda _: False,
     progress: Callable[[int], None] | None = None,
     device: torch.device | str = "cpu",
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
-    """Moves checkpoint tensors into a meta-device model on `device`, checking names and shapes."""
+    """Moves checkpoint tensors into a meta-device model on `device`, checking names and shapes.
+
+    `release(t)` is called for each checkpoint tensor once the model holds a copy of it (or its
+    quantized form), so that memory-mapped pages leave the process as loading goes on."""
     targets = dict(model.named_parameters())
     modules = dict(model.named_modules())
     for name, tensor in tensors:
@@ -234,8 +265,14 @@ def fill(
 
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(modules[parent_name], child, quantize_linear(module, quantize).to(device))
+                if release:
+                    for p in module.parameters():
+                        release(p)
         else:
-            module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+            param = tensor.to(device=device, dtype=dtype).contiguous()
+            module._parameters[leaf] = nn.Parameter(param, requires_grad=False)
+            if release and param.data_ptr() != tensor.data_ptr():
+                release(tensor)
         if progress:
             progress(tensor.numel() * tensor.element_size())
     if getattr(model.config, "tie_word_embeddings", False):
@@ -306,7 +343,8 @@ def load_model(
         state = dict(tensors)
         install_quantized_layers(model, state)
         tensors, quantize = iter(state.items()), None
-    fill(model, tensors, dtype, quantize, skip, bar.update if bar else None, device)
+    release = release_mapped_pages if fmt == "pytorch" else None  # torch.load(mmap=True) maps the file
+    fill(model, tensors, dtype, quantize, skip, bar.update if bar else None, device, release)
     if device.type != "cpu":
         model.to(device)  # what fill did not place: the layers of a `gptj quantize` checkpoint
     if bar:
