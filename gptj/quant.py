@@ -19,13 +19,13 @@ whose two cores read memory at 21-31 GB/s:
 * decode (at most ``DECODE_MAX_ROWS`` rows): our own GEMV in C++, built with the system compiler
   on first use and cached under ~/.cache/gptj/kernels. It quantizes the activations to int8 per
   block of 128 and runs an integer dot product (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), and
-  prefetches the next tile of rows into L2. At one row it streams int8 weights at 25-30 GB/s and
-  int4 at 23-26 GB/s, against 19-24 and 16-17 GB/s for torch's ``_weight_int8pack_mm`` and
+  prefetches the next tile of rows into L2. At one row it streams int8 weights at 26-30 GB/s and
+  int4 at 23-26 GB/s, against 20-24 and 15-18 GB/s for torch's ``_weight_int8pack_mm`` and
   ``_weight_int4pack_mm_for_cpu`` (with bf16 activations; float32 ones are 2-20x slower). Without
   a compiler or AVX2, or for shapes it does not take, those torch ops serve instead.
 * prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
   into a reused buffer, in big chunks of rows, and run a GEMM (AMX here): 512 rows of a
-  16384x4096 layer take ~50 ms, against ~400-500 ms for the GEMV ops.
+  16384x4096 layer take ~55 ms (bf16 F.linear: ~45), against 410-440 ms for the torch GEMV ops.
 """
 
 from __future__ import annotations
