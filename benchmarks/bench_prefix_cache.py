@@ -46,11 +46,12 @@ def ttft_per_turn(model: gptj.Model, reply_tokens: int) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reply-tokens", type=int, default=24)
-    parser.add_argument("--gptj-6b", default=None, help="a GPT-J-6B-shaped checkpoint (quantized to int8 on load)")
+    parser.add_argument("--gptj-6b", default=None, help="a GPT-J-6B-shaped checkpoint made by `gptj quantize` (int8)")
+    parser.add_argument("--only-6b", action="store_true")
     args = parser.parse_args()
-    targets = [("SmolLM2-135M (bundled)", dict())]
+    targets = [("SmolLM2-135M (bundled)", dict())] if not args.only_6b else []
     if args.gptj_6b:
-        targets.append(("GPT-J-6B shape, int8", dict(name_or_path=args.gptj_6b, quantize="int8", context_length=2048)))
+        targets.append(("GPT-J-6B shape, int8", dict(name_or_path=args.gptj_6b, context_length=2048)))
     print("| model | prefix cache | " + " | ".join(f"turn {t} TTFT (s)" for t in TURNS) + " |")
     print("|---|---|" + "---:|" * len(TURNS))
     for label, kwargs in targets:
