@@ -7,19 +7,15 @@ example takes at most about a second however large a length it asks for."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, Phase, example, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from servers import running
 
 import gptj
 from gptj.server import create_app
@@ -30,27 +26,7 @@ EXAMPLES = int(os.environ.get("GPTJ_FUZZ_EXAMPLES", "15"))
 RANDOM = os.environ.get("GPTJ_FUZZ_RANDOM") == "1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:  # noqa: ANN001
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ end it by closing the connection, so nothing here depends on how fast the machin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
+from servers import free_port, running
 
 import gptj
 from gptj.engine import QueueFull, ShuttingDown
@@ -36,10 +34,6 @@ LONG = {"prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what: str, limit: float = 60.0) -> None:  # noqa: ANN001
@@ -48,22 +42,6 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:  # noqa: ANN001
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.02)
 
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:  # noqa: ANN001
-    """Serves `app` with uvicorn in a background thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: server.started or not thread.is_alive(), "the server started", 30)
-    assert thread.is_alive(), "the server did not start"
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:

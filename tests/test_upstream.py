@@ -4,21 +4,18 @@ process) for the paths a gptj upstream does not take, and one CLI run."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from servers import free_port, running
 
 import gptj
 from gptj.server import create_app
@@ -30,10 +27,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(url: str, headers: dict | None = None, alive=lambda: True) -> None:  # noqa: ANN001
@@ -47,21 +40,6 @@ def wait_until_up(url: str, headers: dict | None = None, alive=lambda: True) -> 
         assert alive() and time.monotonic() < deadline, f"{url} did not come up"
         time.sleep(0.05)
 
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:  # noqa: ANN001
-    """Serves `app` with uvicorn in a background thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{url}/openapi.json", alive=thread.is_alive)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
