@@ -444,8 +444,12 @@ class Engine:
         info_logprobs = r.params.logprobs is not None
         if info_logprobs:
             logprobs = logits.log_softmax(-1)
-        history = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long)
-        scores = apply_penalties(logits.clone(), r.params, history)
+        p = r.params
+        scores = logits
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            # Only penalties need the whole history: no per-token list copy otherwise.
+            history = torch.tensor(r.prompt_ids + r.generated, dtype=torch.long)
+            scores = apply_penalties(logits.clone(), p, history)
         try:
             token = choose_token(scores, r.params, r.generator)
         except RuntimeError:
