@@ -1,9 +1,13 @@
 """Batch-1 decode and 512-row prefill speed of every Linear kernel candidate on this CPU.
 
     .venv/bin/python benchmarks/bench_linear.py [--quick] [--model | --model-only]
+    .venv/bin/python benchmarks/bench_linear.py --decode [--rows 1 8]
 
 For each GPT-J shape (out x in) and M in {1, 512} it prints ms per call and the effective weight
 bandwidth (weight bytes incl. scales / time), next to the machine's measured memory bandwidth.
+--decode instead prints the decode table: the SmolLM2-135M and GPT-J-6B shapes at M = 1 and 8,
+our QuantizedLinear.forward_decode (int8, int4; "path" says whether our kernel or the torch-op
+fallback served) beside torch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu, in µs and GB/s.
 Each candidate cycles through enough copies of its weight to overflow the last-level cache, as
 a whole model does. --model also times the linear layers of a full GPT-J-6B step (28 layers +
 lm_head, random weights) for the int8 and int4 paths. Other processes on the machine inflate
@@ -14,6 +18,7 @@ bfloat16 activations (with float32 ones they are 2-20x slower); ours get float32
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from gptj import quant
 
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (out_features, in_features)
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q/o, k/v, up, down, lm_head
 GPTJ = {"d": 4096, "inner": 16384, "layers": 28, "vocab": 50400}
 
 
@@ -64,19 +70,19 @@ def copies(nbytes: int, working_set: float) -> int:
 
 def random_quantized(n: int, k: int, mode: str) -> quant.QuantizedLinear:
     """A QuantizedLinear with random buffers (quantizing real weights is slow and changes nothing)."""
-    if mode == "int8":
-        state = {
-            "qweight": torch.randint(-127, 128, (n, k), dtype=torch.int8),
-            "scales": torch.rand(n) * 1e-3,
-        }
-    else:
-        g = quant.GROUP_SIZE
-        state = {
-            "qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
-            "scales": (torch.rand(n, k // g) * 1e-3).half(),
-            "zeros": torch.randint(0, 16, (n, k // g), dtype=torch.uint8),
-        }
-    return quant.QuantizedLinear.from_state(state)
+    layer = quant.QuantizedLinear.empty(k, n, mode, bias=False)
+    for name, buf in layer.named_buffers():
+        if name == "qweight":
+            buf.random_(-127, 128) if mode == "int8" else buf.random_(0, 256)
+        elif buf.dtype == torch.uint8:  # integer zero points (older int4 format)
+            buf.random_(0, 16)
+        else:  # scales, mins
+            buf.copy_(torch.rand(buf.shape) * (1e-3 if name == "scales" else -1e-2))
+    return layer
+
+
+def weight_bytes(layer: quant.QuantizedLinear) -> int:
+    return sum(b.nbytes for b in layer.buffers())
 
 
 def candidates(n: int, k: int) -> dict[str, tuple[int, Callable[[], Callable[[torch.Tensor], torch.Tensor]]]]:
@@ -151,6 +157,55 @@ def bench_shapes(rows: list[int], working_set: float, min_s: float) -> None:
             del fns_layers
 
 
+def decode_candidates(n: int, k: int) -> dict[str, tuple[str, int, Callable[[], Callable[[torch.Tensor], object]]]]:
+    """name -> (path, weight bytes, factory of a fresh layer's forward(x)) for the decode table.
+
+    Each factory copies one random layer (filling fresh random weights is far slower)."""
+    g = 32 if k % 128 else 128  # torch's int4 op: our group size where it has one, else its usual 128
+    lib = quant.native_kernel()
+    layers = {mode: random_quantized(n, k, mode) for mode in ("int8", "int4")}
+    path = {mode: "kernel" if lib is not None and q._kernel_fits() else "torch op" for mode, q in layers.items()}
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n, dtype=torch.bfloat16)
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+    sz4 = torch.rand(k // g, n, 2, dtype=torch.bfloat16)
+
+    def ours(mode: str) -> Callable[[], Callable[[torch.Tensor], object]]:
+        return lambda: copy.deepcopy(layers[mode]).forward_decode
+
+    def int8pack() -> Callable[[torch.Tensor], object]:
+        w, s = w8.clone(), s8.clone()
+        return lambda x: torch._weight_int8pack_mm(x.to(torch.bfloat16), w, s)
+
+    def int4pack() -> Callable[[torch.Tensor], object]:
+        w, sz = w4.clone(), sz4.clone()
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, g, sz)
+
+    return {
+        "ours int8": (path["int8"], weight_bytes(layers["int8"]), ours("int8")),
+        "torch _weight_int8pack_mm": ("bf16 x", n * k + 2 * n, int8pack),
+        "ours int4": (path["int4"], weight_bytes(layers["int4"]), ours("int4")),
+        f"torch _weight_int4pack_mm g{g}": ("bf16 x", n * k // 2 + 4 * n * k // g, int4pack),
+    }
+
+
+def bench_decode(rows: list[int], working_set: float, min_s: float) -> None:
+    """The decode table: every SmolLM2 and GPT-J shape, ours beside torch's ops, M in `rows`."""
+    print("\n| shape (out x in) | kernel | path | M | best µs | median µs | GB/s |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for n, k in SMOLLM2_SHAPES + SHAPES:
+        for name, (path, nbytes, make) in decode_candidates(n, k).items():
+            reps = max(1, min(4096, int(working_set // nbytes) + 1))
+            layers = [make() for _ in range(reps)]
+            for m in rows:
+                x = torch.randn(m, k)
+                fns = [lambda f=f, x=x: f(x) for f in layers]
+                best, med = timeit(fns, min_calls=max(20, 2 * reps), min_s=min_s)
+                print(f"| {n}x{k} | {name} | {path} | {m} | {best * 1e6:.1f} | {med * 1e6:.1f} | "
+                      f"{nbytes / best / 1e9:.1f} |", flush=True)  # fmt: skip
+            del layers
+
+
 def step(model: list[quant.QuantizedLinear], rows: int) -> None:
     inputs = {k: torch.randn(rows, k) for k in {layer.in_features for layer in model}}
     for layer in model:
@@ -165,12 +220,7 @@ def bench_model(modes: list[str]) -> None:
     for mode in modes:
         model = [random_quantized(n, k, mode) for _ in range(layers) for n, k in shapes]
         model.append(random_quantized(vocab, d, mode))
-        gb = (
-            sum(
-                m.qweight.nbytes + m.scales.nbytes + getattr(m, "zeros", torch.empty(0)).nbytes for m in model
-            )
-            / 1e9
-        )
+        gb = sum(weight_bytes(m) for m in model) / 1e9
 
         best, med = timeit([partial(step, model, 1)], 8, 3.0)
         print(f"  {mode}: {gb:.2f} GB of weights; decode {best * 1e3:.1f} ms/token (median {med * 1e3:.1f}),"
@@ -186,6 +236,8 @@ def main() -> None:
     ap.add_argument("--model", action="store_true", help="also time the linear layers of a whole GPT-J-6B")
     ap.add_argument("--model-only", action="store_true", help="only the whole-model timing")
     ap.add_argument("--working-set", type=float, default=1.0, help="GB of weight copies per candidate")
+    ap.add_argument("--decode", action="store_true", help="only the decode table (SmolLM2 and GPT-J shapes)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="M for --decode")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
@@ -195,6 +247,9 @@ def main() -> None:
         print(f"memory bandwidth, {name}: {gbs:.1f} GB/s")
     ws = 0.3e9 if args.quick else args.working_set * 1e9
     with torch.inference_mode():
+        if args.decode:
+            bench_decode(args.rows, ws, 0.2 if args.quick else 0.5)
+            return
         if not args.model_only:
             bench_shapes([1, 512], ws, 0.2 if args.quick else 1.0)
         if args.model or args.model_only:
