@@ -103,7 +103,8 @@ class Model:
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         if ids.shape[1] == 0 or ids.shape[1] > self.config.context_length:
             raise InvalidRequest("token_ids", f"need 1 to {self.config.context_length} tokens, got {ids.shape[1]}")
-        return self.module(ids)[0].cpu()
+        # in the engine's driving thread, between steps: torch work stays in one thread
+        return self.engine.call(lambda: self.module(ids)[0].cpu())
 
     def __repr__(self) -> str:
         i = self.info
@@ -131,5 +132,6 @@ def load(
     keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond
     the cache rows in use (e.g. "1GB")."""
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
+    module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)
     return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length,
                  prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0)

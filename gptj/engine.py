@@ -1,6 +1,15 @@
 """The one generation engine behind the CLI, the Python API and the server.
 
-A single worker thread owns the model and the KV cache. Requests join and leave a running
+One thread at a time drives the model and the KV cache, a step at a time. Without a server,
+whoever waits for a result drives: `model.generate()` steps the engine in the caller's own
+thread. A server has a driver that runs for as long as it serves (`gptj serve`: the main
+thread; an app made in Python: a background thread). Why not always a worker thread: torch's
+OpenMP runtime (libgomp) keeps a thread pool per thread that runs parallel ops, and once two
+such pools exist on this 2-core machine it stops spinning between ops and sleeps instead;
+every op then pays a wake-up, and decode ran ~60% slower in a worker than in the thread that
+had loaded the model. Loading, stepping and `model.logits()` in one thread keep one pool.
+
+Requests join and leave a running
 batch at every step (continuous batching): a newcomer's prompt is prefilled in chunks between
 decode steps, so it does not stall the others for long. Each cache row keeps the tokens it
 holds after its request ends; a new request takes the free row that shares the longest prefix
@@ -16,8 +25,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -94,16 +105,26 @@ class StopMatcher:
 
 
 class RequestHandle:
-    """A submitted request: iterate it for StreamEvents, or call result()."""
+    """A submitted request: iterate it for StreamEvents, or call result(). Without a driver
+    thread, iterating drives the engine (every running request advances, not just this one)."""
 
-    def __init__(self, request: _Request) -> None:
+    def __init__(self, request: _Request, engine: Engine | None = None) -> None:
         self._request = request
         self._events: queue.Queue = request.events
+        self._engine = engine
         self._completion: Completion | None = None
 
     def __iter__(self) -> Iterator[StreamEvent]:
         while self._completion is None:
-            item = self._events.get()
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                if self._engine is not None and self._engine.drive_once():
+                    continue
+                try:  # another thread drives: its steps fill our queue
+                    item = self._events.get(timeout=0.01)
+                except queue.Empty:
+                    continue
             if isinstance(item, Completion):
                 self._completion = item
                 return
@@ -183,7 +204,10 @@ class Engine:
         self.active: list[_Request] = []
         self.waiting: queue.Queue[_Request] = queue.Queue()
         self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+        self.drive_lock = threading.Lock()  # held for each step: one thread drives at a time
+        self.driver: threading.Thread | None = None  # a thread in run(): it alone drives
+        self.thread: threading.Thread | None = None  # the background driver, when started
+        self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()  # for call()
         self.stopping = False
         self.draining = False  # shutting down: new requests are refused
         self.in_flight = 0  # submitted and not finished (the batch plus the queue), under `lock`
@@ -237,8 +261,7 @@ class Engine:
                 raise QueueFull(self.max_queue)
             self.in_flight += 1
         self.waiting.put(request)
-        self._ensure_worker()
-        return RequestHandle(request)
+        return RequestHandle(request, self)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         return self.submit(prompt_ids, params).result()
@@ -268,44 +291,118 @@ class Engine:
         try:
             end = time.monotonic() + grace
             while self.in_flight and time.monotonic() < end:
-                time.sleep(0.02)
+                if not self.drive_once():
+                    time.sleep(0.02)
             self.stopping = True
-            self.waiting.put(None)  # type: ignore[arg-type]  # wakes the worker
-            thread = self.thread
-            if thread:
-                thread.join(timeout=30)
-            if not (thread and thread.is_alive()):
-                self._end_all("shutdown")  # a worker that never ran leaves nothing; this is a guard
+            self.waiting.put(None)  # type: ignore[arg-type]  # wakes a driver waiting for requests
+            end = time.monotonic() + 30
+            while self._driven_elsewhere() and time.monotonic() < end:
+                time.sleep(0.01)  # run() ends requests that are left and lets go of the engine
+            if not self._driven_elsewhere():
+                with self.drive_lock:
+                    self._end_all("shutdown")
         finally:
             with self.lock:
                 self.draining = False
-
-    # ---- the worker ---------------------------------------------------------------------------
-
-    def _ensure_worker(self) -> None:
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
                 self.stopping = False
-                self.thread = threading.Thread(target=self._run, name="gptj-engine", daemon=True)
-                self.thread.start()
-                # Stop the worker before the interpreter tears torch down: a thread killed
-                # inside torch at exit aborts the process ("terminate called ...").
-                atexit.register(_stop_at_exit, weakref.ref(self))
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self.stopping:
+    # ---- driving ------------------------------------------------------------------------------
+
+    def _driven_elsewhere(self) -> bool:
+        driver = self.driver
+        return driver is not None and driver.is_alive() and driver is not threading.current_thread()
+
+    def drive_once(self) -> bool:
+        """One step in the calling thread, unless a driver thread runs or another thread is
+        stepping (then False: the caller waits for its events instead)."""
+        if self._driven_elsewhere():
+            return False
+        if not self.drive_lock.acquire(blocking=False):
+            return False
+        try:
+            with torch.no_grad():
+                self._run_calls()
+                self._admit(block=False)
+                self._step_safely()
+        finally:
+            self.drive_lock.release()
+        return True
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Drives the engine in this thread until shutdown() (or stop()): `gptj serve` runs it in
+        the main thread, start_background() in a thread of its own. `on_ready` is called once
+        this thread is the driver (e.g. to start the web server that submits requests)."""
+        with self.lock:
+            if self.driver is not None and self.driver.is_alive() and self.driver is not threading.current_thread():
+                raise RuntimeError("the engine already has a driver thread")
+            self.driver = threading.current_thread()
+        try:
+            if on_ready is not None:
+                on_ready()
+            with torch.no_grad():
+                while not self.stopping:
+                    with self.drive_lock:
+                        self._run_calls()
+                        self._admit(block=not self.active)
+                        if self.stopping:
+                            break
+                        self._step_safely()
+                with self.drive_lock:
+                    self._end_all("shutdown")
+        finally:
+            with self.lock:
+                self.driver = None
+
+    def start_background(self) -> None:
+        """Starts a thread that drives the engine (for servers made in Python), unless one runs."""
+        with self.lock:
+            if self.driver is not None and self.driver.is_alive():
+                return
+            self.stopping = False
+            self.thread = threading.Thread(target=self.run, name="gptj-engine", daemon=True)
+            # set here, not in run(): a submit right after this call must not drive too
+            self.driver = self.thread
+            self.thread.start()
+            # Stop the thread before the interpreter tears torch down: a thread killed inside
+            # torch at exit aborts the process ("terminate called ...").
+            atexit.register(_stop_at_exit, weakref.ref(self))
+
+    def stop(self) -> None:
+        """Makes run() return after its current step (running requests end with "shutdown")."""
+        self.stopping = True
+        self.waiting.put(None)  # type: ignore[arg-type]
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` (a forward pass outside generation, e.g. Model.logits) in the driving
+        thread between steps, so that torch work stays in one thread; returns its result."""
+        if not self._driven_elsewhere():
+            with self.drive_lock, torch.no_grad():
+                return fn()
+        future: Future = Future()
+        self.calls.put((fn, future))
+        self.waiting.put(None)  # type: ignore[arg-type]  # wakes a driver waiting for requests
+        return future.result()
+
+    def _run_calls(self) -> None:
+        while True:
             try:
-                self._admit()
-                if self.stopping:
-                    break
-                self._step()
-            except Exception as exc:  # never let one bad step kill the server: fail the batch
-                for r in self.active:
-                    self.row_tokens[r.row] = []  # what the row's cache holds is unknown now
-                    self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
-                self.active.clear()
-        self._end_all("shutdown")
+                fn, future = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # the caller gets it
+                    future.set_exception(exc)
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # never let one bad step kill the server: fail the batch
+            for r in self.active:
+                self.row_tokens[r.row] = []  # what the row's cache holds is unknown now
+                self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+            self.active.clear()
 
     def _end_all(self, reason: str) -> None:
         """Ends every running and waiting request, so that no client waits for ever."""
@@ -330,8 +427,7 @@ class Engine:
         for r in gone:
             self._finish(r, "cancelled" if r.cancelled else "timeout")
 
-    def _admit(self) -> None:
-        block = not self.active
+    def _admit(self, block: bool) -> None:
         while len(self.active) < self.max_batch:
             try:
                 request = self.waiting.get(block=block)

@@ -431,6 +431,8 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     # ---- generation core ----
 
     def submit_all(prompt_ids: list[int], settings: dict, n: int, logprobs: int | None) -> list[RequestHandle]:
+        # The handlers wait without driving: a thread must (`gptj serve` runs it in the main thread).
+        model.engine.start_background()
         handles = []
         for i in range(n):
             s = dict(settings)
@@ -735,32 +737,46 @@ def serve(args) -> int:  # noqa: ANN001
 
         threading.Timer(1.0, lambda: webbrowser.open(url)).start()
 
-    draining = threading.Thread(target=model.engine.shutdown, kwargs={"grace": grace}, name="gptj-shutdown", daemon=True)
+    engine = model.engine
+    draining = threading.Thread(target=engine.shutdown, kwargs={"grace": grace}, name="gptj-shutdown", daemon=True)
+    # Uvicorn's own limit only backs up the engine's: it cancels what is still open then.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=grace + 10)
+    server = uvicorn.Server(config)
+    failed = []
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
-            super().handle_exit(sig, frame)
-            # Uvicorn stops accepting connections and waits for the open ones; the engine lets
-            # their requests finish within the grace period, then ends them, which closes them.
-            if not draining.is_alive() and not draining.ident:
-                print("gptj: shutting down (running requests get "
-                      f"{grace:g} s to finish; Ctrl-C again to quit at once)", flush=True)
-                draining.start()
+    def run_http() -> None:
+        # Uvicorn runs in this thread (it takes no signals here); the main thread drives the
+        # engine, the thread that loaded the model (see gptj.engine on why one thread).
+        try:
+            server.run()
+        except BaseException as exc:  # a port in use ends in SystemExit
+            failed.append(exc)
+        finally:
+            if not server.started or not draining.ident:
+                engine.stop()  # the server is gone: stop driving
 
-    # Uvicorn re-raises the signal it caught once it has stopped, to the handler it found: let
-    # that be a no-op, so a graceful shutdown exits with status 0 instead of dying of SIGTERM.
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=run_http, name="gptj-http", daemon=True)
+
+    def handle_exit(sig: int, frame) -> None:  # noqa: ANN001
+        if draining.ident:  # a second Ctrl-C: quit at once
+            server.force_exit = True
+            engine.stop()
+            return
+        # Uvicorn stops accepting connections and waits for the open ones; the engine lets
+        # their requests finish within the grace period, then ends them, which closes them.
+        print(f"gptj: shutting down (running requests get {grace:g} s to finish; Ctrl-C again to quit at once)",
+              flush=True)
+        server.should_exit = True
+        draining.start()
+
+    previous = {sig: signal.signal(sig, handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # Uvicorn's own limit only backs up the engine's: it cancels what is still open then.
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=grace + 10)
-        server = Server(config)
-        server.run()
+        engine.run(on_ready=http.start)
+        http.join(timeout=grace + 15)
         if draining.ident:
-            draining.join(timeout=0 if server.force_exit else None)
-        else:
-            model.engine.shutdown(grace=grace)
+            draining.join(timeout=0 if server.force_exit else 30)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 1 if failed and not server.started else 0
