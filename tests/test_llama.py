@@ -55,9 +55,12 @@ def make_pair(kw: dict, seed: int = 0) -> tuple[LlamaForCausalLM, Llama]:
     return ref, ours
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["hf-layout", "fused"])
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_prefill_and_cached_decode_match_transformers(kw: dict) -> None:
+def test_prefill_and_cached_decode_match_transformers(kw: dict, fused: bool) -> None:
     ref, ours = make_pair(kw)
+    if fused:  # what gptj.load serves: q/k/v (and gate/up) stacked into one layer
+        ours.fuse_projections()
     ids = torch.randint(0, kw["vocab_size"], (1, 12))
     with torch.no_grad():
         expected = ref(ids).logits

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.fusion import fuse_linears
 from gptj.kv_cache import CacheView, KVCache
 
 
@@ -86,6 +87,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one layer, after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -100,9 +106,13 @@ class Attention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, steps, self.n_head, self.head_dim).transpose(1, 2)
 
-        q = apply_rotary(heads(self.q_proj(h)), cos, sin)
-        k = apply_rotary(heads(self.k_proj(h)), cos, sin)
-        v = heads(self.v_proj(h))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(h).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = apply_rotary(heads(q), cos, sin)
+        k = apply_rotary(heads(k), cos, sin)
+        v = heads(v)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=steps > 1)
         else:
@@ -150,6 +160,12 @@ class GPTJ(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)  # biased, untied
+
+    def fuse_projections(self) -> None:
+        """Stacks q/k/v into one layer, for speed (see gptj.fusion); the state dict then no
+        longer has the Hugging Face names."""
+        for block in self.transformer.h:
+            block.attn.fuse_projections()
 
     def forward(
         self,

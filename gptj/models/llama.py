@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.fusion import fuse_linears
 from gptj.kv_cache import CacheView, KVCache
 
 
@@ -126,6 +127,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one layer, after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -140,9 +146,14 @@ class Attention(nn.Module):
         def heads(t: torch.Tensor, n: int) -> torch.Tensor:
             return t.view(batch, steps, n, self.head_dim).transpose(1, 2)
 
-        q = apply_rotary(heads(self.q_proj(h), self.n_head), cos, sin)
-        k = apply_rotary(heads(self.k_proj(h), self.n_kv_heads), cos, sin)
-        v = heads(self.v_proj(h), self.n_kv_heads)
+        if self.qkv_proj is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(h).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = apply_rotary(heads(q, self.n_head), cos, sin)
+        k = apply_rotary(heads(k, self.n_kv_heads), cos, sin)
+        v = heads(v, self.n_kv_heads)
         mask = None
         if cache is not None:
             k, v = cache.update(self.layer, view, k, v)
@@ -162,9 +173,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one layer, after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -202,6 +222,13 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
             self.register_load_state_dict_post_hook(_retie_lm_head)
+
+    def fuse_projections(self) -> None:
+        """Stacks q/k/v and gate/up into one layer each, for speed (see gptj.fusion); the
+        state dict then no longer has the Hugging Face names."""
+        for block in self.model.layers:
+            block.self_attn.fuse_projections()
+            block.mlp.fuse_projections()
 
     def forward(
         self,
