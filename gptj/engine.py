@@ -9,12 +9,11 @@ such pools exist on this 2-core machine it stops spinning between ops and sleeps
 every op then pays a wake-up, and decode ran ~60% slower in a worker than in the thread that
 had loaded the model. Loading, stepping and `model.logits()` in one thread keep one pool.
 
-Requests join and leave a running
-batch at every step (continuous batching): a newcomer's prompt is prefilled in chunks between
-decode steps, so it does not stall the others for long. Each cache row keeps the tokens it
-holds after its request ends; a new request takes the free row that shares the longest prefix
-with its prompt and skips prefilling that prefix (prefix caching, least recently used row
-first when nothing matches).
+Requests join and leave a running batch at every step (continuous batching): a newcomer's
+prompt is prefilled in chunks between decode steps, so it does not stall the others for long.
+Each cache row keeps the tokens it holds after its request ends; a new request takes the free
+row that shares the longest prefix with its prompt and skips prefilling that prefix (prefix
+caching, least recently used row first when nothing matches).
 """
 
 from __future__ import annotations
