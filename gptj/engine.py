@@ -448,10 +448,18 @@ class Engine:
                 continue
             self.active.append(request)
 
-    def _assign_row(self, r: _Request) -> None:
+    def allocate_cache(self) -> KVCache:
+        """The KV cache for `max_batch` rows of `context_length` tokens, allocated now if it is
+        not yet (a server does it at start: its memory is then in use before the first request,
+        and a machine without it fails at once, not on that request)."""
         if self.cache is None:
             cfg = self.model.config
-            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim, self.kv_dtype, self.device)
+            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim,
+                                 self.kv_dtype, self.device)  # fmt: skip
+        return self.cache
+
+    def _assign_row(self, r: _Request) -> None:
+        self.allocate_cache()
         busy = {a.row for a in self.active}
         free = [i for i in range(self.max_batch) if i not in busy]
         prompt = r.prompt_ids

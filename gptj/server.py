@@ -729,9 +729,11 @@ def serve(args) -> int:  # noqa: ANN001
     grace = max(0.0, getattr(args, "shutdown_grace", 10.0))
     model = load_model(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
+    cache = model.engine.allocate_cache()
     app = create_app(model, api_key=api_key, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None))
     url = f"http://{args.host}:{args.port}/"
-    print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}", flush=True)
+    print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}; "
+          f"KV cache {cache.nbytes / 2**20:.0f} MiB for {cache.n_rows} x {cache.max_len} tokens", flush=True)
     if args.open:
         import webbrowser
 
