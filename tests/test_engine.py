@@ -11,7 +11,7 @@ import torch
 import gptj
 from gptj.checkpoint import make_random_checkpoint
 from gptj.engine import StopMatcher
-from gptj.sampling import InvalidRequest, SamplingParams, filter_logits
+from gptj.sampling import InvalidRequest, SamplingParams, candidates, choose_token, filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,37 @@ PROMPT = "The quick brown fox"
 
 
 def kept(logits: list[float], **kw: object) -> set[int]:
-    out = filter_logits(torch.tensor(logits), SamplingParams(temperature=1.0, top_k=0, **kw))
-    return {i for i, v in enumerate(out.tolist()) if v != -math.inf}
+    params = SamplingParams(**{"temperature": 1.0, "top_k": 0, **kw})  # type: ignore[arg-type]
+    out = filter_logits(torch.tensor(logits), params)
+    masked = {i for i, v in enumerate(out.tolist()) if v != -math.inf}
+    assert set(candidates(torch.tensor(logits), params)[0].tolist()) == masked  # the sampler's set
+    return masked
+
+
+@pytest.mark.parametrize("settings", [
+    dict(top_k=40, top_p=0.95), dict(top_k=0, top_p=0.9), dict(top_k=0, top_p=1.0),
+    dict(top_k=0, top_p=0.999, temperature=2.0), dict(top_k=100, top_p=1.0, min_p=0.05), dict(top_k=5000, top_p=0.5),
+])
+def test_sampler_candidates_equal_masking_the_whole_vocabulary(settings: dict) -> None:
+    # What choose_token samples from (found without sorting 50k logits) is softmax(filter_logits).
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(50400, generator=gen) * 4  # peaked, like a language model's
+    params = SamplingParams(**{"temperature": 0.8, **settings})
+    expected = filter_logits(logits, params).softmax(-1)
+    ids, probs = candidates(logits, params)
+    got = torch.zeros_like(expected)
+    got[ids] = probs
+    assert set(ids.tolist()) == set(expected.nonzero().flatten().tolist())
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_sampler_draws_follow_the_distribution() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    draws = [choose_token(logits, params, gen) for _ in range(4000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4) / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03), freq
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
