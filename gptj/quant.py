@@ -843,11 +843,12 @@ class QuantizedLinear(nn.Module):
         if lib is not None and self._kernel_fits():
             y = self._native_gemv(lib, x2)
         elif self.mode == "int8":
-            # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here
-            xt = x2.to(torch.bfloat16).contiguous()
-            y = torch._weight_int8pack_mm(xt, self.qweight, self.scales.to(torch.bfloat16))
+            # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here,
+            # but its bf16 kernel gives garbage (or crashes) where in_features % 16 != 0
+            dt = torch.bfloat16 if self.in_features % 16 == 0 else torch.float32
+            y = torch._weight_int8pack_mm(x2.to(dt).contiguous(), self.qweight, self.scales.to(dt))
             if self.bias is not None:
-                y = y.float() if self.bias is None else y.float() + self.bias
+                y = y.float() + self.bias
         else:
             y = self._torch_int4_gemv(x2)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

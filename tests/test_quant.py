@@ -158,6 +158,16 @@ def test_odd_shapes_use_fallbacks(mode: str) -> None:
     assert rel(q.forward_prefill(x), q.forward_decode(x)) < 0.015
 
 
+def test_int8_torch_op_at_any_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's int8 GEMV with bf16 activations gives inf (or crashes) where in_features % 16
+    != 0; the fallback gives it float32 ones there."""
+    monkeypatch.setattr(quant, "native_kernel", lambda: None)
+    for k in (200, 208):
+        q = quantize_linear(linear(k, 40), "int8")
+        x = torch.randn(3, k)
+        assert rel(q.forward_decode(x), F.linear(x, q.dequantize(), q.bias)) < 0.015
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_bias_handling(mode: str, kernel: str) -> None:
     with_bias = linear(256, 32, bias=True)
