@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from gptj import quant
 
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (out_features, in_features)
-SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q/o, k/v, up, down, lm_head
+# q/o, k/v, gate/up, down, lm_head; then q+k+v and gate+up fused (gptj.fusion)
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (960, 576), (3072, 576)]
 GPTJ = {"d": 4096, "inner": 16384, "layers": 28, "vocab": 50400}
 
 

@@ -200,7 +200,8 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def bytes_per_weight(mode: str | None, dtype: torch.dtype) -> float:
-    return {"int8": 1.0, "int4": 0.5 + 4 / 128, "bf16": 2.0}.get(mode or "", torch.empty((), dtype=dtype).element_size())
+    # int4: a byte per 2 weights, an fp16 scale and min per group of 32
+    return {"int8": 1.0, "int4": 0.5 + 4 / 32, "bf16": 2.0}.get(mode or "", torch.empty((), dtype=dtype).element_size())
 
 
 def estimate_bytes(model: nn.Module, mode: str | None, dtype: torch.dtype) -> int:

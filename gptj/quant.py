@@ -3,26 +3,30 @@
 Formats (portable, plain row-major tensors: what a safetensors file holds):
 
 * int8: ``qweight`` int8 [out, in], symmetric, ``scales`` float32 [out]: w = scales[n] * q.
-* int4: ``qweight`` uint8 [out, in // 2], ``scales`` float16 [out, in // G], ``zeros`` uint8
-  [out, in // G] (G = group size, 128 by default), asymmetric: w = s * (q - z), q, z in 0..15.
-  Within a group, byte j holds value j in its low nibble and value j + G/2 in its high nibble,
-  so one 64-byte load unpacks (``& 15``, ``>> 4``) into 128 values in order.
+* int4: ``qweight`` uint8 [out, in // 2], ``scales`` float16 [out, in // G], ``mins`` float16
+  [out, in // G] (G = group size, 32 by default), asymmetric: w = s * q + m, q in 0..15, with
+  s = (max - min) / 15 and m = min of the group, both rounded to fp16 (GGUF's Q4_1, which
+  this format holds exactly). Within a group, byte j holds value j in its low nibble and value
+  j + G/2 in its high nibble. Older checkpoints (G = 128 or 64, uint8 ``zeros`` z with
+  w = s * (q - z)) are converted when loaded: m = -s * z, regrouped to 32.
 * ``bias`` float32 [out] when the layer has one.
 
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
 ``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped ones
-stay mapped). The group size and mode follow from the shapes and dtypes.
+stay mapped; older int4 ones are converted). The group size and mode follow from the shapes
+and dtypes.
 
 Kernels, chosen by measurement (benchmarks/bench_linear.py) on a 2-core AVX-512/AMX Xeon VM
 whose two cores read memory at 21-31 GB/s:
 
 * decode (at most ``DECODE_MAX_ROWS`` rows): our own GEMV in C++, built with the system compiler
   on first use and cached under ~/.cache/gptj/kernels. It quantizes the activations to int8 per
-  block of 128 and runs an integer dot product (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), and
-  prefetches the next tile of rows into L2. At one row it streams int8 weights at 26-30 GB/s and
-  int4 at 23-26 GB/s, against 20-24 and 15-18 GB/s for torch's ``_weight_int8pack_mm`` and
-  ``_weight_int4pack_mm_for_cpu`` (with bf16 activations; float32 ones are 2-20x slower). Without
-  a compiler or AVX2, or for shapes it does not take, those torch ops serve instead.
+  block (int4: of 32, its group; int8: see ``_int8_block``) and runs an integer dot product
+  (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), and prefetches the next tile of rows into L2. It
+  takes any in_features that is a multiple of 32. At one row it streams int8 weights at 26-30
+  GB/s and int4 at 23-26 GB/s, against 20-24 and 15-18 GB/s for torch's ``_weight_int8pack_mm``
+  and ``_weight_int4pack_mm_for_cpu`` (with bf16 activations; float32 ones are 2-20x slower).
+  Without a compiler or AVX2, or for shapes it does not take, those torch ops serve instead.
 * prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
   into a reused buffer, in big chunks of rows, and run a GEMM (AMX here): 512 rows of a
   16384x4096 layer take ~55 ms (bf16 F.linear: ~45), against 410-440 ms for the torch GEMV ops.
@@ -49,8 +53,8 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 MODES = ("bf16", "int8", "int4")
-GROUP_SIZE = 128
-_QB = 128  # the kernel's activation block; int4 groups must equal it
+GROUP_SIZE = 32  # int4; the kernel takes this group size only
+_KB = 32  # the kernel takes in_features that are a multiple of this
 # Most rows that go through the decode kernel; above, dequantize + GEMM wins. Measured on
 # 16384x4096: the two cross at 48-56 rows for int8 and int4; 32 leaves a margin.
 # GPTJ_QUANT_DECODE_MAX_ROWS overrides.
@@ -67,7 +71,7 @@ _CHUNK_BYTES = 128 << 20
 
 
 def _group_size(in_features: int, group_size: int) -> int:
-    """The requested group size, or the largest of 128/64/32 that divides in_features."""
+    """The requested group size, or the largest of 128/64/32 not above it that divides in_features."""
     if in_features % group_size == 0 and group_size % 2 == 0:
         return group_size
     for g in (128, 64, 32):
@@ -106,60 +110,87 @@ def quantize_weight(weight: Tensor, mode: str, group_size: int = GROUP_SIZE) -> 
         ng = k // g
         q = torch.empty(n, k // 2, dtype=torch.uint8)
         scales = torch.empty(n, ng, dtype=torch.float16)
-        zeros = torch.empty(n, ng, dtype=torch.uint8)
+        mins = torch.empty(n, ng, dtype=torch.float16)
         for r0 in range(0, n, step):
             if lib is not None:
                 part = w[r0 : r0 + step].float().contiguous()
                 lib.gq_quantize_int4(
                     part.data_ptr(), part.shape[0], k, g, q[r0:].data_ptr(), scales[r0:].data_ptr(),
-                    zeros[r0:].data_ptr(), threads,
+                    mins[r0:].data_ptr(), threads,
                 )  # fmt: skip
                 continue
             part = w[r0 : r0 + step].float().reshape(-1, ng, g)
-            lo = part.amin(dim=-1).clamp(max=0.0)
-            hi = part.amax(dim=-1).clamp(min=0.0)
-            # scales are stored in fp16: quantize with the rounded value so the zero stays exact
+            lo, hi = part.amin(dim=-1), part.amax(dim=-1)
+            # scale and min are stored in fp16: quantize with the rounded values
             s16 = ((hi - lo) / 15.0).clamp(min=1e-7).to(torch.float16)
-            s = s16.float()
-            z = torch.round(-lo / s).clamp_(0, 15)
-            qi = torch.round(part / s[..., None] + z[..., None]).clamp_(0, 15).to(torch.uint8)
+            m16 = lo.to(torch.float16)
+            qi = torch.round((part - m16.float()[..., None]) / s16.float()[..., None]).clamp_(0, 15).to(torch.uint8)
             rows = qi.shape[0]
             q[r0 : r0 + rows] = (qi[..., : g // 2] | (qi[..., g // 2 :] << 4)).reshape(rows, k // 2)
             scales[r0 : r0 + rows] = s16
-            zeros[r0 : r0 + rows] = z.to(torch.uint8)
-        return {"qweight": q, "scales": scales, "zeros": zeros}
+            mins[r0 : r0 + rows] = m16
+        return {"qweight": q, "scales": scales, "mins": mins}
     raise ValueError(f"unknown quantization mode {mode!r}: expected 'int8' or 'int4'")
 
 
 def dequantize_weight(buffers: Mapping[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """The [out, in] weight that the buffers of a QuantizedLinear stand for (torch ops only)."""
+    """The [out, in] weight that the buffers of a QuantizedLinear stand for (torch ops only).
+
+    Also takes the older int4 buffers (``zeros`` instead of ``mins``)."""
     q, scales = buffers["qweight"], buffers["scales"]
     if q.dtype == torch.int8:
         return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
-    n, half = q.shape
+    vals = _unpack_int4(q, scales.shape[1])
+    s = scales.to(torch.float32)[..., None]
+    if "mins" in buffers:
+        w = vals * s + buffers["mins"].to(torch.float32)[..., None]
+    else:
+        w = (vals - buffers["zeros"].to(torch.float32)[..., None]) * s
+    return w.reshape(q.shape[0], 2 * q.shape[1]).to(dtype)
+
+
+def _unpack_int4(q: Tensor, groups: int) -> Tensor:
+    """float32 [out, groups, G] values 0..15 of an int4 ``qweight`` [out, in // 2]."""
+    p = q.reshape(q.shape[0], groups, -1)
+    return torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
+
+
+def convert_int4_zeros(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int = GROUP_SIZE
+) -> dict[str, Tensor]:
+    """The int4 buffers (``qweight``, ``scales``, ``mins``) for those of the older format, whose
+    uint8 zero points z gave w = s * (q - z): m = -s * z (rounded to fp16). Groups are split to
+    `group_size` where it divides the old group size (each part keeps the group's s and m)."""
+    n, half = qweight.shape
     ng = scales.shape[1]
+    if ng == 0 or 2 * half % ng or zeros.shape != scales.shape:
+        raise ValueError(f"int4 buffers do not fit: qweight {list(qweight.shape)}, scales {list(scales.shape)}, "
+                         f"zeros {list(zeros.shape)}")  # fmt: skip
     g = 2 * half // ng
-    p = q.reshape(n, ng, g // 2)
-    vals = torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
-    w = (vals - buffers["zeros"].to(torch.float32)[..., None]) * scales.to(torch.float32)[..., None]
-    return w.reshape(n, 2 * half).to(dtype)
+    new_g = group_size if g % group_size == 0 and group_size % 2 == 0 else g
+    mins = (-(scales.float() * zeros.float())).to(torch.float16)
+    if new_g == g:
+        return {"qweight": qweight, "scales": scales, "mins": mins}
+    vals = _unpack_int4(qweight, ng).to(torch.uint8).reshape(n, -1, new_g)
+    packed = (vals[..., : new_g // 2] | (vals[..., new_g // 2 :] << 4)).reshape(n, half)
+    r = g // new_g
+    return {"qweight": packed, "scales": scales.repeat_interleave(r, dim=1), "mins": mins.repeat_interleave(r, dim=1)}
 
 
 # ---------------------------------------------------------------------------- native kernel
 
 _KERNEL_SRC = r"""
 // Weight-only quantized GEMV kernels (int8 per-row, int4 grouped) for x86-64.
-// Activations are quantized on the fly to int8 per block of QB=128 values, so the inner
-// loop is an integer dot product (VNNI dpbusd, or maddubs on plain AVX2).
+// Activations are quantized on the fly to int8 per block of QB values (int8: 128 or 32, the
+// last block shorter where QB does not divide K; int4: 32, its group size), so the inner loop
+// is an integer dot product (VNNI dpbusd, or maddubs on plain AVX2). K: a multiple of 32.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
-#define QB 128
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define GQ_ISA 3
 #elif defined(__AVX2__) && defined(__AVXVNNI__)
 #define GQ_ISA 2
@@ -178,16 +209,22 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// x [M,K] fp32 -> xq [M,K] int8, xs [M,K/QB] scale, xsum [M,K/QB] = xs * sum(xq) per block.
-static void quant_act(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum, int nthreads) {
-    const int64_t nb = K / QB;
+// x [M,K] fp32 -> xq [M,K] int8, xs [M,nb] scale, xsum [M,nb] = xs * sum(xq) per block, for
+// nb = ceil(K/qb) blocks of qb values (the last one K - (nb-1)*qb, a multiple of 32).
+// gpv = 0: xq in the order of x. gpv > 0 (int4, qb = 32): the order the int4 kernel reads, in
+// spans of gpv blocks (t <= gpv in the last span): the first 16 values of each of the span's
+// blocks, then the last 16 of each, matching the low and high nibbles of one weight vector.
+static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int8_t* xq, float* xs, float* xsum,
+                      int nthreads) {
+    const int64_t nb = (K + qb - 1) / qb;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
     for (int64_t mb = 0; mb < M * nb; ++mb) {
-        const float* xp = x + mb * QB;
-        int8_t* qp = xq + mb * QB;
+        const int64_t row = mb / nb, b = mb % nb, off = row * K + b * qb;
+        const int len = K - b * qb < qb ? (int)(K - b * qb) : qb;
+        const float* xp = x + off;
         __m256 amax = _mm256_setzero_ps();
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        for (int j = 0; j < QB; j += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xp + j), absmask));
+        for (int j = 0; j < len; j += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xp + j), absmask));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -196,7 +233,14 @@ static void quant_act(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
         float inv = am > 0 ? 127.f / am : 0.f;
         __m256 vinv = _mm256_set1_ps(inv);
         __m256i isum = _mm256_setzero_si256();
-        for (int j = 0; j < QB; j += 32) {
+        int8_t* lo = xq + off;  // where values 0..15 of each 32 go, and values 16..31
+        int8_t* hi = lo + 16;
+        if (gpv) {
+            const int64_t first = b / gpv * gpv, t = nb - first < gpv ? nb - first : gpv;
+            lo = xq + row * K + first * 32 + 16 * (b - first);
+            hi = lo + 16 * t;
+        }
+        for (int j = 0; j < len; j += 32) {
             __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j), vinv));
             __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 8), vinv));
             __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 16), vinv));
@@ -206,7 +250,8 @@ static void quant_act(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
             __m256i q = _mm256_packs_epi16(ab, cd);
             // packs works per 128-bit lane: restore order 0..31
             q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i*)(qp + j), q);
+            _mm_storeu_si128((__m128i*)(lo + j), _mm256_castsi256_si128(q));
+            _mm_storeu_si128((__m128i*)(hi + j), _mm256_extracti128_si256(q, 1));
         }
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
@@ -216,11 +261,8 @@ static void quant_act(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
     }
 }
 
-// ---------------------------------------------------------------- int8 weights
-// W int8 [N,K] row-major, ws fp32 [N].  y[m,n] = ws[n] * sum_b xs[m,b] * dot_b(W[n], xq[m]).
-// VNNI: dpbusd(u8, s8) with u8 = W ^ 0x80 = W + 128, then subtract 128 * sum(xq) (xsum holds xs*sum).
-// Plain AVX2: maddubs(|W|, sign(xq, W)); |xq| <= 127 and |W| <= 127 keep int16 pairs unsaturated.
-// Tiles of R weight rows x MT activation rows: each weight vector is loaded once per tile.
+// ---------------------------------------------------------------- vector helpers
+// vf: float vector, vi: VB bytes. AVX-512 builds use 512-bit vectors, the others 256-bit ones.
 #if GQ_ISA == 3
 #define R_T 4
 #define M_T 4
@@ -229,15 +271,31 @@ typedef __m512i vi;
 #define VB 64
 static inline vf vf_zero() { return _mm512_setzero_ps(); }
 static inline vf vf_set(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vf_cvt(vi a) { return _mm512_cvtepi32_ps(a); }
 static inline float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+// lanes 0-7: p[0], lanes 8-15: p[1] (the scales of two 32-blocks of one 64-byte vector)
+static inline vf vf_pair(const float* p) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(p[0]), _mm512_set1_ps(p[1])); }
 static inline vi vi_load(const void* p) { return _mm512_loadu_si512(p); }
+// the first n bytes at p (n <= 64), zeros after: reads nothing beyond them
+static inline vi vi_load_n(const void* p, int n) { return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, p); }
 static inline vi vi_zero() { return _mm512_setzero_si512(); }
 static inline vi vi_flip(vi a) { return _mm512_xor_si512(a, _mm512_set1_epi8((char)0x80)); }
 static inline vi vi_lo(vi a) { return _mm512_and_si512(a, _mm512_set1_epi8(0x0f)); }
 static inline vi vi_hi(vi a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0f)); }
 static inline vi dot_u8s8(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// 4 floats, each to 4 consecutive lanes
+static inline vf vf_expand4(__m128 v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), _mm512_castps128_ps512(v));
+}
+// t (<= 4) fp16 / fp32 values from p, each to 4 lanes; lanes past 4t are 0 (nothing read there)
+static inline vf vf_expand_h(const uint16_t* p, int t) {
+    return vf_expand4(_mm_cvtph_ps(t == 4 ? _mm_loadl_epi64((const __m128i*)p) : _mm_maskz_loadu_epi16((__mmask8)((1 << t) - 1), p)));
+}
+static inline vf vf_expand_f(const float* p, int t) {
+    return vf_expand4(t == 4 ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps((__mmask8)((1 << t) - 1), p));
+}
 #else
 #define R_T 2
 #define M_T 2
@@ -246,10 +304,15 @@ typedef __m256i vi;
 #define VB 32
 static inline vf vf_zero() { return _mm256_setzero_ps(); }
 static inline vf vf_set(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vf_cvt(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline float vf_sum(vf a) { return hsum256(a); }
+static inline vf vf_pair(const float* p) { return _mm256_blend_ps(_mm256_set1_ps(p[0]), _mm256_set1_ps(p[1]), 0xF0); }
 static inline vi vi_load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a whole vector
+    return n >= 32 ? vi_load(p) : _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128((const __m128i*)p));
+}
 static inline vi vi_zero() { return _mm256_setzero_si256(); }
 static inline vi vi_flip(vi a) { return _mm256_xor_si256(a, _mm256_set1_epi8((char)0x80)); }
 static inline vi vi_lo(vi a) { return _mm256_and_si256(a, _mm256_set1_epi8(0x0f)); }
@@ -262,6 +325,16 @@ static inline vi dot_u8s8(vi acc, vi u, vi s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 #endif
+static inline vf vf_expand4(__m128 v) {  // 2 floats, each to 4 lanes
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+static inline vf vf_expand_h(const uint16_t* p, int t) {
+    const uint32_t u = t == 2 ? (uint32_t)p[0] | (uint32_t)p[1] << 16 : p[0];
+    return vf_expand4(_mm_cvtph_ps(_mm_cvtsi32_si128((int)u)));
+}
+static inline vf vf_expand_f(const float* p, int t) {
+    return vf_expand4(t == 2 ? _mm_castpd_ps(_mm_load_sd((const double*)p)) : _mm_load_ss(p));
+}
 #endif
 
 // dot of signed int8 weights with signed int8 activations, in the form the ISA prefers
@@ -274,31 +347,60 @@ static inline vi dot_s8s8(vi acc, vi w, vi x) {
 #endif
 }
 
-template <int R, int MT>
+// ---------------------------------------------------------------- int8 weights
+// W int8 [N,K] row-major, ws fp32 [N].  y[m,n] = ws[n] * sum_b xs[m,b] * dot_b(W[n], xq[m]).
+// VNNI: dpbusd(u8, s8) with u8 = W ^ 0x80 = W + 128, then subtract 128 * sum(xq) (xsum holds xs*sum).
+// Plain AVX2: maddubs(|W|, sign(xq, W)); |xq| <= 127 and |W| <= 127 keep int16 pairs unsaturated.
+// Tiles of R weight rows x MT activation rows: each weight vector is loaded once per tile.
+// A step covers CH = max(QB, VB) values: QB/VB vectors of one block, or (QB 32, 64-byte vectors)
+// one vector of two blocks, whose 32-bit lanes 0-7 take the first block's scale, 8-15 the second's.
+// What K leaves past the last whole step (a multiple of 32) is one more, shorter block.
+template <int QB, int R, int MT>
 static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
                            const float* xsum, float* y, int64_t ldy, const float* bias) {
-    const int64_t nb = K / QB;
+    constexpr int CH = QB > VB ? QB : VB, NV = CH / VB, BPV = VB > QB ? VB / QB : 1;
+    const int64_t nb = (K + QB - 1) / QB, nc = K / CH;
     vf acc[R][MT];
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < MT; ++m) acc[r][m] = vf_zero();
-    for (int64_t b = 0; b < nb; ++b) {
-        vi x[MT][QB / VB];
+    for (int64_t c = 0; c < nc; ++c) {
+        vi x[MT][NV];
         vf sc[MT];
         for (int m = 0; m < MT; ++m) {
-            for (int i = 0; i < QB / VB; ++i) x[m][i] = vi_load(xq + m * K + b * QB + i * VB);
-            sc[m] = vf_set(xs[m * nb + b]);
+            for (int i = 0; i < NV; ++i) x[m][i] = vi_load(xq + m * K + c * CH + i * VB);
+            if constexpr (BPV == 1)
+                sc[m] = vf_set(xs[m * nb + c * (CH / QB)]);
+            else
+                sc[m] = vf_pair(xs + m * nb + c * BPV);
         }
         for (int r = 0; r < R; ++r) {
-            vi w[QB / VB];
-            for (int i = 0; i < QB / VB; ++i) w[i] = vi_load(W + r * K + b * QB + i * VB);
+            vi w[NV];
+            for (int i = 0; i < NV; ++i) w[i] = vi_load(W + r * K + c * CH + i * VB);
             // prefetch the next tile (the rows that follow) into L2: one core's demand misses
             // and the hardware prefetcher alone do not keep enough reads in flight
-            _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB), _MM_HINT_T1);
-            _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB + 64), _MM_HINT_T1);
+            for (int i = 0; i < CH / 64; ++i)
+                _mm_prefetch((const char*)(W + R * K + (c * R + r) * CH + i * 64), _MM_HINT_T1);
             for (int m = 0; m < MT; ++m) {
                 vi d = vi_zero();
-                for (int i = 0; i < QB / VB; ++i) d = dot_s8s8(d, w[i], x[m][i]);
+                for (int i = 0; i < NV; ++i) d = dot_s8s8(d, w[i], x[m][i]);
                 acc[r][m] = vf_fma(vf_cvt(d), sc[m], acc[r][m]);
+            }
+        }
+    }
+    if (nc * CH < K) {  // the last block, shorter than a step: zeros past K
+        const int64_t done = nc * CH;
+        const int tail = (int)(K - done);
+        vi x[MT][NV];
+        for (int m = 0; m < MT; ++m)
+            for (int i = 0; i < NV; ++i)
+                x[m][i] = i * VB < tail ? vi_load_n(xq + m * K + done + i * VB, tail - i * VB) : vi_zero();
+        for (int r = 0; r < R; ++r) {
+            vi w[NV];
+            for (int i = 0; i < NV; ++i) w[i] = i * VB < tail ? vi_load_n(W + r * K + done + i * VB, tail - i * VB) : vi_zero();
+            for (int m = 0; m < MT; ++m) {
+                vi d = vi_zero();
+                for (int i = 0; i < NV; ++i) d = dot_s8s8(d, w[i], x[m][i]);
+                acc[r][m] = vf_fma(vf_cvt(d), vf_set(xs[m * nb + nb - 1]), acc[r][m]);
             }
         }
     }
@@ -316,23 +418,23 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
     }
 }
 
-template <int R>
+template <int QB, int R>
 static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
                            const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias) {
-    const int64_t nb = K / QB;
+    const int64_t nb = (K + QB - 1) / QB;
     int64_t m = 0;
     for (; m + M_T <= M; m += M_T)
-        i8_tile<R, M_T>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
-    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
+        i8_tile<QB, R, M_T>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<QB, R, 1>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
 }
 
-// scratch: M*K int8 + 2*M*(K/QB) fp32 for the quantized activations
-extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
-                               const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+template <int QB>
+static void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
+                        int64_t M, float* y, void* scratch, int nthreads) {
     int8_t* xq = (int8_t*)scratch;
     float* xs = (float*)(xq + M * K);
-    float* xsum = xs + M * (K / QB);
-    quant_act(x, M, K, xq, xs, xsum, nthreads);
+    float* xsum = xs + M * ((K + QB - 1) / QB);
+    quant_act(x, M, K, QB, 0, xq, xs, xsum, nthreads);
     const int64_t nt = (N + R_T - 1) / R_T;
     // dynamic chunks: a thread that loses its core to another process does not stall the call
     const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
@@ -340,111 +442,118 @@ extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bi
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t n = t * R_T;
         if (n + R_T <= N)
-            i8_rows<R_T>(W + n * K, K, ws + n, xq, xs, xsum, M, y + n, N, bias ? bias + n : nullptr);
+            i8_rows<QB, R_T>(W + n * K, K, ws + n, xq, xs, xsum, M, y + n, N, bias ? bias + n : nullptr);
         else
             for (int64_t j = n; j < N; ++j)
-                i8_rows<1>(W + j * K, K, ws + j, xq, xs, xsum, M, y + j, N, bias ? bias + j : nullptr);
+                i8_rows<QB, 1>(W + j * K, K, ws + j, xq, xs, xsum, M, y + j, N, bias ? bias + j : nullptr);
     }
 }
 
+// qb: the activation block, 128 or 32; K % 32 == 0.
+// scratch: M*K int8 + 2*M*ceil(K/qb) fp32 for the quantized activations.
+extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, int qb,
+                               const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    if (qb == 128)
+        linear_int8<128>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+    else
+        linear_int8<32>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+}
+
 // ---------------------------------------------------------------- int4 weights
-// W uint8 [N, K/2]: group g (128 values) is bytes g*64 .. g*64+63, byte j = q[j] | q[j+64] << 4.
-// sc fp16 [N, K/128] scales, zp uint8 [N, K/128] zero points: w = s * (q - z).
-// y[m,n] = sum_g s*xs*dot_g(q, xq) - sum_g s*z*(xs*sum_g(xq)).
-// tmp holds, per tile, the fp32 products s*xs for every (row, act row, group).
+// W uint8 [N, K/2]: group g (32 values) is bytes g*16 .. g*16+15, byte j = q[j] | q[j+16] << 4.
+// sc, mn fp16 [N, K/32]: w = s * q + m, q in 0..15.
+// y[m,n] = sum_g s_g*xs_g*dot_g(q, xq) + sum_g m_g*xsum_g   (xsum_g = xs_g * sum_g(xq)).
+// One weight vector (VB bytes) holds GPV = VB/16 groups: its low nibbles pair with the first
+// halves of those groups' activations, its high nibbles with the second halves (quant_act
+// stores xq in that order). dpbusd sums 4 bytes into a 32-bit lane, so lanes 4i..4i+3 hold
+// group i: one vector of per-lane scales s_g*xs_g applies the GPV groups' scales at once.
+#define GPV (VB / 16)
+
+// one step: weight vector c (t <= GPV groups; t < GPV only for the last, partial one)
 template <int R, int MT>
-static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, const uint8_t* zp, const int8_t* xq,
-                           const float* xs, const float* xsum, float* y, int64_t ldy, const float* bias,
-                           float* tmp) {
-    const int64_t ng = K / QB;
-    float comp[R][MT];
+static inline void i4_step(const uint8_t* W, int64_t K, const uint16_t* sc, const int8_t* xq, const float* xs,
+                           int64_t c, int t, vf (&acc)[R][MT]) {
+    const int64_t ng = K / 32;
+    vi xl[MT], xh[MT];
+    vf xv[MT];
+    for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = xq + m * K + c * 2 * VB;
+        xl[m] = t == GPV ? vi_load(xp) : vi_load_n(xp, 16 * t);
+        xh[m] = t == GPV ? vi_load(xp + VB) : vi_load_n(xp + 16 * t, 16 * t);
+        xv[m] = vf_expand_f(xs + m * ng + c * GPV, t);
+    }
     for (int r = 0; r < R; ++r) {
-        __m256 cacc[MT];
-        for (int m = 0; m < MT; ++m) cacc[m] = _mm256_setzero_ps();
-        for (int64_t g = 0; g + 8 <= ng; g += 8) {
-            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + r * ng + g)));
-            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zp + r * ng + g))));
-            const __m256 sz = _mm256_mul_ps(s, z);
-            for (int m = 0; m < MT; ++m) {
-                _mm256_storeu_ps(tmp + (r * MT + m) * ng + g, _mm256_mul_ps(s, _mm256_loadu_ps(xs + m * ng + g)));
-                cacc[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + m * ng + g), cacc[m]);
-            }
-        }
-        for (int m = 0; m < MT; ++m) comp[r][m] = hsum256(cacc[m]);
-        for (int64_t g = ng & ~(int64_t)7; g < ng; ++g) {
-            const float s = _cvtsh_ss(sc[r * ng + g]), sz = s * (float)zp[r * ng + g];
-            for (int m = 0; m < MT; ++m) {
-                tmp[(r * MT + m) * ng + g] = s * xs[m * ng + g];
-                comp[r][m] += sz * xsum[m * ng + g];
-            }
+        const uint8_t* wp = W + r * (K / 2) + c * VB;
+        const vi w = t == GPV ? vi_load(wp) : vi_load_n(wp, 16 * t);
+        _mm_prefetch((const char*)(W + R * (K / 2) + (c * R + r) * VB), _MM_HINT_T1);  // next tile, into L2
+        const vi lo = vi_lo(w), hi = vi_hi(w);
+        const vf sv = vf_expand_h(sc + r * ng + c * GPV, t);
+        for (int m = 0; m < MT; ++m) {
+            const vi d = dot_u8s8(dot_u8s8(vi_zero(), lo, xl[m]), hi, xh[m]);
+            acc[r][m] = vf_fma(vf_cvt(d), vf_mul(sv, xv[m]), acc[r][m]);
         }
     }
+}
+
+template <int R, int MT>
+static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn, const int8_t* xq,
+                           const float* xs, const float* xsum, float* y, int64_t ldy, const float* bias) {
+    const int64_t ng = K / 32, nc = ng / GPV;
+    float comp[R][MT];  // sum_g m_g * xsum_g
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) {
+            __m256 ca = _mm256_setzero_ps();
+            int64_t g = 0;
+            for (; g + 8 <= ng; g += 8)
+                ca = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + r * ng + g))),
+                                     _mm256_loadu_ps(xsum + m * ng + g), ca);
+            float v = hsum256(ca);
+            for (; g < ng; ++g) v += _cvtsh_ss(mn[r * ng + g]) * xsum[m * ng + g];
+            comp[r][m] = v;
+        }
     vf acc[R][MT];
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < MT; ++m) acc[r][m] = vf_zero();
-    for (int64_t g = 0; g < ng; ++g) {
-        vi x[MT][QB / VB];
-        for (int m = 0; m < MT; ++m)
-            for (int i = 0; i < QB / VB; ++i) x[m][i] = vi_load(xq + m * K + g * QB + i * VB);
-        for (int r = 0; r < R; ++r) {
-            // 64 bytes hold 128 nibbles: low nibbles are values 0..63, high nibbles 64..127
-            vi q[QB / VB];
-            _mm_prefetch((const char*)(W + R * (K / 2) + (g * R + r) * 64), _MM_HINT_T1);  // next tile
-            for (int i = 0; i < 64 / VB; ++i) {
-                vi w = vi_load(W + r * (K / 2) + g * 64 + i * VB);
-                q[i] = vi_lo(w);
-                q[i + 64 / VB] = vi_hi(w);
-            }
-            for (int m = 0; m < MT; ++m) {
-                vi d = vi_zero();
-                for (int i = 0; i < QB / VB; ++i) d = dot_u8s8(d, q[i], x[m][i]);
-                acc[r][m] = vf_fma(vf_cvt(d), vf_set(tmp[(r * MT + m) * ng + g]), acc[r][m]);
-            }
-        }
-    }
+    for (int64_t c = 0; c < nc; ++c) i4_step<R, MT>(W, K, sc, xq, xs, c, GPV, acc);
+    if (nc * GPV < ng) i4_step<R, MT>(W, K, sc, xq, xs, nc, (int)(ng - nc * GPV), acc);
     for (int m = 0; m < MT; ++m)
         for (int r = 0; r < R; ++r) {
-            float v = vf_sum(acc[r][m]) - comp[r][m];
+            float v = vf_sum(acc[r][m]) + comp[r][m];
             if (bias) v += bias[r];
             y[m * ldy + r] = v;
         }
 }
 
 template <int R>
-static inline void i4_rows(const uint8_t* W, int64_t K, const uint16_t* sc, const uint8_t* zp, const int8_t* xq,
-                           const float* xs, const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias,
-                           float* tmp) {
-    const int64_t ng = K / QB;
+static inline void i4_rows(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn, const int8_t* xq,
+                           const float* xs, const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias) {
+    const int64_t ng = K / 32;
     int64_t m = 0;
     for (; m + M_T <= M; m += M_T)
-        i4_tile<R, M_T>(W, K, sc, zp, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias, tmp);
-    for (; m < M; ++m)
-        i4_tile<R, 1>(W, K, sc, zp, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias, tmp);
+        i4_tile<R, M_T>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i4_tile<R, 1>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
 }
 
-extern "C" void gq_linear_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, const float* bias,
+// scratch: M*K int8 + 2*M*(K/32) fp32
+extern "C" void gq_linear_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, const float* bias,
                                int64_t N, int64_t K, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    const int64_t ng = K / 32;
     int8_t* xq = (int8_t*)scratch;
     float* xs = (float*)(xq + M * K);
-    float* xsum = xs + M * (K / QB);
-    quant_act(x, M, K, xq, xs, xsum, nthreads);
+    float* xsum = xs + M * ng;
+    quant_act(x, M, K, 32, GPV, xq, xs, xsum, nthreads);
     const int64_t nt = (N + R_T - 1) / R_T;
-    const int64_t ng = K / QB;
     const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float tmp[R_T * M_T * 512];  // ng <= 512 (K <= 65536), checked by the caller
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t t = 0; t < nt; ++t) {
-            const int64_t n = t * R_T;
-            if (n + R_T <= N)
-                i4_rows<R_T>(W + n * (K / 2), K, sc + n * ng, zp + n * ng, xq, xs, xsum, M, y + n, N,
-                             bias ? bias + n : nullptr, tmp);
-            else
-                for (int64_t j = n; j < N; ++j)
-                    i4_rows<1>(W + j * (K / 2), K, sc + j * ng, zp + j * ng, xq, xs, xsum, M, y + j, N,
-                               bias ? bias + j : nullptr, tmp);
-        }
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = t * R_T;
+        if (n + R_T <= N)
+            i4_rows<R_T>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N,
+                         bias ? bias + n : nullptr);
+        else
+            for (int64_t j = n; j < N; ++j)
+                i4_rows<1>(W + j * (K / 2), K, sc + j * ng, mn + j * ng, xq, xs, xsum, M, y + j, N,
+                           bias ? bias + j : nullptr);
     }
 }
 
@@ -519,20 +628,19 @@ extern "C" void gq_dequant_int8(const int8_t* W, const float* ws, int64_t n0, in
     }
 }
 
-extern "C" void gq_dequant_int4(const uint8_t* W, const uint16_t* sc, const uint8_t* zp, int64_t n0, int64_t n1,
+extern "C" void gq_dequant_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t n0, int64_t n1,
                                 int64_t K, void* out, int bf16, int nthreads) {
-    const int64_t ng = K / QB;
+    const int64_t ng = K / 32;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = n0; n < n1; ++n) {
         void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
         for (int64_t g = 0; g < ng; ++g) {
-            const float s = _cvtsh_ss(sc[n * ng + g]);
-            const dv vs = dv_set(s), vb = dv_set(-s * zp[n * ng + g]);
-            const uint8_t* wp = W + n * (K / 2) + g * 64;
-            for (int j = 0; j < 64; j += DW) {  // byte j: value j (low nibble), value j + 64 (high)
+            const dv vs = dv_set(_cvtsh_ss(sc[n * ng + g])), vm = dv_set(_cvtsh_ss(mn[n * ng + g]));
+            const uint8_t* wp = W + n * (K / 2) + g * 16;
+            for (int j = 0; j < 16; j += DW) {  // byte j: value j (low nibble), value j + 16 (high)
                 const auto b = du_u8(wp + j);
-                put(o, g * QB + j, dv_fma(dv_lo(b), vs, vb), bf16);
-                put(o, g * QB + 64 + j, dv_fma(dv_hi(b), vs, vb), bf16);
+                put(o, g * 32 + j, dv_fma(dv_lo(b), vs, vm), bf16);
+                put(o, g * 32 + 16 + j, dv_fma(dv_hi(b), vs, vm), bf16);
             }
         }
     }
@@ -562,27 +670,26 @@ extern "C" void gq_quantize_int8(const float* w, int64_t n, int64_t k, int8_t* q
 }
 
 extern "C" void gq_quantize_int4(const float* w, int64_t n, int64_t k, int64_t g, uint8_t* q, uint16_t* scales,
-                                 uint8_t* zeros, int nthreads) {
+                                 uint16_t* mins, int nthreads) {
     const int64_t ng = k / g;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t rg = 0; rg < n * ng; ++rg) {
         const float* x = w + rg * g;  // rows are contiguous, so group rg starts at rg * g
-        float lo = 0.f, hi = 0.f;
+        float lo = x[0], hi = x[0];
 #pragma omp simd reduction(min : lo) reduction(max : hi)
         for (int64_t j = 0; j < g; ++j) {
             lo = x[j] < lo ? x[j] : lo;
             hi = x[j] > hi ? x[j] : hi;
         }
-        float s = (hi - lo) / 15.f;
-        const uint16_t s16 = _cvtss_sh(s > 1e-7f ? s : 1e-7f, 0);
-        s = _cvtsh_ss(s16);
-        float z = nearbyintf(-lo / s);
-        z = z < 0.f ? 0.f : (z > 15.f ? 15.f : z);
+        // scale and min are stored in fp16: quantize with the rounded values
+        const float s0 = (hi - lo) / 15.f;
+        const uint16_t s16 = _cvtss_sh(s0 > 1e-7f ? s0 : 1e-7f, 0), m16 = _cvtss_sh(lo, 0);
+        const float s = _cvtsh_ss(s16), m = _cvtsh_ss(m16);
         scales[rg] = s16;
-        zeros[rg] = (uint8_t)z;
+        mins[rg] = m16;
         uint8_t* out = q + rg * (g / 2);
         for (int64_t j = 0; j < g / 2; ++j) {
-            float a = nearbyintf(x[j] / s + z), b = nearbyintf(x[j + g / 2] / s + z);
+            float a = nearbyintf((x[j] - m) / s), b = nearbyintf((x[j + g / 2] - m) / s);
             a = a < 0.f ? 0.f : (a > 15.f ? 15.f : a);
             b = b < 0.f ? 0.f : (b > 15.f ? 15.f : b);
             out[j] = (uint8_t)((uint8_t)a | ((uint8_t)b << 4));
@@ -658,7 +765,7 @@ def _load_kernel() -> ctypes.CDLL | None:
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp serves our OpenMP too (same soname)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, p, i64, p, p, i32]
+    lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, i32, p, i64, p, p, i32]
     lib.gq_linear_int4.argtypes = [p, p, p, p, i64, i64, p, i64, p, p, i32]
     lib.gq_dequant_int8.argtypes = [p, p, i64, i64, i64, p, i32, i32]
     lib.gq_dequant_int4.argtypes = [p, p, p, i64, i64, i64, p, i32, i32]
@@ -711,6 +818,21 @@ def _buffer(numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
+def _int8_block(k: int) -> int:
+    """The int8 kernel's activation block: 128, the last one shorter where 128 does not divide k.
+    The kernel takes blocks of 32 too; measured on 576..16384-wide layers they ran as fast at one
+    row and 5-40 % slower at 8 (more scale multiplies per weight byte)."""
+    return 128
+
+
+def _scratch(nbytes: int) -> int:
+    """The address of a per-thread scratch buffer of at least nbytes, kept between calls."""
+    buf = getattr(_workspace, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _workspace.scratch = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf.data_ptr()
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -742,7 +864,7 @@ class QuantizedLinear(nn.Module):
             self.group_size = g = _group_size(k, group_size)
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(n, k // g, dtype=torch.float16))
-            self.register_buffer("zeros", torch.empty(n, k // g, dtype=torch.uint8))
+            self.register_buffer("mins", torch.empty(n, k // g, dtype=torch.float16))
         self.register_buffer("bias", torch.empty(n, dtype=torch.float32) if bias else None)
         self._int4pack: tuple[Tensor, Tensor] | None = None  # torch-op fallback, made on demand
 
@@ -757,18 +879,28 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_state(cls, state: Mapping[str, Tensor], prefix: str = "") -> QuantizedLinear:
-        """A module over the tensors ``{prefix}qweight``, ``scales`` (``zeros``, ``bias``), not copied."""
+        """A module over the tensors ``{prefix}qweight``, ``scales`` (``mins``, ``bias``), not copied.
+
+        Older int4 tensors (``zeros`` instead of ``mins``) are converted (see convert_int4_zeros)."""
         q, scales = state[prefix + "qweight"], state[prefix + "scales"]
         bias = state.get(prefix + "bias")
         if q.dtype == torch.int8:
             mode, n, k, g = "int8", q.shape[0], q.shape[1], q.shape[1]
         elif q.dtype == torch.uint8:
             mode, n, k = "int4", q.shape[0], 2 * q.shape[1]
+            if prefix + "mins" not in state and prefix + "zeros" in state:
+                converted = convert_int4_zeros(q, scales, state[prefix + "zeros"])
+                if bias is not None:
+                    converted["bias"] = bias
+                state, prefix = converted, ""
+                q, scales = state["qweight"], state["scales"]
+            if scales.dim() != 2 or scales.shape[1] == 0 or k % scales.shape[1]:
+                raise ValueError(f"{prefix}scales: shape {list(scales.shape)} does not fit qweight {list(q.shape)}")
             g = k // scales.shape[1]
         else:
             raise ValueError(f"{prefix}qweight has dtype {q.dtype}: expected int8 or uint8")
         mod = cls(k, n, mode, bias is not None, g)
-        for name in ("qweight", "scales", "zeros", "bias"):
+        for name in ("qweight", "scales", "mins", "bias"):
             if getattr(mod, name, None) is not None:
                 t = state[prefix + name]
                 if t.shape != getattr(mod, name).shape or t.dtype != getattr(mod, name).dtype:
@@ -788,9 +920,15 @@ class QuantizedLinear(nn.Module):
             mod.bias = bias.detach().to(torch.float32, copy=True)
         return mod
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._int4pack = None
-        super()._load_from_state_dict(*args, **kwargs)
+        keys = [prefix + name for name in ("qweight", "scales", "zeros")]
+        if self.mode == "int4" and prefix + "mins" not in state_dict and all(k in state_dict for k in keys):
+            # an older int4 checkpoint: convert (state_dict is load_state_dict's own copy)
+            q, scales, zeros = (state_dict.pop(k) for k in keys)
+            for name, t in convert_int4_zeros(q, scales, zeros, self.group_size).items():
+                state_dict[prefix + name] = t
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -832,9 +970,8 @@ class QuantizedLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _kernel_fits(self) -> bool:
-        k = self.in_features
-        ok = k % _QB == 0 and k <= 65536 and self.qweight.is_contiguous() and self.scales.is_contiguous()
-        return ok and (self.mode == "int8" or (self.group_size == _QB and self.zeros.is_contiguous()))
+        ok = self.in_features % _KB == 0 and self.qweight.is_contiguous() and self.scales.is_contiguous()
+        return ok and (self.mode == "int8" or (self.group_size == GROUP_SIZE and self.mins.is_contiguous()))
 
     def forward_decode(self, x: Tensor) -> Tensor:
         """The GEMV path: our kernel, or torch's int8/int4 op without it."""
@@ -857,17 +994,17 @@ class QuantizedLinear(nn.Module):
         m, k, n = x2.shape[0], self.in_features, self.out_features
         xf = x2.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
-        scratch = torch.empty(m * k + 8 * m * (k // _QB), dtype=torch.uint8)
+        scratch = _scratch(m * k + 8 * m * (k // _KB))
         threads = torch.get_num_threads()
         if self.mode == "int8":
             lib.gq_linear_int8(
-                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
-                xf.data_ptr(), m, y.data_ptr(), scratch.data_ptr(), threads,
+                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k, _int8_block(k),
+                xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         else:
             lib.gq_linear_int4(
-                self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), _ptr(self.bias), n, k,
-                xf.data_ptr(), m, y.data_ptr(), scratch.data_ptr(), threads,
+                self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), _ptr(self.bias), n, k,
+                xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         return y
 
@@ -883,7 +1020,7 @@ class QuantizedLinear(nn.Module):
                 vals.reshape(self.out_features, self.in_features).to(torch.int32), 1
             )
             s = self.scales.float()
-            zero = s * (8.0 - self.zeros.float())
+            zero = self.mins.float() + 8.0 * s
             sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4pack = (packed, sz)
         packed, sz = self._int4pack
@@ -927,13 +1064,13 @@ class QuantizedLinear(nn.Module):
                 )
             else:
                 lib.gq_dequant_int4(
-                    self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(), n0, n1, k,
+                    self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), n0, n1, k,
                     out.data_ptr(), bf16, threads,
                 )  # fmt: skip
             return
         part = {"qweight": self.qweight[n0:n1], "scales": self.scales[n0:n1]}
         if self.mode == "int4":
-            part["zeros"] = self.zeros[n0:n1]
+            part["mins"] = self.mins[n0:n1]
         out.copy_(dequantize_weight(part, out.dtype))
 
 

@@ -1,6 +1,8 @@
 """`gptj quantize SRC DST`: a quantized checkpoint (safetensors + config.json) that loads by
 memory map in seconds. The quantized layers keep their portable buffers (`qweight`, `scales`,
-`zeros`, `bias`); config.json records the mode under `quantization_config`."""
+`mins` for int4, `bias`); config.json records the mode and int4 group size under
+`quantization_config`. Folders written before int4 had `mins` hold uint8 `zeros` instead (in
+groups of 128 or 64); QuantizedLinear.from_state converts those as they load."""
 
 from __future__ import annotations
 
@@ -35,7 +37,13 @@ def write_quantized(src: str, dst: str, bits: int) -> Path:
             if (source / name).exists():
                 shutil.copy(source / name, out / name)
     config["tie_word_embeddings"] = False  # lm_head is quantized on its own
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": 128 if mode == "int4" else None}
+    from gptj.quant import GROUP_SIZE
+
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "mode": mode,
+        "group_size": GROUP_SIZE if mode == "int4" else None,
+    }
     config["torch_dtype"] = info.dtype
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file

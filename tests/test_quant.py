@@ -1,9 +1,12 @@
 """Weight-only quantization: accuracy against float, decode vs prefill kernels, the torch-op
-fallback, the native kernel's ISA variants, safetensors round trips and quantize_model."""
+fallback, the native kernel's ISA variants, safetensors round trips, older int4 checkpoints,
+the bundled model's Q4_1 weights and quantize_model."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import gptj
 from gptj import quant
 from gptj.quant import BF16Linear, QuantizedLinear, quantize_linear, quantize_model, quantize_weight
 
@@ -88,6 +92,9 @@ def test_native_quantizer_gives_the_torch_bytes(mode: str, monkeypatch: pytest.M
     w[0] = 0  # an all-zero row / group
     w[1, :64] = 0
     w[2, 3] = 1.0  # an outlier
+    w[3, :32] = 0.5  # a constant group
+    w[4, :32] = w[4, :32].abs() + 0.1  # groups that hold no zero
+    w[4, 32:64] = -w[4, 32:64].abs() - 0.1
     for src in (w, w.to(torch.bfloat16)):
         ours = quantize_weight(src, mode)
         monkeypatch.setattr(quant, "native_kernel", lambda: None)
@@ -108,20 +115,26 @@ def _variant_flags() -> list[list[str]]:
     return variants
 
 
-@pytest.mark.parametrize("flags", _variant_flags(), ids=lambda f: "+".join(f[2:]))
-def test_each_isa_variant(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AVX2 and AVX-VNNI builds, which a machine with AVX-512 would not pick by itself."""
+@pytest.mark.parametrize("flags", [None, *_variant_flags()], ids=lambda f: "native" if f is None else "+".join(f[2:]))
+def test_each_isa_variant(flags: list[str] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 and AVX-VNNI builds, which a machine with AVX-512 would not pick by itself, at
+    in_features that leave partial vectors: 96 and 576 (SmolLM2) are not multiples of 64 or 128."""
     cxx = shutil.which("g++")
     if quant.native_kernel() is None or cxx is None:
         pytest.skip("no native kernel on this machine")
-    lib = quant._open(quant._build(cxx, flags))
+    lib = quant.native_kernel() if flags is None else quant._open(quant._build(cxx, flags))
     monkeypatch.setattr(quant, "native_kernel", lambda: lib)
-    for mode in ("int8", "int4"):
-        q = quantize_linear(linear(1024, 70), mode)
-        x = torch.randn(5, 1024)
-        exact = F.linear(x, q.dequantize(), q.bias)
-        assert rel(q.forward_decode(x), exact) < 0.015
-        assert rel(q.forward_prefill(x), exact) < 0.015
+    for k in (96, 576, 1024):
+        # int8 activations in blocks of 128 (what serves; a shorter last one) and of 32
+        for mode, block in (("int8", 128), ("int8", 32), ("int4", 32)):
+            monkeypatch.setattr(quant, "_int8_block", lambda k, b=block: b)
+            q = quantize_linear(linear(k, 70), mode)
+            assert q._kernel_fits()
+            for rows in (1, 5):
+                x = torch.randn(rows, k)
+                exact = F.linear(x, q.dequantize(), q.bias)
+                assert rel(q.forward_decode(x), exact) < 0.015
+                assert rel(q.forward_prefill(x), exact) < 0.015
 
 
 def test_chunked_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,18 +157,35 @@ def test_dispatch_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_odd_shapes_use_fallbacks(mode: str) -> None:
-    # in_features 576 (SmolLM2): not a multiple of 128, so int4 groups become 64 and the
-    # torch ops serve; 7 output rows leave a partial tile
+def test_smollm2_width_uses_the_kernel(mode: str) -> None:
+    # in_features 576 (SmolLM2): not a multiple of 128, a multiple of 32, which the kernel
+    # takes; 7 output rows leave a partial tile
     lin = linear(576, 7)
     q = quantize_linear(lin, mode)
+    assert q._kernel_fits() == (quant.native_kernel() is not None)
     if mode == "int4":
-        assert q.group_size == 64
+        assert q.group_size == 32
     x = torch.randn(2, 3, 576)
     with torch.no_grad():
         ref = lin(x)
     assert rel(q(x), ref) < (0.02 if mode == "int8" else 0.12)
     assert rel(q.forward_prefill(x), q.forward_decode(x)) < 0.015
+
+
+def test_shapes_the_kernel_does_not_take_use_torch_ops() -> None:
+    # int8 at in_features 200 (not a multiple of 32); int4 groups of 128: the torch ops serve
+    w, b = torch.randn(40, 200) * 0.02, torch.randn(40)
+    layers = [QuantizedLinear.from_weight(w, b, "int8"),
+              QuantizedLinear.from_weight(torch.randn(48, 256) * 0.02, None, "int4", group_size=128)]  # fmt: skip
+    assert layers[1].group_size == 128
+    for q in layers:
+        assert not q._kernel_fits()
+        x = torch.randn(3, q.in_features)
+        exact = F.linear(x, q.dequantize(), q.bias)
+        assert rel(q.forward_decode(x), exact) < 0.015
+        assert rel(q.forward_prefill(x), exact) < 0.015
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_weight(w, "int4")
 
 
 def test_int8_torch_op_at_any_width(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,15 +236,21 @@ def test_quantize_weight_from_bf16_tensor() -> None:
 
 
 def test_int4_layout() -> None:
-    """The documented nibble layout: byte j of a group holds values j and j + G/2."""
-    w = torch.zeros(1, 128)
-    w[0, :] = torch.arange(128) % 16 - 7.0  # exact in 4 bits with s=1, z=7..8
+    """The documented format: w = s * q + m per group of 32, byte j of a group holds values j
+    and j + 16; s = (max - min) / 15, m = min, no zero forced into the range."""
+    w = torch.zeros(1, 64)
+    w[0, :32] = (torch.arange(32) * 7 % 16) * 0.5 + 3.0  # exact in 4 bits with s=0.5, m=3
+    w[0, 32:] = torch.arange(32) % 16 - 20.0  # s=1, m=-20
     b = quantize_weight(w, "int4")
-    packed = b["qweight"][0]
-    z = int(b["zeros"][0, 0])
-    vals = torch.cat([packed & 15, packed >> 4]).to(torch.int64) - z
-    assert float(b["scales"][0, 0]) == 1.0
-    assert torch.equal(vals.float(), w[0])
+    assert set(b) == {"qweight", "scales", "mins"}
+    assert b["qweight"].shape == (1, 32) and b["scales"].shape == b["mins"].shape == (1, 2)
+    assert b["scales"].dtype == b["mins"].dtype == torch.float16
+    assert b["scales"][0].tolist() == [0.5, 1.0] and b["mins"][0].tolist() == [3.0, -20.0]
+    for g in range(2):
+        packed = b["qweight"][0, 16 * g : 16 * g + 16]
+        vals = torch.cat([packed & 15, packed >> 4]).float()
+        assert torch.equal(vals * b["scales"][0, g].float() + b["mins"][0, g].float(), w[0, 32 * g : 32 * g + 32])
+    assert torch.equal(quant.dequantize_weight(b), w)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -234,9 +270,88 @@ def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # typ
     e = QuantizedLinear.empty(384, 48, mode, bias=bias)
     e.load_state_dict({k.removeprefix("layer."): v for k, v in loaded.items()})
     assert torch.equal(e(x), q(x))
-    assert set(e.state_dict()) == {"qweight", "scales"} | ({"zeros"} if mode == "int4" else set()) | (
+    assert set(e.state_dict()) == {"qweight", "scales"} | ({"mins"} if mode == "int4" else set()) | (
         {"bias"} if bias else set()
     )
+
+
+def old_int4(w: torch.Tensor, g: int) -> dict[str, torch.Tensor]:
+    """The int4 buffers of the older format: uint8 zero points, w = s * (q - z), groups of g."""
+    n, k = w.shape
+    part = w.float().reshape(n, k // g, g)
+    lo, hi = part.amin(dim=-1).clamp(max=0.0), part.amax(dim=-1).clamp(min=0.0)
+    s16 = ((hi - lo) / 15.0).clamp(min=1e-7).to(torch.float16)
+    z = torch.round(-lo / s16.float()).clamp_(0, 15)
+    qi = torch.round(part / s16.float()[..., None] + z[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = (qi[..., : g // 2] | (qi[..., g // 2 :] << 4)).reshape(n, k // 2)
+    return {"qweight": q, "scales": s16, "zeros": z.to(torch.uint8)}
+
+
+@pytest.mark.parametrize("g", [128, 64, 32])
+def test_older_int4_buffers_are_converted(g: int) -> None:
+    torch.manual_seed(0)
+    w, bias = torch.randn(36, 384) * 0.02, torch.randn(36)
+    old = old_int4(w, g)
+    expected = quant.dequantize_weight(old)  # s * (q - z)
+    step = old["scales"].float().repeat_interleave(g, dim=1)
+    layers = [QuantizedLinear.from_state({**old, "bias": bias})]
+    layers.append(QuantizedLinear.empty(384, 36, "int4"))
+    layers[1].load_state_dict({**old, "bias": bias})
+    for q in layers:
+        assert q.group_size == 32 and set(q.state_dict()) == {"qweight", "scales", "mins", "bias"}
+        assert q._kernel_fits() == (quant.native_kernel() is not None)
+        # m = -s * z is rounded to fp16: off by at most half its last place, 15 * s * 2^-11
+        assert ((q.dequantize() - expected).abs() <= step * 15 / 2048).all()
+        x = torch.randn(3, 384)
+        assert rel(q(x), F.linear(x, expected, bias)) < 0.015
+
+
+def test_older_int4_checkpoint_loads(tmp_path: Path) -> None:
+    """A `gptj quantize --bits 4` folder written before the scale+min format still loads."""
+    from gptj.checkpoint import make_random_checkpoint
+    from gptj.loading import load_model
+    from gptj.quantized_checkpoint import write_quantized
+
+    src = make_random_checkpoint(tmp_path / "src", "tiny", "safetensors", vocab_size=512, n_positions=64)
+    dst = write_quantized(str(src), str(tmp_path / "int4"), 4)
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    state = load_file(str(dst / "model.safetensors"))
+    ids = [1, 5, 9, 200, 3]
+    new = gptj.load(str(dst)).logits(ids)
+    # rewrite it as the older format wrote it (groups of 64 here: in_features are 64 and 256)
+    expected = {}
+    for key in [k for k in state if k.endswith(".qweight") and state[k].dtype == torch.uint8]:
+        prefix = key.removesuffix("qweight")
+        w = quant.dequantize_weight({n: state[prefix + n] for n in ("qweight", "scales", "mins")})
+        del state[prefix + "mins"]
+        old = old_int4(w, 64)
+        state.update({prefix + n: t for n, t in old.items()})
+        expected[prefix.removesuffix(".")] = quant.dequantize_weight(old)
+    save_file(state, str(dst / "model.safetensors"))
+    module, _, info = load_model(str(dst))
+    assert info.quantization == "int4"
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+    assert layers.keys() == expected.keys()
+    for name, layer in layers.items():
+        assert layer.group_size == 32 and hasattr(layer, "mins")
+        assert (layer.dequantize() - expected[name]).abs().max() < 1e-3
+    assert cosine(gptj.load(str(dst)).logits(ids), new) > 0.99
+
+
+def test_bundled_q4_1_weights_requantize_exactly() -> None:
+    """The bundled GGUF's Q4_1 weights (groups of 32, fp16 d and m: w = d * q + m) are in our
+    int4 format: quantizing them gives them back."""
+    from gguf import GGMLQuantizationType
+
+    from gptj.gguf import _open, bundled_gguf_path, dequantize
+
+    reader = _open(bundled_gguf_path())
+    tensors = [t for t in reader.tensors if t.name.startswith(("blk.0.", "blk.29.")) and len(t.shape) == 2]
+    assert len(tensors) == 14 and all(t.tensor_type == GGMLQuantizationType.Q4_1 for t in tensors)
+    for t in tensors:
+        shape = tuple(reversed([int(n) for n in t.shape]))
+        w = dequantize(torch.from_numpy(t.data).reshape(-1).view(torch.uint8), t.tensor_type, shape)
+        assert torch.equal(quant.dequantize_weight(quantize_weight(w, "int4")), w), t.name
 
 
 def test_from_state_rejects_wrong_tensors() -> None:
