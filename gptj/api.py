@@ -13,6 +13,10 @@ from gptj.sampling import InvalidRequest, SamplingParams
 from gptj.tokenizer import Tokenizer
 
 _SETTING_NAMES = {f.name for f in fields(SamplingParams)}
+# Fusing q/k/v saves a fixed cost per layer call, which matters when layers take microseconds
+# (the bundled 135M model); a 6B model's layers take milliseconds, and fusing would copy weights
+# that are memory-mapped (the copies and the mapped pages both count as resident).
+FUSE_BELOW_PARAMETERS = 2_000_000_000
 
 
 def sampling_params(**settings: object) -> SamplingParams:
@@ -132,6 +136,7 @@ def load(
     keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond
     the cache rows in use (e.g. "1GB")."""
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
-    module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)
+    if info.parameters < FUSE_BELOW_PARAMETERS:
+        module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)
     return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length,
                  prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0)
