@@ -229,12 +229,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"loaded in {time.monotonic() - t0:.1f} s, RSS {rss_kib(proc.pid) / 1024:.0f} MB (idle)")
             print(f"load: {args.duration:g} s per level, {args.max_tokens} tokens per streamed completion, "
                   f"{os.cpu_count()} CPUs\n", flush=True)
+            # One request first: memory-mapped weights are read in (resident) on first use, which
+            # is not growth under load. The RSS change below is measured from here.
+            httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=args.request_timeout)
+            warm = rss_kib(proc.pid)
+            print(f"RSS after one warm-up request: {warm / 1024:.0f} MB", flush=True)
             levels = []
             for c in levels_wanted:
                 levels.append(run_level(base, proc.pid, c, args))
                 print(f"  {c} clients: done", flush=True)
             print()
             print(table(levels))
+            if levels and warm:
+                base_tps = levels[0].tokens / levels[0].wall if levels[0].wall else 0.0
+                for lv in levels[1:]:
+                    if base_tps:
+                        print(f"{lv.concurrency} clients: {lv.tokens / lv.wall / base_tps:.1f}x the aggregate tokens/s "
+                              f"of {levels[0].concurrency}")
+                change = (levels[-1].rss_after - warm) / warm * 100
+                print(f"RSS after the run vs after warm-up: {change:+.1f} %")
         finally:
             code = stop_server(proc)
         print(f"\nserver stopped (exit status {code})")
