@@ -719,19 +719,19 @@ def _cache_dir() -> Path:
     return Path(base) / "gptj" / "kernels"
 
 
-def _build(cxx: str, flags: list[str]) -> Path:
-    """Compiles the kernel into the cache (once per source, compiler, flags and CPU)."""
+def _build(cxx: str, flags: list[str], source: str = _KERNEL_SRC, stem: str = "gq") -> Path:
+    """Compiles `source` into the cache (once per source, compiler, flags and CPU)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     flag_text = " ".join(sorted(_cpu_flags()))
-    key = hashlib.sha256("\0".join([_KERNEL_SRC, cxx, version, *flags, flag_text]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"gq_{key}.so"
+    key = hashlib.sha256("\0".join([source, cxx, version, *flags, flag_text]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{stem}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "gq.cpp"
-        src.write_text(_KERNEL_SRC)
-        lib = Path(tmp) / "gq.so"
+        src = Path(tmp) / f"{stem}.cpp"
+        src.write_text(source)
+        lib = Path(tmp) / f"{stem}.so"
         cmd = [cxx, *flags, "-shared", "-fPIC", "-fopenmp", "-std=c++17", str(src), "-o", str(lib)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
@@ -740,7 +740,10 @@ def _build(cxx: str, flags: list[str]) -> Path:
     return out
 
 
-def _load_kernel() -> ctypes.CDLL | None:
+def load_native(source: str, stem: str, setup: Callable[[ctypes.CDLL], ctypes.CDLL], what: str) -> ctypes.CDLL | None:
+    """Builds C++ `source` (which may include _KERNEL_SRC) into the cache and opens it with
+    `setup(ctypes.CDLL(path))`; None where it cannot be had (GPTJ_QUANT_KERNEL=0, not x86-64
+    Linux with AVX2/FMA/F16C, no compiler, or every build failed: logged, naming `what`)."""
     if os.environ.get("GPTJ_QUANT_KERNEL", "1") == "0":
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -749,21 +752,30 @@ def _load_kernel() -> ctypes.CDLL | None:
         return None
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        log.warning("gptj.quant: no C++ compiler; using torch's quantized ops (slower decode)")
+        log.warning("gptj: no C++ compiler; %s", what)
         return None
     err: Exception | None = None
     # -march=native picks AVX-512 VNNI / AVX-VNNI where present; plain AVX2 if that fails
     for flags in (["-O3", "-march=native"], ["-O3", "-mavx2", "-mfma", "-mf16c"]):
         try:
-            return _open(_build(cxx, flags))
+            # after torch: its libgomp serves our OpenMP too (same soname)
+            return setup(ctypes.CDLL(str(_build(cxx, flags, source, stem))))
         except Exception as e:  # any failure means: use the torch ops
             err = e
-    log.warning("gptj.quant: kernel build failed, using torch's quantized ops: %s", err)
+    log.warning("gptj: native build failed; %s: %s", what, err)
     return None
 
 
+def _load_kernel() -> ctypes.CDLL | None:
+    return load_native(_KERNEL_SRC, "gq", _setup, "using torch's quantized ops (slower decode)")
+
+
 def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))  # after torch: its libgomp serves our OpenMP too (same soname)
+    return _setup(ctypes.CDLL(str(path)))
+
+
+def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the kernel functions' arguments (for _KERNEL_SRC and libraries that include it)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, i32, p, i64, p, p, i32]
     lib.gq_linear_int4.argtypes = [p, p, p, p, i64, i64, p, i64, p, p, i32]
