@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.cpu_decode import decode_blocks
 from gptj.fusion import fuse_linears
 from gptj.kv_cache import CacheView, KVCache
 
@@ -249,9 +250,12 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
         cos, sin = rotary_tables(positions, cfg.head_dim or cfg.hidden_size // cfg.n_head, cfg.rope_theta, x.dtype)
-        view = cache.view(positions, rows) if cache is not None else None
-        for block in self.model.layers:
-            x = block(x, cos, sin, cache, view)
+        # One decode step (T = 1) on the CPU with quantized weights: every block in one C++ call
+        # that updates x in place (gptj/cpu_decode.py); False where it does not serve.
+        if cache is None or not decode_blocks(self, x, cos, sin, positions, cache, rows):
+            view = cache.view(positions, rows) if cache is not None else None
+            for block in self.model.layers:
+                x = block(x, cos, sin, cache, view)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
