@@ -1,15 +1,19 @@
 """Decode speed on the bundled SmolLM2-135M-Instruct: our engine beside transformers, same weights.
 
-    .venv/bin/python benchmarks/bench_bundled.py [--tokens 128] [--repeats 3]
+    .venv/bin/python benchmarks/bench_bundled.py [--tokens 128] [--repeats 3] [--formats float32,int8,int4]
+                                                 [--no-transformers]
 
 transformers runs LlamaForCausalLM over the very tensors we read from the GGUF (dequantized
 to float32), with its KV cache, greedy, token by token. Ours goes through the whole engine
-(sampling, detokenizing, stop checks included). Prints a markdown table.
+(sampling, detokenizing, stop checks included); quantized formats run with the C++ decode step
+(gptj/cpu_decode.py) and without it (GPTJ_FAST_DECODE=0), on the same loaded model. Prints a
+markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -54,16 +58,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--formats", default="float32,int8,int4", help="comma-separated: float32, int8, int4")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     rows = []
-    ref = min(transformers_decode(args.tokens) for _ in range(args.repeats))
-    rows.append(("transformers (float32, same weights)", ref))
-    for quant in (None, "int8"):
+    if not args.no_transformers:
+        ref = min(transformers_decode(args.tokens) for _ in range(args.repeats))
+        rows.append(("transformers (float32, same weights)", ref))
+    for fmt in args.formats.split(","):
+        quant = None if fmt == "float32" else fmt
         model = gptj.load(quantize=quant)
-        ours(model, 8)  # warm-up: kernels built, caches allocated
-        best = min(ours(model, args.tokens) for _ in range(args.repeats))
-        rows.append((f"gptj-studio ({quant or 'float32'})", best))
+        for fast in ("0", "1") if quant else ("1",):
+            os.environ["GPTJ_FAST_DECODE"] = fast
+            ours(model, 8)  # warm-up: kernels built, caches allocated
+            best = min(ours(model, args.tokens) for _ in range(args.repeats))
+            label = "" if not quant else ", C++ decode step" if fast == "1" else ", torch blocks"
+            rows.append((f"gptj-studio ({fmt}{label})", best))
+        model.engine.shutdown(grace=0)
+    os.environ.pop("GPTJ_FAST_DECODE", None)
     print(f"\nSmolLM2-135M-Instruct decode, {args.tokens} tokens, median of each run, best of {args.repeats}; "
           f"{torch.get_num_threads()} threads\n")
     print("| engine | ms/token | tokens/s |")
