@@ -137,32 +137,144 @@ static void silu_mul(const float* g, const float* u, int64_t n, float* a) {
     for (int64_t i = 0; i < n; ++i) a[i] = (g[i] >= 0.f ? g[i] : g[i] * a[i]) / (1.f + a[i]) * u[i];
 }
 
-// out[hd] = softmax(q . K[0..n) * scale) V; s: n floats of scratch
-static void attend(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* s,
-                   float* out) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-        const float* kj = K + j * hd;
-        float d = 0.f;
+// ---- attention
+// A task covers query heads t0..t0+G-1 (G <= 4, sharing one kv head) of one row, over one chunk of
+// n keys: each key and value is read once for the G heads (the cache is read from memory: at
+// long contexts that read is what attention costs). Per head it leaves the chunk's max score m,
+// l = sum e^(score - m) and o = sum e^(score - m) v, combined over chunks afterwards (chunks
+// let two threads share one row's few heads at long contexts).
+
+// per head t: s[t*n ..] scores -> e^(score - m); m[t*ms], l[t*ms]
+static void chunk_softmax(float* s, int G, int64_t n, float* m, float* l, int64_t ms) {
+    for (int t = 0; t < G; ++t) {
+        float* st = s + t * n;
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < n; ++j) mx = st[j] > mx ? st[j] : mx;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) st[j] -= mx;
+        exp_inplace(st, n);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += st[j];
+        m[t * ms] = mx;
+        l[t * ms] = sum;
+    }
+}
+
+// any head_dim. q: G heads, stride hd; o: stride os
+static void attend_any(const float* q, int G, int64_t hd, const float* K, const float* V, int64_t n, float scale,
+                       float* s, float* o, int64_t os, float* m, float* l, int64_t ms) {
+    for (int t = 0; t < G; ++t)
+        for (int64_t j = 0; j < n; ++j) {
+            const float *qt = q + t * hd, *kj = K + j * hd;
+            float d = 0.f;
 #pragma omp simd reduction(+ : d)
-        for (int64_t i = 0; i < hd; ++i) d += q[i] * kj[i];
-        s[j] = d * scale;
-        mx = s[j] > mx ? s[j] : mx;
-    }
-    for (int64_t j = 0; j < n; ++j) s[j] -= mx;
-    exp_inplace(s, n);
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) sum += s[j];
-    for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-        const float* vj = V + j * hd;
-        const float p = s[j];
+            for (int64_t i = 0; i < hd; ++i) d += qt[i] * kj[i];
+            s[t * n + j] = d * scale;
+        }
+    chunk_softmax(s, G, n, m, l, ms);
+    for (int t = 0; t < G; ++t) {
+        float* ot = o + t * os;
+        for (int64_t i = 0; i < hd; ++i) ot[i] = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+            const float *vj = V + j * hd, p = s[t * n + j];
 #pragma omp simd
-        for (int64_t i = 0; i < hd; ++i) out[i] += p * vj[i];
+            for (int64_t i = 0; i < hd; ++i) ot[i] += p * vj[i];
+        }
     }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+// head_dim = NV float vectors: the G heads' queries and outputs stay in registers
+#if GQ_ISA == 3
+#define FW 16
+static inline vf vf_ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vf_st(float* p, vf a) { _mm512_storeu_ps(p, a); }
+// the sums of four vectors' lanes
+static inline __m128 vf_sum4(const vf* a) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    // per 128-bit lane: a0, a1, a2, a3's partial sums
+    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#else
+#define FW 8
+static inline vf vf_ld(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vf_st(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline __m128 vf_sum4(const vf* a) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+#endif
+template <int NV, int G>
+static void attend_v(const float* q, const float* K, const float* V, int64_t n, float scale, float* s, float* o,
+                     int64_t os, float* m, float* l, int64_t ms) {
+    constexpr int64_t hd = NV * FW;
+    vf qv[G][NV];
+    for (int t = 0; t < G; ++t)
+        for (int i = 0; i < NV; ++i) qv[t][i] = vf_ld(q + t * hd + i * FW);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {  // four keys at a time: 4G independent FMA chains, one reduction
+        vf a[G][4];
+        for (int t = 0; t < G; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = vf_zero();
+        for (int i = 0; i < NV; ++i)
+            for (int u = 0; u < 4; ++u) {
+                const vf k = vf_ld(K + (j + u) * hd + i * FW);
+                for (int t = 0; t < G; ++t) a[t][u] = vf_fma(qv[t][i], k, a[t][u]);
+            }
+        for (int t = 0; t < G; ++t) _mm_storeu_ps(s + t * n + j, _mm_mul_ps(vf_sum4(a[t]), _mm_set1_ps(scale)));
+    }
+    for (; j < n; ++j) {
+        vf a[G];
+        for (int t = 0; t < G; ++t) a[t] = vf_zero();
+        for (int i = 0; i < NV; ++i) {
+            const vf k = vf_ld(K + j * hd + i * FW);
+            for (int t = 0; t < G; ++t) a[t] = vf_fma(qv[t][i], k, a[t]);
+        }
+        for (int t = 0; t < G; ++t) s[t * n + j] = vf_sum(a[t]) * scale;
+    }
+    chunk_softmax(s, G, n, m, l, ms);
+    vf acc[G][NV];
+    for (int t = 0; t < G; ++t)
+        for (int i = 0; i < NV; ++i) acc[t][i] = vf_zero();
+    for (j = 0; j < n; ++j) {
+        vf p[G];
+        for (int t = 0; t < G; ++t) p[t] = vf_set(s[t * n + j]);
+        for (int i = 0; i < NV; ++i) {
+            const vf v = vf_ld(V + j * hd + i * FW);
+            for (int t = 0; t < G; ++t) acc[t][i] = vf_fma(p[t], v, acc[t][i]);
+        }
+    }
+    for (int t = 0; t < G; ++t)
+        for (int i = 0; i < NV; ++i) vf_st(o + t * os + i * FW, acc[t][i]);
+}
+
+template <int NV>
+static bool attend_nv(const float* q, int G, const float* K, const float* V, int64_t n, float scale, float* s,
+                      float* o, int64_t os, float* m, float* l, int64_t ms) {
+    switch (G) {
+        case 1: attend_v<NV, 1>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
+        case 2: attend_v<NV, 2>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
+        case 3: attend_v<NV, 3>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
+        case 4: attend_v<NV, 4>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
+    }
+    return false;
+}
+
+// n >= 1 keys
+static void attend_chunk(const float* q, int G, int64_t hd, const float* K, const float* V, int64_t n, float scale,
+                         float* s, float* o, int64_t os, float* m, float* l, int64_t ms) {
+    bool done = false;
+    switch (hd) {
+        case FW: done = attend_nv<1>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 2 * FW: done = attend_nv<2>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 4 * FW: done = attend_nv<4>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 8 * FW: done = attend_nv<8>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+    }
+    if (!done) attend_any(q, G, hd, K, V, n, scale, s, o, os, m, l, ms);
 }
 
 static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
@@ -172,13 +284,23 @@ struct GqDecodeDims {
     float eps;
 };
 
-// bytes of scratch gq_llama_decode needs for B rows
+#define ATT_G 4            // query heads per task, at most
+#define ATT_MIN_CHUNK 256  // keys: shorter chunks cost more to combine than they save
+
+// chunks per (row, kv head) at most: enough tasks for 4 per thread
+static int64_t max_chunks(int64_t B, int64_t nkv, int nthreads) {
+    const int64_t c = (4 * nthreads + B * nkv - 1) / (B * nkv);
+    return c > 1 ? c : 1;
+}
+
 extern "C" int64_t gq_llama_decode_scratch(const GqDecodeDims* d, int64_t B, int64_t max_len, int nthreads) {
     const int64_t qkv = (d->n_head + 2 * d->n_kv) * d->head_dim, att = d->n_head * d->head_dim;
     int64_t kmax = d->hidden > att ? d->hidden : att;
     kmax = kmax > d->inter ? kmax : d->inter;
-    int64_t f = align64(B * d->hidden) * 2 + align64(B * qkv) + align64(B * att) + align64(B * 2 * d->inter) +
-                align64(B * d->inter) + align64(max_len) * nthreads;
+    const int64_t parts = B * d->n_head * max_chunks(B, d->n_kv, nthreads);
+    const int64_t f = align64(B * d->hidden) * 2 + align64(B * qkv) + align64(B * att) + align64(B * 2 * d->inter) +
+                      align64(B * d->inter) + ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) +
+                      2 * align64(parts);
     return f * 4 + align64(B * kmax + 8 * B * (kmax / 32)) + 64;
 }
 
@@ -204,10 +326,18 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
     float* gu = att + align64(B * att_w);
     float* act = gu + align64(B * 2 * I);
     float* scores = act + align64(B * I);
-    void* gemv = scores + align64(max_len) * nthreads;
+    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
+    float* po = scores + ATT_G * align64(max_len) * nthreads;
+    float* pm = po + align64(parts * hd);
+    float* pl = pm + align64(parts);
+    void* gemv = pl + align64(parts);
     const int64_t row_stride = nkv * max_len * hd, layer_stride = cache_rows * row_stride;
-    // attention in parallel only where it outweighs waking the threads
+    // attention in parallel only where it outweighs waking the threads; keys in C chunks of
+    // `chunk` per (row, kv head) where that gives the threads more tasks
     const bool par = B * nh * (maxpos + 1) * hd >= 32768;
+    int64_t C = par ? max_chunks(B, nkv, nthreads) : 1;
+    C = C < (maxpos + 1) / ATT_MIN_CHUNK ? C : (maxpos + 1) / ATT_MIN_CHUNK > 1 ? (maxpos + 1) / ATT_MIN_CHUNK : 1;
+    const int64_t chunk = (maxpos + 1 + C - 1) / C, hg = (group + ATT_G - 1) / ATT_G;
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GqLayer& L = layers[l];
         rms_norm_rows(x, L.ln1, B, H, d->eps, h);
@@ -224,12 +354,40 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
                 memcpy(vl + at, r + (nh + nkv + j) * hd, hd * sizeof(float));
             }
         }
+        // tasks: (row, kv head, batch of up to ATT_G of its query heads, chunk of keys)
 #pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
-        for (int64_t bh = 0; bh < B * nh; ++bh) {
-            const int64_t b = bh / nh, j = bh % nh;
-            const int64_t at = (row0 + b) * row_stride + (j / group) * max_len * hd;
-            attend(qkv + b * qkv_w + j * hd, kl + at, vl + at, pos[b] + 1, hd, scale,
-                   scores + align64(max_len) * omp_get_thread_num(), att + b * att_w + j * hd);
+        for (int64_t task = 0; task < B * nkv * hg * C; ++task) {
+            const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv, b = task / (C * hg * nkv);
+            const int64_t h0 = kvh * group + hb * ATT_G, n = pos[b] + 1;
+            const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
+            const int64_t j0 = c * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
+            const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
+            if (j1 <= j0) {  // this row has no keys in this chunk
+                for (int t = 0; t < G; ++t) pm[pi + t * C] = -INFINITY;
+                continue;
+            }
+            const int64_t at = (row0 + b) * row_stride + (kvh * max_len + j0) * hd;
+            attend_chunk(qkv + b * qkv_w + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale,
+                         scores + ATT_G * align64(max_len) * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
+                         pl + pi, C);
+        }
+        for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the chunks: softmax over all keys
+            const int64_t pi = bh * C;
+            float M = -INFINITY, sum = 0.f;
+            for (int64_t c = 0; c < C; ++c) M = pm[pi + c] > M ? pm[pi + c] : M;
+            float* out = att + bh * hd;  // att [B, nh * hd]: row b, head h at bh * hd
+            for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+            for (int64_t c = 0; c < C; ++c) {
+                if (pm[pi + c] == -INFINITY) continue;
+                const float w = C == 1 ? 1.f : expf(pm[pi + c] - M);
+                const float* o = po + (pi + c) * hd;
+                sum += w * pl[pi + c];
+#pragma omp simd
+                for (int64_t i = 0; i < hd; ++i) out[i] += w * o[i];
+            }
+            const float inv = 1.f / sum;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
         }
         run_linear(L.o, att, B, t, gemv, nthreads);
         for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];

@@ -35,13 +35,15 @@ CONFIGS = {
                 tie_word_embeddings=True),
     # MHA with head_dim (32) != hidden / heads (16)
     "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=32, intermediate_size=128),
+    # 6 query heads per kv head (two batches of heads in the kernel), head_dim 8 (no whole vector)
+    "group6": dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, intermediate_size=128),
 }  # fmt: skip
 TIGHT, FLIPPED = 1e-4, 3e-2  # of the logits' scale
 
 
 def tiny_llama(kw: dict, mode: str, seed: int = 0) -> Llama:
     torch.manual_seed(seed)
-    cfg = LlamaConfig.from_dict(dict(vocab_size=101, num_hidden_layers=3, max_position_embeddings=64, rope_theta=500.0,
+    cfg = LlamaConfig.from_dict(dict(vocab_size=101, num_hidden_layers=3, max_position_embeddings=1024, rope_theta=500.0,
                                      **kw))
     model = Llama(cfg).eval()
     with torch.no_grad():  # weights big enough for errors to show; random norms
@@ -52,9 +54,9 @@ def tiny_llama(kw: dict, mode: str, seed: int = 0) -> Llama:
     return model
 
 
-def cache_for(model: Llama, rows: int) -> KVCache:
+def cache_for(model: Llama, rows: int, max_len: int = 40) -> KVCache:
     cfg = model.config
-    return KVCache(cfg.n_layer, rows, cfg.n_kv_heads, 40, cfg.head_dim)
+    return KVCache(cfg.n_layer, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
 
 
 def decode(model: Llama, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
@@ -71,7 +73,7 @@ def compare_steps(model: Llama, cache: KVCache, rows: slice, steps: list[tuple[t
     their logits and everything in the caches afterwards."""
     flipped = 0
     for ids, positions in steps:
-        fast_cache = cache_for(model, cache.n_rows)
+        fast_cache = cache_for(model, cache.n_rows, cache.max_len)
         fast_cache.k.copy_(cache.k)
         fast_cache.v.copy_(cache.v)
         expected = decode(model, ids, positions, cache, rows, False, monkeypatch)
@@ -97,6 +99,18 @@ def test_prefill_then_decode_matches_torch(name: str, mode: str, monkeypatch: py
     with torch.no_grad():  # prefill: the torch path
         model(ids[:, :6], torch.arange(6)[None], cache)
     steps = [(ids[:, i : i + 1], torch.tensor([[i]])) for i in range(6, 14)]
+    compare_steps(model, cache, slice(0, 1), steps, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["gqa", "group6"])
+def test_long_context(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """600 positions: attention runs in parallel, each row's keys in chunks combined afterwards."""
+    model = tiny_llama(CONFIGS[name], "int4", seed=2)
+    ids = torch.randint(0, 101, (1, 604))
+    cache = cache_for(model, 1, max_len=700)
+    with torch.no_grad():
+        model(ids[:, :600], torch.arange(600)[None], cache)
+    steps = [(ids[:, i : i + 1], torch.tensor([[i]])) for i in range(600, 604)]
     compare_steps(model, cache, slice(0, 1), steps, monkeypatch)
 
 
