@@ -198,3 +198,32 @@ def test_bundled_model_decode_perplexity_matches_torch(bundled: gptj.Model, monk
         ppl[fast] = math.exp(F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
     assert 5 < ppl[False] < 40
     assert abs(ppl[True] / ppl[False] - 1) < 0.04, ppl
+
+
+def test_engine_batch_of_three(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests decoded together by the engine (rows slices, rows at their own positions):
+    the fast path serves the batched steps and gives the torch path's tokens."""
+    from gptj.models import llama
+
+    served = []
+    real = llama.decode_blocks
+
+    def recording(model, x, *args):  # noqa: ANN001, ANN002, ANN202
+        ok = real(model, x, *args)
+        served.append((x.shape[0], ok))
+        return ok
+
+    monkeypatch.setattr(llama, "decode_blocks", recording)
+    prompts = ["1, 2, 3, 4, 5,", "10, 11, 12, 13, 14,", "2, 4, 6, 8, 10,"]
+    model = gptj.load(quantize="int8", max_batch=3)
+    try:
+        tokens = {}
+        for fast in (False, True):
+            monkeypatch.setenv("GPTJ_FAST_DECODE", "1" if fast else "0")
+            handles = [model.submit(p, max_new_tokens=16, temperature=0, ignore_eos=True) for p in prompts]
+            tokens[fast] = [h.result().tokens for h in handles]
+    finally:
+        model.engine.shutdown(grace=0)
+    assert tokens[True] == tokens[False]
+    assert (3, True) in served  # batched steps went through the fast path
+    assert model.tokenizer.decode(tokens[True][2]).startswith(" 12, 14, 16,")
