@@ -9,8 +9,14 @@ each) than in its GEMVs. Here one call runs, for each layer and each of the B ro
     -> rms_norm -> gate_up GEMV -> silu(gate) * up -> down GEMV -> x += ...
 
 with x [B, hidden] float32 updated in place. The GEMVs are quant.py's kernels (its source is
-compiled into this library); attention runs in parallel over (row, head) with OpenMP. The
-rotary tables are the torch path's own (`rotary_tables`), so rotated values match it.
+compiled into this library); attention runs in parallel with OpenMP over (row, kv head with
+its query heads, chunk of keys). The rotary tables are the torch path's own (`rotary_tables`).
+
+Results equal the torch path's up to float rounding; but the GEMV kernel quantizes its input
+to int8, so a one-ulp difference can round an activation the other way, and in a deep model
+such differences grow: the logits then differ as much as the torch path's own do when its
+input is nudged by one ulp (tests/test_cpu_decode.py). Bundled model, 2 cores: 24 -> 7 ms per
+token (int8), 23 -> 5-6 ms (int4), through the engine (benchmarks/bench_bundled.py).
 
 Served: Llama models on the CPU whose linears are all fused QuantizedLinear layers (int8, or
 int4 in groups of 32) the kernel takes, float32 activations and a float32 KV cache, at most
