@@ -119,6 +119,17 @@ def one_request(client: httpx.Client, body: dict, level: Level) -> float:
     return 0.0
 
 
+def prefix_cache_bytes(base: str) -> int:
+    """What the server's prefix cache holds (from /metrics), 0 if it does not say."""
+    try:
+        for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+            if line.startswith("gptj_prefix_cache_bytes "):
+                return int(float(line.split()[1]))
+    except httpx.HTTPError:
+        pass
+    return 0
+
+
 def run_level(base: str, pid: int, concurrency: int, args: argparse.Namespace) -> Level:
     level = Level(concurrency, rss_before=rss_kib(pid))
     end = time.monotonic() + args.duration
@@ -247,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{lv.concurrency} clients: {lv.tokens / lv.wall / base_tps:.1f}x the aggregate tokens/s "
                               f"of {levels[0].concurrency}")
                 change = (levels[-1].rss_after - warm) / warm * 100
-                print(f"RSS after the run vs after warm-up: {change:+.1f} %")
+                kept = prefix_cache_bytes(base) / 1024
+                print(f"RSS after the run vs after warm-up: {change:+.1f} %; of that, the prefix cache (bounded "
+                      f"by --prefix-cache) holds {kept / 1024:.0f} MB: {(levels[-1].rss_after - kept - warm) / warm * 100:+.1f} % "
+                      "without it")
         finally:
             code = stop_server(proc)
         print(f"\nserver stopped (exit status {code})")

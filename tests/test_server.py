@@ -23,9 +23,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # ---- servers -----------------------------------------------------------------------------------
 
 
-
-
-
 @pytest.fixture(scope="module")
 def url(bundled_model) -> Iterator[str]:  # noqa: ANN001
     with running(create_app(bundled_model)) as base:
@@ -289,6 +286,9 @@ def test_metrics(client: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     assert metric(client, "gptj_generated_tokens_total") >= before + 3
     assert metric(client, "gptj_batch_size") == 0
+
+def test_metrics_report_what_the_prefix_cache_holds(client: httpx.Client, bundled_model) -> None:  # noqa: ANN001
+    assert metric(client, "gptj_prefix_cache_bytes") == bundled_model.engine.prefix_store.nbytes
 
 
 def test_openapi_lists_endpoints(client: httpx.Client) -> None:
