@@ -67,13 +67,13 @@ def main() -> None:
         ref = min(transformers_decode(args.tokens) for _ in range(args.repeats))
         rows.append(("transformers (float32, same weights)", ref))
     for fmt in args.formats.split(","):
-        quant = None if fmt == "float32" else fmt
+        quant = "none" if fmt == "float32" else fmt  # the default for this GGUF is int8
         model = gptj.load(quantize=quant)
-        for fast in ("0", "1") if quant else ("1",):
+        for fast in ("0", "1") if fmt != "float32" else ("1",):
             os.environ["GPTJ_FAST_DECODE"] = fast
             ours(model, 8)  # warm-up: kernels built, caches allocated
             best = min(ours(model, args.tokens) for _ in range(args.repeats))
-            label = "" if not quant else ", C++ decode step" if fast == "1" else ", torch blocks"
+            label = "" if fmt == "float32" else ", C++ decode step" if fast == "1" else ", torch blocks"
             rows.append((f"gptj-studio ({fmt}{label})", best))
         model.engine.shutdown(grace=0)
     os.environ.pop("GPTJ_FAST_DECODE", None)
