@@ -16,7 +16,7 @@ DEFAULTS = SamplingParams()
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="folder, .gguf file or repo id (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--quantize", "-q", choices=["none", "bf16", "int8", "int4"], default=None,
-                   help="weight quantization (default: none; int8 for a .gguf such as the bundled model)")
+                   help="weight quantization (default: none)")
     p.add_argument("--revision", default=None, help="revision of a cached Hugging Face repo (e.g. float16)")
     p.add_argument("--max-memory", default=None, help="refuse to load above this size, e.g. 8GB")
     p.add_argument("--context-length", type=int, default=None, help="cap the context window (tokens)")

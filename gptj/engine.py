@@ -168,6 +168,15 @@ class _Request:
     def length(self) -> int:
         return self.prefilled + len(self.generated)
 
+    @property
+    def prefill_target(self) -> int:
+        """Prompt tokens that go through prefill chunks: all but the last, which a decode step
+        takes like a generated token. A prompt's first logits then come from the same kind of
+        step whether its prefix was cached or not, so a seed gives the same text either way
+        (with int8 activations, a prefill's and a decode step's logits differ enough to change
+        a draw)."""
+        return len(self.prompt_ids) - (1 if self.params.max_new_tokens else 0)
+
 
 class Engine:
     def __init__(
@@ -494,27 +503,23 @@ class Engine:
                 self._retire(r, "cancelled")
             elif r.deadline is not None and now > r.deadline:
                 self._retire(r, "timeout")
-        prefilling = [r for r in self.active if r.prefilled < len(r.prompt_ids)]
+        prefilling = [r for r in self.active if r.prefilled < r.prefill_target]
         if prefilling:
             self._prefill_chunk(prefilling[0])
-        decoding = [r for r in self.active if r.prefilled == len(r.prompt_ids) and r.generated]
+        decoding = [r for r in self.active if r.prefilled >= r.prefill_target]
         if decoding:
             self._decode(decoding)
 
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled
-        chunk = r.prompt_ids[start : start + self.prefill_chunk]
+        chunk = r.prompt_ids[start : min(start + self.prefill_chunk, r.prefill_target)]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        # sampling runs on the CPU (a no-op there): same seed, same draws on any device
-        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True).cpu()
+        self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True)
         r.prefilled += len(chunk)
         self.row_tokens[r.row].extend(chunk)
-        if r.prefilled == len(r.prompt_ids):
-            if r.params.max_new_tokens == 0:
-                self._retire(r, "length")
-            else:
-                self._accept(r, logits[0, -1])
+        if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
+            self._retire(r, "length")
 
     def _decode(self, batch: list[_Request]) -> None:
         lo = min(r.row for r in batch)
@@ -530,14 +535,20 @@ class Engine:
                     del held[-1]
                 positions[row - lo, 0] = len(held)
                 continue
-            # Rows that are not decoding write a throwaway key at their next free position,
-            # which their own next write overwrites.
-            positions[row - lo, 0] = r.length - 1 if r in batch else r.length
+            # A decoding row feeds its last token (the prompt's last, then each generated one)
+            # at the next free position; rows that are not decoding write a throwaway key
+            # there, which their own next write overwrites.
+            positions[row - lo, 0] = len(self.row_tokens[row])
             if r in batch:
-                ids[row - lo, 0] = r.generated[-1]
+                ids[row - lo, 0] = r.generated[-1] if r.generated else r.prompt_ids[-1]
+        # sampling runs on the CPU (a no-op there): same seed, same draws on any device
         logits = self.model(ids.to(self.device), positions.to(self.device), self.cache, slice(lo, hi)).cpu()
         for r in batch:
-            self.row_tokens[r.row].append(r.generated[-1])
+            if r.generated:
+                self.row_tokens[r.row].append(r.generated[-1])
+            else:
+                self.row_tokens[r.row].append(r.prompt_ids[-1])
+                r.prefilled += 1
             self._accept(r, logits[r.row - lo, -1])
 
     def _accept(self, r: _Request, logits: torch.Tensor) -> None:

@@ -27,13 +27,7 @@ from gptj.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "smollm2"
 ARCHITECTURES = {"gptj": (GPTJ, GPTJConfig), "llama": (Llama, LlamaConfig)}
-QUANT_MODES = (None, "none", "bf16", "int8", "int4")  # None: the model's default; "none": as stored
-# A GGUF's weights are already quantized (the bundled SmolLM2: 4-bit Q4_1 blocks, Q8_0 embeddings).
-# Dequantizing them to float32 and decoding in float32 is the slow way to run them: by default
-# they load as int8, which holds Q4_1 values with no measurable loss (perplexity 17.78 against
-# 17.90 in float32, benchmarks/bench_quality.py) and decodes ~7x faster here. quantize="none"
-# gives the float32 model, "int4" keeps the Q4_1 blocks exactly.
-GGUF_DEFAULT_QUANTIZE = "int8"
+QUANT_MODES = (None, "none", "bf16", "int8", "int4")  # None and "none": the weights as stored
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 GB = 1e9
 MADV_DONTNEED = 4  # Linux
@@ -322,8 +316,6 @@ def load_model(
         limit = free_memory(device)  # on a GPU its free memory; on the CPU the host's (check_memory)
     display = str(name_or_path or DEFAULT_MODEL)
     if path.is_file() and path.suffix == ".gguf":
-        if quantize is None:
-            quantize = GGUF_DEFAULT_QUANTIZE if dtype is None else None  # a dtype asked for: as stored
         return _load_gguf(path, display, None if quantize == "none" else quantize, dtype, limit, device)
     if quantize == "none":
         quantize = None

@@ -119,6 +119,8 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     values, ids = torch.topk(scaled, k)  # sorted, most likely first
     # top-k renormalizes over its k tokens; top-p alone measures mass over the whole vocabulary
     probs = values.softmax(-1) if everything is None else everything[ids]
+    if not bool(torch.isfinite(probs).all()):  # e.g. a temperature of 1e-309: logits overflow
+        raise RuntimeError("no distribution to sample from")  # the engine takes the most likely token
     keep = torch.ones_like(probs, dtype=torch.bool)
     if params.top_p < 1.0:
         keep &= (probs.cumsum(-1) - probs) < params.top_p  # the mass before a token is below top_p

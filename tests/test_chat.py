@@ -27,15 +27,19 @@ class ScriptedLM(nn.Module):
         super().__init__()
         self.config = GPTJConfig(n_embd=8, n_head=1, n_layer=1, rotary_dim=8, n_positions=512, vocab_size=vocab)
         self.script, self.vocab = script, vocab
-        self.prompt_len: int | None = None
+        self.base: int | None = None  # the position of a request's first decode step
+        self.last_end = 0
 
     def forward(self, input_ids, positions=None, cache=None, rows=slice(0, 1), last_only=False):  # noqa: ANN001, ANN201
         if positions is None:
             positions = torch.arange(input_ids.shape[1])[None]
-        end = positions[:, -1:] + 1
-        if input_ids.shape[1] > 1 or self.prompt_len is None or int(end[0, 0]) <= self.prompt_len:
-            self.prompt_len = int(end[0, 0])
-        step = int(end[0, 0]) - self.prompt_len
+        end = int(positions[0, -1]) + 1
+        # A new request: a prefill (its last prompt token comes next, in a decode step), or a
+        # decode step that does not follow the previous one (its prompt was cached).
+        if input_ids.shape[1] > 1 or self.base is None or end <= self.last_end:
+            self.base = end if input_ids.shape[1] > 1 else end - 1
+        self.last_end = end
+        step = max(0, end - 1 - self.base)
         logits = torch.zeros(input_ids.shape[0], 1 if last_only else input_ids.shape[1], self.vocab)
         logits[..., self.script[min(step, len(self.script) - 1)]] = 10.0
         return logits

@@ -268,3 +268,29 @@ def test_prefix_store_is_bounded_and_evicts_least_recently_used() -> None:
     store.put([1] * 10 + [5], kv(11), kv(11))  # extends entry 1: replaces it
     assert store.best([1] * 10)[0] == tuple([1] * 10 + [5])
     assert store.nbytes <= store.max_bytes
+
+
+@pytest.mark.parametrize("mode", ["int8", "none"])
+def test_same_seed_same_text_with_and_without_a_cached_prefix(mode: str) -> None:
+    # The playground's "regenerate": the second run finds its prompt in the cache. Its first
+    # logits must come from the same kind of step as the first run's (with int8 activations a
+    # prefill's and a decode step's logits differ enough to change a draw).
+    model = gptj.load(quantize=mode)
+    try:
+        prompt = "The old lighthouse keeper climbed the stairs and"
+        settings = dict(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True)
+        first = model.generate(prompt, **settings)
+        again = model.generate(prompt, **settings)
+        assert again.cached_prompt_tokens == first.prompt_tokens - 1  # all but the last token reused
+        assert again.text == first.text
+    finally:
+        model.engine.shutdown(grace=0)
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=0, top_p=1.0), dict(top_k=329400, top_p=1.0, min_p=1e-6),
+                                      dict(top_k=0, top_p=0.9)])
+def test_a_temperature_at_the_edge_of_float_takes_the_most_likely_token(tiny: gptj.Model, settings: dict) -> None:
+    # 2.2e-309 (a schemathesis find): logits / temperature overflow, no distribution is left
+    out = tiny.generate(PROMPT, max_new_tokens=4, temperature=2.225073858507203e-309, ignore_eos=True, **settings)
+    greedy = tiny.generate(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert out.finish_reason == "length" and out.tokens == greedy.tokens
