@@ -89,6 +89,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it
         # already reaches top_p. The most likely token always stays.
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False  # also when top_p rounds to 0 in float32 (5e-324)
         logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
@@ -124,6 +125,7 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     keep = torch.ones_like(probs, dtype=torch.bool)
     if params.top_p < 1.0:
         keep &= (probs.cumsum(-1) - probs) < params.top_p  # the mass before a token is below top_p
+        keep[0] = True  # the most likely token always stays, also when top_p rounds to 0 in float32
     if params.min_p > 0.0:
         keep &= probs >= params.min_p * probs[0]
     ids, probs = ids[keep], probs[keep]
