@@ -169,6 +169,11 @@ class _Request:
         return self.prefilled + len(self.generated)
 
     @property
+    def next_input(self) -> int:
+        """The token a decode step feeds: the last generated one, or the prompt's last."""
+        return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
+    @property
     def prefill_target(self) -> int:
         """Prompt tokens that go through prefill chunks: all but the last, which a decode step
         takes like a generated token. A prompt's first logits then come from the same kind of
@@ -341,7 +346,7 @@ class Engine:
         the main thread, start_background() in a thread of its own. `on_ready` is called once
         this thread is the driver (e.g. to start the web server that submits requests)."""
         with self.lock:
-            if self.driver is not None and self.driver.is_alive() and self.driver is not threading.current_thread():
+            if self._driven_elsewhere():
                 raise RuntimeError("the engine already has a driver thread")
             self.driver = threading.current_thread()
         try:
@@ -515,7 +520,7 @@ class Engine:
         chunk = r.prompt_ids[start : min(start + self.prefill_chunk, r.prefill_target)]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        self.model(ids, positions, self.cache, slice(r.row, r.row + 1), last_only=True)
+        self.model(ids, positions, self.cache, slice(r.row, r.row + 1), logits=False)  # the last token's step samples
         r.prefilled += len(chunk)
         self.row_tokens[r.row].extend(chunk)
         if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
@@ -540,14 +545,12 @@ class Engine:
             # there, which their own next write overwrites.
             positions[row - lo, 0] = len(self.row_tokens[row])
             if r in batch:
-                ids[row - lo, 0] = r.generated[-1] if r.generated else r.prompt_ids[-1]
+                ids[row - lo, 0] = r.next_input
         # sampling runs on the CPU (a no-op there): same seed, same draws on any device
         logits = self.model(ids.to(self.device), positions.to(self.device), self.cache, slice(lo, hi)).cpu()
         for r in batch:
-            if r.generated:
-                self.row_tokens[r.row].append(r.generated[-1])
-            else:
-                self.row_tokens[r.row].append(r.prompt_ids[-1])
+            self.row_tokens[r.row].append(r.next_input)
+            if not r.generated:  # the prompt's last token is in the cache now
                 r.prefilled += 1
             self._accept(r, logits[r.row - lo, -1])
 
@@ -644,10 +647,9 @@ def _stop_at_exit(ref: weakref.ref) -> None:
     engine = ref()
     if engine is None or engine.thread is None or not engine.thread.is_alive():
         return
-    engine.stopping = True
     for r in list(engine.active):
         r.cancelled = True
-    engine.waiting.put(None)  # type: ignore[arg-type]  # wakes a worker waiting for requests
+    engine.stop()
     engine.thread.join(timeout=5)
 
 

@@ -309,6 +309,8 @@ def load_model(
 ) -> tuple[nn.Module, Tokenizer, ModelInfo]:
     if quantize not in QUANT_MODES:
         raise ModelLoadError(f"quantize must be one of {', '.join(str(m) for m in QUANT_MODES)}, got {quantize!r}")
+    if quantize == "none":
+        quantize = None
     path = resolve(name_or_path, revision)
     device = resolve_device(device)
     limit = parse_size(max_memory)
@@ -316,9 +318,7 @@ def load_model(
         limit = free_memory(device)  # on a GPU its free memory; on the CPU the host's (check_memory)
     display = str(name_or_path or DEFAULT_MODEL)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, display, None if quantize == "none" else quantize, dtype, limit, device)
-    if quantize == "none":
-        quantize = None
+        return _load_gguf(path, display, quantize, dtype, limit, device)
     if path.is_file():
         raise ModelLoadError(f"{path} is a file; give the model folder that holds config.json, or a .gguf file")
     files, fmt = weight_files(path)

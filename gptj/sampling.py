@@ -77,59 +77,43 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: torch
     return logits
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p (nucleus) and min-p, setting dropped ids to -inf."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it
-        # already reaches top_p. The most likely token always stays.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        drop[0] = False  # also when top_p rounds to 0 in float32 (5e-324)
-        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
-    return logits
-
-
 def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens that `filter_logits` keeps and their probabilities: (ids, probs), most likely
-    first (all ids in vocabulary order when nothing is filtered).
+    """The tokens the settings keep and their probabilities: (ids, probs), most likely first
+    (all ids in vocabulary order when nothing is filtered). Temperature, then top-k, top-p
+    (the smallest set whose mass reaches top_p; the most likely token always stays) and min-p.
 
-    The same set as masking the whole vocabulary, without sorting it: torch.sort of 50k logits
-    takes ~20 ms on a small CPU, more than a forward pass of the bundled model. top-k takes the k
-    best directly; top-p alone looks at the 256 most likely tokens first (the nucleus is almost
-    always among them) and at more only when their mass falls short of top_p."""
+    Found without sorting the vocabulary: torch.sort of 50k logits takes ~20 ms on a small CPU,
+    more than a forward pass of the bundled model. top-k takes the k best directly; top-p alone
+    looks at the 256 most likely tokens first (the nucleus is almost always among them) and at
+    more only when their mass falls short of top_p. Raises RuntimeError when the settings
+    leave no distribution (a temperature of 1e-309 overflows the logits)."""
     scaled = logits / params.temperature
     vocab = scaled.shape[-1]
     k = params.top_k if 0 < params.top_k < vocab else vocab
     if k == vocab and params.top_p >= 1.0 and params.min_p <= 0.0:
-        return torch.arange(vocab), scaled.softmax(-1)
-    everything = None
-    if k == vocab and params.top_p < 1.0:
-        everything = scaled.softmax(-1)
-        k = min(256, vocab)
-        # tokens past the first k are all dropped once the mass of the first k reaches top_p
-        while k < vocab and float(torch.topk(everything, k).values.sum()) < params.top_p:
-            k = min(vocab, 4 * k)
-    values, ids = torch.topk(scaled, k)  # sorted, most likely first
-    # top-k renormalizes over its k tokens; top-p alone measures mass over the whole vocabulary
-    probs = values.softmax(-1) if everything is None else everything[ids]
-    if not bool(torch.isfinite(probs).all()):  # e.g. a temperature of 1e-309: logits overflow
+        ids, probs = torch.arange(vocab), scaled.softmax(-1)
+    else:
+        everything = None
+        if k == vocab and params.top_p < 1.0:
+            everything = scaled.softmax(-1)
+            k = min(256, vocab)
+            # tokens past the first k are all dropped once the mass of the first k reaches top_p
+            while k < vocab and float(torch.topk(everything, k).values.sum()) < params.top_p:
+                k = min(vocab, 4 * k)
+        values, ids = torch.topk(scaled, k)  # sorted, most likely first
+        # top-k renormalizes over its k tokens; top-p alone measures mass over the whole vocabulary
+        probs = values.softmax(-1) if everything is None else everything[ids]
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if params.top_p < 1.0:
+            keep &= (probs.cumsum(-1) - probs) < params.top_p  # the mass before a token is below top_p
+            keep[0] = True  # the most likely token always stays, also when top_p rounds to 0 in float32
+        if params.min_p > 0.0:
+            keep &= probs >= params.min_p * probs[0]
+        ids, probs = ids[keep], probs[keep]
+        probs = probs / probs.sum()
+    if probs.numel() == 0 or not bool(torch.isfinite(probs).all()):  # NaNs drop every token too
         raise RuntimeError("no distribution to sample from")  # the engine takes the most likely token
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if params.top_p < 1.0:
-        keep &= (probs.cumsum(-1) - probs) < params.top_p  # the mass before a token is below top_p
-        keep[0] = True  # the most likely token always stays, also when top_p rounds to 0 in float32
-    if params.min_p > 0.0:
-        keep &= probs >= params.min_p * probs[0]
-    ids, probs = ids[keep], probs[keep]
-    return ids, probs / probs.sum()
+    return ids, probs
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -137,8 +121,6 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(torch.argmax(logits))
     ids, probs = candidates(logits, params)
-    if not bool(torch.isfinite(probs).all()):
-        raise RuntimeError("no distribution to sample from")  # the engine takes the most likely token
     # Inverse CDF with one uniform draw (torch.multinomial takes ~20 ms over 50k ids here).
     cdf = probs.cumsum(-1)
     u = torch.rand((), generator=generator) * cdf[-1]

@@ -30,7 +30,7 @@ class ScriptedLM(nn.Module):
         self.base: int | None = None  # the position of a request's first decode step
         self.last_end = 0
 
-    def forward(self, input_ids, positions=None, cache=None, rows=slice(0, 1), last_only=False):  # noqa: ANN001, ANN201
+    def forward(self, input_ids, positions=None, cache=None, rows=slice(0, 1), last_only=False, logits=True):  # noqa: ANN001, ANN201
         if positions is None:
             positions = torch.arange(input_ids.shape[1])[None]
         end = int(positions[0, -1]) + 1
@@ -40,9 +40,11 @@ class ScriptedLM(nn.Module):
             self.base = end if input_ids.shape[1] > 1 else end - 1
         self.last_end = end
         step = max(0, end - 1 - self.base)
-        logits = torch.zeros(input_ids.shape[0], 1 if last_only else input_ids.shape[1], self.vocab)
-        logits[..., self.script[min(step, len(self.script) - 1)]] = 10.0
-        return logits
+        if not logits:
+            return None
+        out = torch.zeros(input_ids.shape[0], 1 if last_only else input_ids.shape[1], self.vocab)
+        out[..., self.script[min(step, len(self.script) - 1)]] = 10.0
+        return out
 
 
 def scripted_model(text: str) -> Model:

@@ -11,7 +11,7 @@ import torch
 import gptj
 from gptj.checkpoint import make_random_checkpoint
 from gptj.engine import StopMatcher
-from gptj.sampling import InvalidRequest, SamplingParams, candidates, choose_token, filter_logits
+from gptj.sampling import InvalidRequest, SamplingParams, candidates, choose_token
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,28 @@ PROMPT = "The quick brown fox"
 
 
 # ---- samplers -----------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The samplers' definition, over the whole vocabulary: temperature, then top-k, top-p
+    (nucleus) and min-p, setting dropped ids to -inf. `candidates` must keep the same set."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it
+        # already reaches top_p. The most likely token always stays.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False  # also when top_p rounds to 0 in float32 (5e-324)
+        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return logits
+
 
 
 def kept(logits: list[float], **kw: object) -> set[int]:

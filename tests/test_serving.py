@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -51,10 +51,13 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
             yield data if data == "[DONE]" else json.loads(data)
 
 
-def read_stream(response: httpx.Response) -> dict:
-    """Text, finish_reason and whether [DONE] came, from an OpenAI completion stream."""
+def read_stream(response: httpx.Response, on_event: Callable[[], object] | None = None) -> dict:
+    """Text, finish reasons and whether [DONE] came, from an OpenAI completion stream;
+    `on_event` is called as each event arrives."""
     text, finish, done = [], [], False
     for event in sse_events(response):
+        if on_event:
+            on_event()
         if event == "[DONE]":
             done = True
             continue
@@ -62,7 +65,8 @@ def read_stream(response: httpx.Response) -> dict:
             text.append(choice["text"])
             if choice["finish_reason"]:
                 finish.append(choice["finish_reason"])
-    return {"text": "".join(text), "finish_reason": finish[0] if len(finish) == 1 else finish, "done": done}
+    return {"text": "".join(text), "finish_reason": finish[0] if len(finish) == 1 else finish,
+            "finish_reasons": finish, "done": done}
 
 
 class Blocker:
@@ -175,17 +179,8 @@ def test_disconnect_inside_a_batch_leaves_the_others_alone(url: str, bundled_mod
     def work(i: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as c, \
                 c.stream("POST", "/v1/completions", json={**jobs[i], "temperature": 0}) as r:
-            text, finish, done = [], [], False
-            for event in sse_events(r):
-                first_chunk[i].set()
-                if event == "[DONE]":
-                    done = True
-                    continue
-                for choice in event["choices"]:
-                    text.append(choice["text"])
-                    if choice["finish_reason"]:
-                        finish.append(choice["finish_reason"])
-            results[i] = ("".join(text), finish[0], done)
+            got = read_stream(r, on_event=first_chunk[i].set)
+            results[i] = (got["text"], got["finish_reasons"][0], got["done"])
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -457,15 +452,8 @@ def test_serve_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:
             with httpx.Client(base_url=base, timeout=60, headers=key) as c, \
                     c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                 assert r.status_code == 200
-                text, finish, done = [], [], False
-                for event in sse_events(r):
-                    started[i].set()
-                    if event == "[DONE]":
-                        done = True
-                    else:
-                        text += [ch["text"] for ch in event["choices"]]
-                        finish += [ch["finish_reason"] for ch in event["choices"] if ch["finish_reason"]]
-                results[i] = {"text": "".join(text), "finish": finish, "done": done}
+                got = read_stream(r, on_event=started[i].set)
+                results[i] = {"text": got["text"], "finish": got["finish_reasons"], "done": got["done"]}
 
         long_one = threading.Thread(target=stream, args=(0, LONG))
         long_one.start()

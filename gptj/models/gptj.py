@@ -174,8 +174,10 @@ class GPTJ(nn.Module):
         cache: KVCache | None = None,
         rows: slice = slice(0, 1),
         last_only: bool = False,
-    ) -> torch.Tensor:
-        """Float32 logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Float32 logits [B, T, vocab] (or [B, 1, vocab] with `last_only`; None without
+        `logits`: a prefill that only fills the cache skips the head).
 
         `positions` [B, T] are absolute positions; with a cache, `rows` picks the cache
         rows of this batch (B consecutive rows)."""
@@ -188,6 +190,8 @@ class GPTJ(nn.Module):
         view = cache.view(positions, rows) if cache is not None else None
         for block in self.transformer.h:
             x = block(x, cos, sin, cache, view)
+        if not logits:
+            return None
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float()
