@@ -13,7 +13,8 @@ Requests join and leave a running batch at every step (continuous batching): a n
 prompt is prefilled in chunks between decode steps, so it does not stall the others for long.
 Each cache row keeps the tokens it holds after its request ends; a new request takes the free
 row that shares the longest prefix with its prompt and skips prefilling that prefix (prefix
-caching, least recently used row first when nothing matches).
+caching, least recently used row first when nothing matches). What a taken row held moves to
+a bounded store (gptj.prefix_cache) when its prompt was one that recurs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from gptj.device import module_device
 from gptj.kv_cache import KVCache
-from gptj.prefix_cache import PrefixStore, common_prefix
+from gptj.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
 from gptj.sampling import InvalidRequest, SamplingParams, apply_penalties, choose_token
 from gptj.tokenizer import StreamDecoder, Tokenizer
 
@@ -68,9 +69,6 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
-
-
-MIN_STORED_TOKENS = 32  # shorter prefixes are cheaper to recompute than to keep
 
 
 class StopMatcher:
@@ -210,6 +208,7 @@ class Engine:
         self.cache: KVCache | None = None  # allocated on first use
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each row holds
         self.row_last_used = [0.0] * max_batch
+        self.row_recurs = [False] * max_batch  # its request's prompt began like an earlier one
         # Prefix caching: rows keep their tokens for later requests (when enabled), and what a
         # row held moves to the store when another request takes the row.
         self.prefix_cache = prefix_cache
@@ -485,10 +484,17 @@ class Engine:
         shared = common_prefix(self.row_tokens[row], prompt)
         store_key, store_shared = self.prefix_store.best(prompt) if self.prefix_store else (None, 0)
         held = self.row_tokens[row]
-        if self.prefix_store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
-            # This request overwrites what the row holds: keep it for a later request.
-            n = len(held)
-            self.prefix_store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+        store = self.prefix_store
+        if store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
+            # This request overwrites what the row holds: keep it for a later request when its
+            # prompt was a recurring one (a conversation, a regenerate), else its fingerprint.
+            if self.row_recurs[row]:
+                n = len(held)
+                store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+            else:
+                store.remember(held)
+        seen = store.seen(prompt) if store is not None else 0
+        self.row_recurs[row] = max(shared, store_shared, seen) >= MIN_STORED_TOKENS
         if store_key is not None and store_shared > shared:
             k, v = self.prefix_store.get(store_key)
             self.cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]

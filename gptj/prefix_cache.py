@@ -1,8 +1,14 @@
 """Keys and values of earlier prompts, kept for later requests that start the same way.
 
 The engine's cache rows already keep what their last request left there; when a row is taken
-by a request with another prefix, what it held moves here first (if it is worth keeping).
+by a request with another prefix, what it held moves here first, if it is worth keeping.
 The store is bounded in bytes and drops the least recently used entry first.
+
+Admission: a row is kept only when its request's prompt started like an earlier one (a chat
+turn resending the conversation, a regenerate, a shared preset). Of a row whose prompt was new,
+only a fingerprint is kept (hashes of its prefixes at block boundaries, a few bytes a block),
+so one-off prompts never fill the store with keys and values nobody asks for again, and the
+first request that does come back shows its prefix recurs.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
+MIN_STORED_TOKENS = 32  # shorter prefixes are cheaper to recompute than to keep
+MAX_FINGERPRINTS = 16_384  # block hashes of rows not kept (under 2 MB)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -22,12 +31,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def block_hashes(tokens: Sequence[int], block: int = MIN_STORED_TOKENS) -> list[int]:
+    """hash(tokens[:block]), hash(tokens[:2 * block]), ...: equal hashes mean an equal prefix."""
+    return [hash(tuple(tokens[:end])) for end in range(block, len(tokens) + 1, block)]
+
+
 class PrefixStore:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
+        self.fingerprints: OrderedDict[int, None] = OrderedDict()  # prefixes of rows not kept
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -45,6 +60,24 @@ class PrefixStore:
         self.entries.move_to_end(key)
         self.hits += 1
         return self.entries[key]
+
+    def seen(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` (whole blocks) a row not kept began with."""
+        n = 0
+        for i, h in enumerate(block_hashes(prompt)):
+            if h not in self.fingerprints:
+                break
+            self.fingerprints.move_to_end(h)
+            n = (i + 1) * MIN_STORED_TOKENS
+        return n
+
+    def remember(self, tokens: Sequence[int]) -> None:
+        """Keeps the fingerprint of a row that is not kept itself."""
+        for h in block_hashes(tokens):
+            self.fingerprints[h] = None
+            self.fingerprints.move_to_end(h)
+        while len(self.fingerprints) > MAX_FINGERPRINTS:
+            self.fingerprints.popitem(last=False)
 
     def put(self, tokens: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Keeps k, v ([layers, heads, len(tokens), head_dim]) for `tokens`, evicting the least

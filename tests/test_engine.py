@@ -257,20 +257,32 @@ def test_cancel_stops_a_request(tiny: gptj.Model) -> None:
 
 
 def test_prefix_store_keeps_a_displaced_conversation(tiny_dir: Path) -> None:
-    """One cache row, two conversations taking turns: each turn finds its earlier prefix in the
-    store (LRU, bounded in bytes), and greedy results equal those without any cache."""
+    """One cache row, two conversations taking turns. A row goes to the store when another
+    request takes it, once its prompt has shown it recurs (here: from the second turn on); a
+    later turn then finds its conversation there, and greedy results equal those without any
+    cache."""
     cached = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1)
     plain = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1, prefix_cache=False)
     a = "You: " + "tell me about the sea and the sky " * 6 + "\nGPT-J:"
     b = "You: " + "what is the weather like in the hills " * 6 + "\nGPT-J:"
     settings = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
-    for prompt in (a, b):
+    for prompt in (a, b, a + " more", b + " more"):  # the first turns leave only fingerprints
         cached.generate(prompt, **settings)
-    again = cached.generate(a + " more", **settings)  # a's row was taken by b: served from the store
-    assert again.cached_prompt_tokens >= len(cached.tokenizer.encode(a)) - 1
+    assert cached.engine.prefix_store.hits == 0 and len(cached.engine.prefix_store) == 1
+    again = cached.generate(a + " more and more", **settings)  # a's second turn, from the store
+    assert again.cached_prompt_tokens >= len(cached.tokenizer.encode(a + " more")) - 1
     assert cached.engine.prefix_store.hits == 1
-    assert again.tokens == plain.generate(a + " more", **settings).tokens
-    assert plain.generate(a + " more", **settings).cached_prompt_tokens == 0
+    assert again.tokens == plain.generate(a + " more and more", **settings).tokens
+    assert plain.generate(a + " more and more", **settings).cached_prompt_tokens == 0
+
+
+def test_prompts_that_never_recur_leave_the_store_empty(tiny_dir: Path) -> None:
+    # A server under one-off prompts (the load test) must not grow toward the store's bound.
+    model = gptj.load(str(tiny_dir), dtype=torch.float32, max_batch=1)
+    for topic in ("the sea", "a dragon", "the moon", "a robot", "an old house"):
+        model.generate(f"Write a long story about {topic}. " * 8, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert model.engine.prefix_store.nbytes == 0
+    assert len(model.engine.prefix_store.fingerprints) > 0
 
 
 def test_prefix_store_is_bounded_and_evicts_least_recently_used() -> None:
