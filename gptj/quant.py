@@ -27,6 +27,10 @@ whose two cores read memory at 21-31 GB/s:
   GB/s and int4 at 23-26 GB/s, against 20-24 and 15-18 GB/s for torch's ``_weight_int8pack_mm``
   and ``_weight_int4pack_mm_for_cpu`` (with bf16 activations; float32 ones are 2-20x slower).
   Without a compiler or AVX2, or for shapes it does not take, those torch ops serve instead.
+  Batches of int8 rows (a batch's decode step, a short prompt) run on AMX tiles where the CPU
+  has them: the VNNI loop turns compute-bound past a few rows (8 rows cost 1.55x one), tiles
+  keep 8 rows at ~1.1x and 16 at ~1.3x of one row's time, and beat dequantize + GEMM up to
+  ~384 rows (``AMX_INT8_DECODE_MAX_ROWS``).
 * prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
   into a reused buffer, in big chunks of rows, and run a GEMM (AMX here): 512 rows of a
   16384x4096 layer take ~55 ms (bf16 F.linear: ~45), against 410-440 ms for the torch GEMV ops.
@@ -59,6 +63,8 @@ _KB = 32  # the kernel takes in_features that are a multiple of this
 # 16384x4096: the two cross at 48-56 rows for int8 and int4; 32 leaves a margin.
 # GPTJ_QUANT_DECODE_MAX_ROWS overrides.
 DECODE_MAX_ROWS = {"int8": 32, "int4": 32}
+# With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows here.
+AMX_INT8_DECODE_MAX_ROWS = 256
 # Whether torch's _weight_int8pack_mm runs on a device type (learnt on first use).
 _GPU_INT8_MM: dict[str, bool] = {}
 # Prefill dequantizes at most this many bytes of weight at once, into a reused per-thread
@@ -188,6 +194,7 @@ _KERNEL_SRC = r"""
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -449,10 +456,193 @@ static void linear_int8(const int8_t* W, const float* ws, const float* bias, int
     }
 }
 
+#if GQ_ISA == 3 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// ---------------------------------------------------------------- int8 weights, AMX (2..16 rows)
+// With several activation rows the VNNI loop above is compute-bound (at 8 rows a step costs
+// 1.6x one row). AMX multiplies tiles instead: A = 16 weight rows x 64 bytes, read straight
+// from W (stride K); B = the activations of those 64 columns for all M rows, repacked once per
+// call into AMX's layout (4 consecutive k of one row side by side); C = 16 x M int32, one per
+// activation block, then scaled into float accumulators as the VNNI path does.
+#include <sys/syscall.h>
+#include <unistd.h>
+#define GQ_AMX 1
+
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static bool amx_usable() {  // Linux hands out AMX state only on request (once per process)
+    static int ok = -1;
+    if (ok < 0) {
+        const char* env = getenv("GPTJ_AMX");  // GPTJ_AMX=0: the VNNI loop only (to compare)
+        ok = !(env && strcmp(env, "0") == 0) && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                                        18 /* XFEATURE_XTILEDATA */) == 0;
+    }
+    return ok == 1;
+}
+
+// Activation rows go in groups of up to 16 (a C tile's width), at most two per pass. Tiles:
+// A [16 x 64] and [16 x 32] weights (1, 3: for a last 32 columns); per group g: C (0 | 5),
+// B [16 x 4Mg] for 64 columns (2 | 6) and [8 x 4Mg] for 32 (4 | 7).
+static void amx_configure(int M0, int M1) {
+    TileConfig cfg = {};
+    cfg.palette = 1;
+    cfg.rows[1] = 16, cfg.colsb[1] = 64;
+    cfg.rows[3] = 16, cfg.colsb[3] = 32;
+    const int tiles[2][3] = {{0, 2, 4}, {5, 6, 7}};
+    for (int g = 0; g < 2; ++g) {
+        const uint16_t width = (uint16_t)(4 * (g ? (M1 ? M1 : 1) : M0));
+        cfg.rows[tiles[g][0]] = 16, cfg.colsb[tiles[g][0]] = width;
+        cfg.rows[tiles[g][1]] = 16, cfg.colsb[tiles[g][1]] = width;
+        cfg.rows[tiles[g][2]] = 8, cfg.colsb[tiles[g][2]] = width;
+    }
+    // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above without this
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+// One group's C tile, scaled by its block scales `sc` (lanes m) into acc.
+static inline void amx_accumulate(int32_t (&c)[16][16], __m512 sc, __m512 (&acc)[16]) {
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[i])), sc, acc[i]);
+}
+
+static inline void amx_store(const __m512 (&acc)[16], const float* ws, const float* bias, int rows, float* y,
+                             int64_t ldy) {
+    alignas(64) float out[16];
+    for (int i = 0; i < 16; ++i) {
+        _mm512_store_ps(out, acc[i]);
+        for (int m = 0; m < rows; ++m) y[m * ldy + i] = ws[i] * out[m] + (bias ? bias[i] : 0.f);
+    }
+}
+
+// 16 weight rows against G groups of activation rows (M0 rows, then M1); xb[g]: group g's
+// activations repacked (per 32 columns, 8 rows of [Mg][4] bytes); xst[g]: its block scales
+// [nb][16], lanes m (zero past Mg).
+template <int QB, int G>
+static inline void i8_amx_tile(const int8_t* W, int64_t K, const float* ws, int8_t* const* xb, float* const* xst,
+                               int M0, int M1, float* y, int64_t ldy, const float* bias) {
+    const int64_t nb = (K + QB - 1) / QB;
+    alignas(64) int32_t c[16][16] = {};
+    __m512 acc0[16], acc1[16];
+    for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * QB, end = K - k0 < QB ? K : k0 + QB;
+        _tile_zero(0);
+        if (G == 2) _tile_zero(5);
+        int64_t k = k0;
+        for (; k + 64 <= end; k += 64) {
+            _tile_loadd(1, W + k, K);
+            _tile_loadd(2, xb[0] + k * M0, 4 * M0);
+            _tile_dpbssd(0, 1, 2);
+            if (G == 2) {
+                _tile_loadd(6, xb[1] + k * M1, 4 * M1);
+                _tile_dpbssd(5, 1, 6);
+            }
+        }
+        if (k < end) {  // a last 32
+            _tile_loadd(3, W + k, K);
+            _tile_loadd(4, xb[0] + k * M0, 4 * M0);
+            _tile_dpbssd(0, 3, 4);
+            if (G == 2) {
+                _tile_loadd(7, xb[1] + k * M1, 4 * M1);
+                _tile_dpbssd(5, 3, 7);
+            }
+        }
+        _tile_stored(0, c, 64);
+        amx_accumulate(c, _mm512_loadu_ps(xst[0] + b * 16), acc0);
+        if (G == 2) {
+            _tile_stored(5, c, 64);
+            amx_accumulate(c, _mm512_loadu_ps(xst[1] + b * 16), acc1);
+        }
+    }
+    amx_store(acc0, ws, bias, M0, y, ldy);
+    if (G == 2) amx_store(acc1, ws, bias, M1, y + M0 * ldy, ldy);
+}
+
+// M >= 2 rows; N % 16 == 0. scratch as for linear_int8. Each thread takes 16 weight rows at a
+// time through every pass of 32 activation rows, so the weights come from memory once (later
+// passes find them in L2).
+template <int QB>
+static void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
+                            const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    const int64_t nb = (K + QB - 1) / QB, ng = (M + 15) / 16;
+    int8_t* xq = (int8_t*)scratch;
+    float* xs = (float*)(xq + M * K);
+    float* xsum = xs + M * nb;
+    quant_act(x, M, K, QB, 0, xq, xs, xsum, nthreads);
+    static thread_local int8_t* xb_buf = nullptr;  // repacked activations and transposed scales
+    static thread_local float* xst_buf = nullptr;
+    static thread_local int64_t have = 0;
+    if (have < ng * 16 * (K + 32)) {
+        free(xb_buf), free(xst_buf);
+        have = ng * 16 * (K + 32);
+        xb_buf = (int8_t*)aligned_alloc(64, have);
+        xst_buf = (float*)aligned_alloc(64, have / 32 * 16 * sizeof(float));
+    }
+    // group g: rows 16g.. (16 or what is left); xb: its activations, xst: its block scales.
+    // (Plain locals: the other threads would see their own thread_local pointers.)
+    int8_t* const xb_all = xb_buf;
+    float* const xst_all = xst_buf;
+    auto xb = [=](int64_t g) { return xb_all + g * 16 * K; };
+    auto xst = [=](int64_t g) { return xst_all + g * 16 * nb; };
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t first = g * 16, rows = M - first < 16 ? M - first : 16;
+        for (int64_t k4 = 0; k4 < K / 4; ++k4)  // xb(g)[k/32][(k%32)/4][m][k%4] = xq[first+m][k]
+            for (int64_t m = 0; m < rows; ++m)
+                memcpy(xb(g) + (k4 / 8) * 32 * rows + (k4 % 8) * 4 * rows + m * 4, xq + (first + m) * K + k4 * 4, 4);
+        for (int64_t b = 0; b < nb; ++b)
+            for (int64_t m = 0; m < 16; ++m) xst(g)[b * 16 + m] = m < rows ? xs[(first + m) * nb + b] : 0.f;
+    }
+    const int64_t nt = N / 16;
+    const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int configured = -1;  // the pass whose row counts the tiles hold
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t t = 0; t < nt; ++t) {
+            const float* bt = bias ? bias + t * 16 : nullptr;
+            for (int64_t g = 0; g < ng; g += 2) {  // a pass: groups g and g + 1
+                const int M0 = M - g * 16 < 16 ? (int)(M - g * 16) : 16;
+                const int M1 = g + 1 < ng ? (M - (g + 1) * 16 < 16 ? (int)(M - (g + 1) * 16) : 16) : 0;
+                const int shape = M0 * 32 + M1;
+                if (shape != configured) amx_configure(M0, M1), configured = shape;
+                int8_t* const pxb[2] = {xb(g), M1 ? xb(g + 1) : nullptr};
+                float* const pxs[2] = {xst(g), M1 ? xst(g + 1) : nullptr};
+                if (M1)
+                    i8_amx_tile<QB, 2>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
+                else
+                    i8_amx_tile<QB, 1>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
+extern "C" int gq_amx(void) {  // whether int8 calls of 2 or more rows use AMX tiles
+#ifdef GQ_AMX
+    return amx_usable();
+#else
+    return 0;
+#endif
+}
+
 // qb: the activation block, 128 or 32; K % 32 == 0.
 // scratch: M*K int8 + 2*M*ceil(K/qb) fp32 for the quantized activations.
 extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, int qb,
                                const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+#ifdef GQ_AMX
+    if (M >= 2 && N % 16 == 0 && amx_usable()) {
+        if (qb == 128)
+            linear_int8_amx<128>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+        else
+            linear_int8_amx<32>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+        return;
+    }
+#endif
     if (qb == 128)
         linear_int8<128>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
     else
@@ -787,6 +977,7 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
                lib.gq_quantize_int8, lib.gq_quantize_int4):  # fmt: skip
         fn.restype = None
     lib.gq_isa.restype = ctypes.c_int
+    lib.gq_amx.restype = ctypes.c_int
     return lib
 
 
@@ -801,10 +992,23 @@ def native_kernel() -> ctypes.CDLL | None:
     return _lib
 
 
-def kernel_name() -> str:
-    """Which decode kernel serves: 'avx512-vnni', 'avx-vnni', 'avx2' or 'torch'."""
+def decode_max_rows(mode: str) -> int:
+    """Most rows that take the decode kernel (GPTJ_QUANT_DECODE_MAX_ROWS overrides)."""
+    if "GPTJ_QUANT_DECODE_MAX_ROWS" in os.environ:
+        return int(os.environ["GPTJ_QUANT_DECODE_MAX_ROWS"])
     lib = native_kernel()
-    return "torch" if lib is None else {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2"}[lib.gq_isa()]
+    if mode == "int8" and lib is not None and lib.gq_amx():
+        return AMX_INT8_DECODE_MAX_ROWS
+    return DECODE_MAX_ROWS[mode]
+
+
+def kernel_name() -> str:
+    """Which decode kernel serves: 'avx512-vnni' (+amx: int8 batches on AMX tiles), 'avx-vnni',
+    'avx2' or 'torch'."""
+    lib = native_kernel()
+    if lib is None:
+        return "torch"
+    return {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2"}[lib.gq_isa()] + ("+amx" if lib.gq_amx() else "")
 
 
 def _gemm_dtype() -> torch.dtype:
@@ -956,8 +1160,7 @@ class QuantizedLinear(nn.Module):
         if x.device.type != "cpu":
             return self.forward_gpu(x)
         rows = x.numel() // self.in_features if self.in_features else 0
-        limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", DECODE_MAX_ROWS[self.mode]))
-        return self.forward_decode(x) if rows <= limit else self.forward_prefill(x)
+        return self.forward_decode(x) if rows <= decode_max_rows(self.mode) else self.forward_prefill(x)
 
     def forward_gpu(self, x: Tensor) -> Tensor:
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's

@@ -150,10 +150,23 @@ def test_dispatch_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(q, "forward_decode", lambda x: calls.append("decode") or x)
     monkeypatch.setattr(q, "forward_prefill", lambda x: calls.append("prefill") or x)
-    limit = quant.DECODE_MAX_ROWS["int8"]
+    limit = quant.decode_max_rows("int8")
     q(torch.randn(1, limit, 256))
     q(torch.randn(limit + 1, 256))
     assert calls == ["decode", "prefill"]
+
+
+@pytest.mark.parametrize("rows", [2, 3, 16, 17, 32, 33, 50])
+def test_int8_kernel_batch_equals_its_rows_one_at_a_time(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches take another loop than one row (AMX tiles where the CPU has them: 16 weight rows
+    # by up to 2 x 16 activation rows, activation blocks of 128 and a last 32 at in 576)
+    monkeypatch.setenv("GPTJ_QUANT_DECODE_MAX_ROWS", "64")
+    q = quantize_linear(linear(576, 48), "int8")
+    x = torch.randn(rows, 576)
+    batch = q.forward_decode(x)
+    alone = torch.cat([q.forward_decode(x[i : i + 1]) for i in range(rows)])
+    assert rel(batch, alone) < 1e-6
+    assert rel(batch, F.linear(x, q.dequantize(), q.bias)) < 0.015
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
