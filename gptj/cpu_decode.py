@@ -1,28 +1,36 @@
-"""One decode step of every Llama block in one C++ call, on the CPU (as llama.cpp does).
+"""One decode step of every block in one C++ call, on the CPU (as llama.cpp does): Llama and GPT-J.
 
 At batch 1 the bundled 135M model spends far more time dispatching small torch ops (RMSNorm,
 rotary, views, cache writes, SDPA, residual adds, silu * mul: ~100 per layer at 1.5-4 us
 each) than in its GEMVs. Here one call runs, for each layer and each of the B rows (T = 1):
 
-    h = rms_norm(x) -> qkv GEMV -> rotary on q, k -> k, v into the cache at the row's position
-    -> attention over positions 0..pos (GQA, softmax in float32) -> o GEMV -> x += ...
-    -> rms_norm -> gate_up GEMV -> silu(gate) * up -> down GEMV -> x += ...
+    Llama: h = rms_norm(x) -> qkv GEMV -> rotary on q, k (halves) -> k, v into the cache at the
+    row's position -> attention over positions 0..pos (GQA, softmax in float32) -> o GEMV ->
+    x += ... -> rms_norm -> gate_up GEMV -> silu(gate) * up -> down GEMV -> x += ...
+
+    GPT-J: h = layer_norm(x) -> q, k, v GEMVs (or one fused) -> rotary on the first rotary_dim
+    dims of q, k in adjacent pairs -> cache -> attention -> out GEMV; fc_in GEMV -> gelu_new ->
+    fc_out GEMV; x += both (attention and MLP in parallel from one norm)
 
 with x [B, hidden] float32 updated in place. The GEMVs are quant.py's kernels (its source is
 compiled into this library); attention runs in parallel with OpenMP over (row, kv head with
-its query heads, chunk of keys). The rotary tables are the torch path's own (`rotary_tables`).
+its query heads, chunk of keys), reading a float32 or (GPT-J) bfloat16 cache. The rotary tables
+are the torch path's own (`rotary_tables`, in float32).
 
 Results equal the torch path's up to float rounding; but the GEMV kernel quantizes its input
 to int8, so a one-ulp difference can round an activation the other way, and in a deep model
 such differences grow: the logits then differ as much as the torch path's own do when its
 input is nudged by one ulp (tests/test_cpu_decode.py). Bundled model, 2 cores: 24 -> 7 ms per
-token (int8), 23 -> 5-6 ms (int4), through the engine (benchmarks/bench_bundled.py).
+token (int8), 23 -> 5-6 ms (int4), through the engine (benchmarks/bench_bundled.py). GPT-J-6B
+shape: 274-294 -> 239-244 ms (int8), 210-218 -> 167-169 ms (int4), one step at position 512.
+A bfloat16 model's residual stream runs in float32 here (rounded back to bf16 after the step).
 
-Served: Llama models on the CPU whose linears are all fused QuantizedLinear layers (int8, or
-int4 in groups of 32) the kernel takes, float32 activations and a float32 KV cache, at most
-quant.DECODE_MAX_ROWS rows. Anything else (prefill, float or bf16 weights, CUDA, no cache,
-another cache dtype, no compiler) keeps the torch path: `decode_blocks` returns False and has
-changed nothing. GPTJ_FAST_DECODE=0 turns it off.
+Served: Llama and GPT-J models on the CPU whose linears are all QuantizedLinear layers (int8, or
+int4 in groups of 32) the kernel takes (Llama: fused), float32 or bfloat16 activations, a
+float32 KV cache (GPT-J: or bfloat16), at most quant.DECODE_MAX_ROWS rows. Anything else
+(prefill, float or bf16 weights, CUDA, no cache, another cache dtype, no compiler) keeps the
+torch path: `decode_blocks` returns False and has changed nothing. GPTJ_FAST_DECODE=0 turns it
+off.
 """
 
 from __future__ import annotations
@@ -168,15 +176,30 @@ static void chunk_softmax(float* s, int G, int64_t n, float* m, float* l, int64_
     }
 }
 
+// the KV cache holds float32 or bfloat16 (uint16_t: the high half of a float32)
+static inline float kv_f(float v) { return v; }
+static inline float kv_f(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void kv_put(float* dst, const float* src, int64_t n) { memcpy(dst, src, n * sizeof(float)); }
+static inline void kv_put(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
 // any head_dim. q: G heads, stride hd; o: stride os
-static void attend_any(const float* q, int G, int64_t hd, const float* K, const float* V, int64_t n, float scale,
+template <typename CT>
+static void attend_any(const float* q, int G, int64_t hd, const CT* K, const CT* V, int64_t n, float scale,
                        float* s, float* o, int64_t os, float* m, float* l, int64_t ms) {
     for (int t = 0; t < G; ++t)
         for (int64_t j = 0; j < n; ++j) {
-            const float *qt = q + t * hd, *kj = K + j * hd;
+            const float* qt = q + t * hd;
+            const CT* kj = K + j * hd;
             float d = 0.f;
 #pragma omp simd reduction(+ : d)
-            for (int64_t i = 0; i < hd; ++i) d += qt[i] * kj[i];
+            for (int64_t i = 0; i < hd; ++i) d += qt[i] * kv_f(kj[i]);
             s[t * n + j] = d * scale;
         }
     chunk_softmax(s, G, n, m, l, ms);
@@ -184,9 +207,10 @@ static void attend_any(const float* q, int G, int64_t hd, const float* K, const 
         float* ot = o + t * os;
         for (int64_t i = 0; i < hd; ++i) ot[i] = 0.f;
         for (int64_t j = 0; j < n; ++j) {
-            const float *vj = V + j * hd, p = s[t * n + j];
+            const CT* vj = V + j * hd;
+            const float p = s[t * n + j];
 #pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) ot[i] += p * vj[i];
+            for (int64_t i = 0; i < hd; ++i) ot[i] += p * kv_f(vj[i]);
         }
     }
 }
@@ -195,6 +219,9 @@ static void attend_any(const float* q, int G, int64_t hd, const float* K, const 
 #if GQ_ISA == 3
 #define FW 16
 static inline vf vf_ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
 static inline void vf_st(float* p, vf a) { _mm512_storeu_ps(p, a); }
 // the sums of four vectors' lanes
 static inline __m128 vf_sum4(const vf* a) {
@@ -209,14 +236,17 @@ static inline __m128 vf_sum4(const vf* a) {
 #else
 #define FW 8
 static inline vf vf_ld(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 static inline void vf_st(float* p, vf a) { _mm256_storeu_ps(p, a); }
 static inline __m128 vf_sum4(const vf* a) {
     const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 #endif
-template <int NV, int G>
-static void attend_v(const float* q, const float* K, const float* V, int64_t n, float scale, float* s, float* o,
+template <int NV, int G, typename CT>
+static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float scale, float* s, float* o,
                      int64_t os, float* m, float* l, int64_t ms) {
     constexpr int64_t hd = NV * FW;
     vf qv[G][NV];
@@ -258,9 +288,10 @@ static void attend_v(const float* q, const float* K, const float* V, int64_t n, 
         for (int i = 0; i < NV; ++i) vf_st(o + t * os + i * FW, acc[t][i]);
 }
 
-template <int NV>
-static bool attend_nv(const float* q, int G, const float* K, const float* V, int64_t n, float scale, float* s,
+template <int NV, typename CT>
+static bool attend_nv(const float* q, int G, const CT* K, const CT* V, int64_t n, float scale, float* s,
                       float* o, int64_t os, float* m, float* l, int64_t ms) {
+    if (NV > 8 && G > 1) return false;  // q and the output of G heads would not fit in registers
     switch (G) {
         case 1: attend_v<NV, 1>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
         case 2: attend_v<NV, 2>(q, K, V, n, scale, s, o, os, m, l, ms); return true;
@@ -271,7 +302,8 @@ static bool attend_nv(const float* q, int G, const float* K, const float* V, int
 }
 
 // n >= 1 keys
-static void attend_chunk(const float* q, int G, int64_t hd, const float* K, const float* V, int64_t n, float scale,
+template <typename CT>
+static void attend_chunk(const float* q, int G, int64_t hd, const CT* K, const CT* V, int64_t n, float scale,
                          float* s, float* o, int64_t os, float* m, float* l, int64_t ms) {
     bool done = false;
     switch (hd) {
@@ -279,16 +311,12 @@ static void attend_chunk(const float* q, int G, int64_t hd, const float* K, cons
         case 2 * FW: done = attend_nv<2>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
         case 4 * FW: done = attend_nv<4>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
         case 8 * FW: done = attend_nv<8>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 16 * FW: done = attend_nv<16>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;  // GPT-J-6B, AVX-512
     }
     if (!done) attend_any(q, G, hd, K, V, n, scale, s, o, os, m, l, ms);
 }
 
 static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
-
-struct GqDecodeDims {
-    int64_t n_layers, hidden, n_head, n_kv, head_dim, inter;
-    float eps;
-};
 
 #define ATT_G 4            // query heads per task, at most
 #define ATT_MIN_CHUNK 256  // keys: shorter chunks cost more to combine than they save
@@ -298,6 +326,64 @@ static int64_t max_chunks(int64_t B, int64_t nkv, int nthreads) {
     const int64_t c = (4 * nthreads + B * nkv - 1) / (B * nkv);
     return c > 1 ? c : 1;
 }
+
+// Attention of B rows (one new token each) over their cache rows. q: row b's query heads at
+// q + b * q_stride; kl, vl: one layer's cache [cache_rows, nkv, max_len, hd]; att [B, nh * hd].
+// Scratch: scores ATT_G * align64(max_len) per thread; po, pm, pl: B * nh * max_chunks parts.
+template <typename CT>
+static void attention_step(const float* q, int64_t q_stride, const CT* kl, const CT* vl, int64_t B, const int64_t* pos,
+                           int64_t row0, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len, int64_t maxpos,
+                           float* scores, float* po, float* pm, float* pl, float* att, int nthreads) {
+    const int64_t group = nh / nkv, row_stride = nkv * max_len * hd;
+    const float scale = 1.f / sqrtf((float)hd);
+    // in parallel only where it outweighs waking the threads; keys in C chunks of `chunk` per
+    // (row, kv head) where that gives the threads more tasks
+    const bool par = B * nh * (maxpos + 1) * hd >= 32768;
+    int64_t C = par ? max_chunks(B, nkv, nthreads) : 1;
+    C = C < (maxpos + 1) / ATT_MIN_CHUNK ? C : (maxpos + 1) / ATT_MIN_CHUNK > 1 ? (maxpos + 1) / ATT_MIN_CHUNK : 1;
+    const int64_t chunk = (maxpos + 1 + C - 1) / C, hg = (group + ATT_G - 1) / ATT_G;
+    // tasks: (row, kv head, batch of up to ATT_G of its query heads, chunk of keys)
+#pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
+    for (int64_t task = 0; task < B * nkv * hg * C; ++task) {
+        const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv, b = task / (C * hg * nkv);
+        const int64_t h0 = kvh * group + hb * ATT_G, n = pos[b] + 1;
+        const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
+        const int64_t j0 = c * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
+        const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
+        if (j1 <= j0) {  // this row has no keys in this chunk
+            for (int t = 0; t < G; ++t) pm[pi + t * C] = -INFINITY;
+            continue;
+        }
+        const int64_t at = (row0 + b) * row_stride + (kvh * max_len + j0) * hd;
+        attend_chunk(q + b * q_stride + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale,
+                     scores + ATT_G * align64(max_len) * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
+                     pl + pi, C);
+    }
+    for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the chunks: softmax over all keys
+        const int64_t pi = bh * C;
+        float M = -INFINITY, sum = 0.f;
+        for (int64_t c = 0; c < C; ++c) M = pm[pi + c] > M ? pm[pi + c] : M;
+        float* out = att + bh * hd;  // att [B, nh * hd]: row b, head h at bh * hd
+        for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+            if (pm[pi + c] == -INFINITY) continue;
+            const float w = C == 1 ? 1.f : expf(pm[pi + c] - M);
+            const float* o = po + (pi + c) * hd;
+            sum += w * pl[pi + c];
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) out[i] += w * o[i];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+    }
+}
+
+// ---------------------------------------------------------------- Llama decode step
+struct GqDecodeDims {
+    int64_t n_layers, hidden, n_head, n_kv, head_dim, inter;
+    float eps;
+};
 
 extern "C" int64_t gq_llama_decode_scratch(const GqDecodeDims* d, int64_t B, int64_t max_len, int nthreads) {
     const int64_t qkv = (d->n_head + 2 * d->n_kv) * d->head_dim, att = d->n_head * d->head_dim;
@@ -323,8 +409,7 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
         maxpos = pos[b] > maxpos ? pos[b] : maxpos;
     }
     const int64_t H = d->hidden, nh = d->n_head, nkv = d->n_kv, hd = d->head_dim, I = d->inter;
-    const int64_t qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd, group = nh / nkv;
-    const float scale = 1.f / sqrtf((float)hd);
+    const int64_t qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
     float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float* t = h + align64(B * H);
     float* qkv = t + align64(B * H);
@@ -338,12 +423,6 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
     float* pl = pm + align64(parts);
     void* gemv = pl + align64(parts);
     const int64_t row_stride = nkv * max_len * hd, layer_stride = cache_rows * row_stride;
-    // attention in parallel only where it outweighs waking the threads; keys in C chunks of
-    // `chunk` per (row, kv head) where that gives the threads more tasks
-    const bool par = B * nh * (maxpos + 1) * hd >= 32768;
-    int64_t C = par ? max_chunks(B, nkv, nthreads) : 1;
-    C = C < (maxpos + 1) / ATT_MIN_CHUNK ? C : (maxpos + 1) / ATT_MIN_CHUNK > 1 ? (maxpos + 1) / ATT_MIN_CHUNK : 1;
-    const int64_t chunk = (maxpos + 1 + C - 1) / C, hg = (group + ATT_G - 1) / ATT_G;
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GqLayer& L = layers[l];
         rms_norm_rows(x, L.ln1, B, H, d->eps, h);
@@ -360,41 +439,8 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
                 memcpy(vl + at, r + (nh + nkv + j) * hd, hd * sizeof(float));
             }
         }
-        // tasks: (row, kv head, batch of up to ATT_G of its query heads, chunk of keys)
-#pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
-        for (int64_t task = 0; task < B * nkv * hg * C; ++task) {
-            const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv, b = task / (C * hg * nkv);
-            const int64_t h0 = kvh * group + hb * ATT_G, n = pos[b] + 1;
-            const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
-            const int64_t j0 = c * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
-            const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
-            if (j1 <= j0) {  // this row has no keys in this chunk
-                for (int t = 0; t < G; ++t) pm[pi + t * C] = -INFINITY;
-                continue;
-            }
-            const int64_t at = (row0 + b) * row_stride + (kvh * max_len + j0) * hd;
-            attend_chunk(qkv + b * qkv_w + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale,
-                         scores + ATT_G * align64(max_len) * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
-                         pl + pi, C);
-        }
-        for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the chunks: softmax over all keys
-            const int64_t pi = bh * C;
-            float M = -INFINITY, sum = 0.f;
-            for (int64_t c = 0; c < C; ++c) M = pm[pi + c] > M ? pm[pi + c] : M;
-            float* out = att + bh * hd;  // att [B, nh * hd]: row b, head h at bh * hd
-            for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-            for (int64_t c = 0; c < C; ++c) {
-                if (pm[pi + c] == -INFINITY) continue;
-                const float w = C == 1 ? 1.f : expf(pm[pi + c] - M);
-                const float* o = po + (pi + c) * hd;
-                sum += w * pl[pi + c];
-#pragma omp simd
-                for (int64_t i = 0; i < hd; ++i) out[i] += w * o[i];
-            }
-            const float inv = 1.f / sum;
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
-        }
+        attention_step(qkv, qkv_w, kl, vl, B, pos, row0, nh, nkv, hd, max_len, maxpos, scores, po, pm, pl, att,
+                       nthreads);
         run_linear(L.o, att, B, t, gemv, nthreads);
         for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
         rms_norm_rows(x, L.ln2, B, H, d->eps, h);
@@ -403,6 +449,146 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
         run_linear(L.down, act, B, t, gemv, nthreads);
         for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
     }
+    return 0;
+}
+
+// ---------------------------------------------------------------- GPT-J decode step
+// h = layer_norm(x); x += out(attention(rotary(q(h)), rotary(k(h)), v(h))) + fc_out(gelu(fc_in(h)))
+struct GqGptjLayer {
+    const float* ln_w;
+    const float* ln_b;
+    GqLinear q, k, v;  // k.w == null: q is q, k and v fused (3 * hidden outputs)
+    GqLinear out, fc_in, fc_out;
+};
+struct GqGptjDims {
+    int64_t n_layers, hidden, n_head, head_dim, rotary_dim, inner;
+    float eps;
+    int32_t cache_bf16;  // the KV cache holds bfloat16, else float32
+};
+
+static void layer_norm_rows(const float* x, const float* w, const float* b, int64_t M, int64_t H, float eps,
+                            float* out) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * H;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < H; ++j) sum += xr[j];
+        const float mean = sum / (float)H;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < H; ++j) ss += (xr[j] - mean) * (xr[j] - mean);
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        float* o = out + m * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) o[j] = (xr[j] - mean) * r * w[j] + b[j];
+    }
+}
+
+// GPT-J's rotary: adjacent pairs (2i, 2i + 1) of the first `rot` dims ("rotate every two")
+static inline void rotary_pairs(float* v, const float* c, const float* s, int64_t rot) {
+    for (int64_t i = 0; i < rot; i += 2) {
+        const float a = v[i], b = v[i + 1];
+        v[i] = a * c[i] - b * s[i];
+        v[i + 1] = b * c[i + 1] + a * s[i + 1];
+    }
+}
+
+// gelu_new: x / 2 * (1 + tanh(y)), y = sqrt(2/pi) (x + 0.044715 x^3); tanh(|y|) from
+// e = e^(-2|y|) <= 1 (no overflow) as (1 - e) / (1 + e). e: n floats of scratch.
+static void gelu_tanh(float* a, int64_t n, float* e) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float y = 0.7978845608028654f * (a[i] + 0.044715f * a[i] * a[i] * a[i]);
+        e[i] = -2.f * (y < 0.f ? -y : y);
+    }
+    exp_inplace(e, n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float t = (1.f - e[i]) / (1.f + e[i]);
+        a[i] = 0.5f * a[i] * (1.f + (a[i] < 0.f ? -t : t));  // y has the sign of x
+    }
+}
+
+extern "C" int64_t gq_gptj_decode_scratch(const GqGptjDims* d, int64_t B, int64_t max_len, int nthreads) {
+    const int64_t H = d->hidden, I = d->inner, kmax = H > I ? H : I;
+    const int64_t parts = B * d->n_head * max_chunks(B, d->n_head, nthreads);
+    const int64_t f = align64(B * H) * 4 + align64(B * 3 * H) + 2 * align64(B * I) +
+                      ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) + 2 * align64(parts);
+    return f * 4 + align64(B * kmax + 8 * B * (kmax / 32)) + 64;
+}
+
+template <typename CT>
+static void gptj_layers(const GqGptjLayer* layers, const GqGptjDims* d, float* x, int64_t B, const int64_t* pos,
+                        int64_t maxpos, const float* cos_t, const float* sin_t, CT* kc, CT* vc, int64_t cache_rows,
+                        int64_t row0, int64_t max_len, void* scratch, int nthreads) {
+    const int64_t H = d->hidden, nh = d->n_head, hd = d->head_dim, I = d->inner;
+    float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float* att = h + align64(B * H);
+    float* t1 = att + align64(B * H);
+    float* t2 = t1 + align64(B * H);
+    float* qkv = t2 + align64(B * H);
+    float* f = qkv + align64(B * 3 * H);
+    float* ef = f + align64(B * I);
+    float* scores = ef + align64(B * I);
+    const int64_t parts = B * nh * max_chunks(B, nh, nthreads);
+    float* po = scores + ATT_G * align64(max_len) * nthreads;
+    float* pm = po + align64(parts * hd);
+    float* pl = pm + align64(parts);
+    void* gemv = pl + align64(parts);
+    const int64_t row_stride = nh * max_len * hd, layer_stride = cache_rows * row_stride;
+    for (int64_t l = 0; l < d->n_layers; ++l) {
+        const GqGptjLayer& L = layers[l];
+        layer_norm_rows(x, L.ln_w, L.ln_b, B, H, d->eps, h);
+        // q, k, v of row b at qkv + b * stride, + ko, + vo
+        int64_t stride = 3 * H, ko = H, vo = 2 * H;
+        if (L.k.w) {
+            run_linear(L.q, h, B, qkv, gemv, nthreads);
+            run_linear(L.k, h, B, qkv + B * H, gemv, nthreads);
+            run_linear(L.v, h, B, qkv + 2 * B * H, gemv, nthreads);
+            stride = H, ko = B * H, vo = 2 * B * H;
+        } else {
+            run_linear(L.q, h, B, qkv, gemv, nthreads);
+        }
+        CT* kl = kc + l * layer_stride;
+        CT* vl = vc + l * layer_stride;
+        for (int64_t b = 0; b < B; ++b) {
+            float* q = qkv + b * stride;
+            const float *c = cos_t + b * hd, *s = sin_t + b * hd;
+            for (int64_t j = 0; j < nh; ++j) {
+                rotary_pairs(q + j * hd, c, s, d->rotary_dim);
+                rotary_pairs(q + ko + j * hd, c, s, d->rotary_dim);
+                const int64_t at = (row0 + b) * row_stride + (j * max_len + pos[b]) * hd;
+                kv_put(kl + at, q + ko + j * hd, hd);
+                kv_put(vl + at, q + vo + j * hd, hd);
+            }
+        }
+        attention_step(qkv, stride, kl, vl, B, pos, row0, nh, nh, hd, max_len, maxpos, scores, po, pm, pl, att,
+                       nthreads);
+        run_linear(L.out, att, B, t1, gemv, nthreads);
+        run_linear(L.fc_in, h, B, f, gemv, nthreads);
+        gelu_tanh(f, B * I, ef);
+        run_linear(L.fc_out, f, B, t2, gemv, nthreads);
+        for (int64_t i = 0; i < B * H; ++i) x[i] += t1[i] + t2[i];
+    }
+}
+
+// One decode step of all GPT-J layers for B rows, as gq_llama_decode (cos/sin [B, head_dim],
+// pairs repeated; kc/vc float32 or bfloat16 as d->cache_bf16 says).
+extern "C" int gq_gptj_decode(const GqGptjLayer* layers, const GqGptjDims* d, float* x, int64_t B, const int64_t* pos,
+                              const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t cache_rows,
+                              int64_t row0, int64_t max_len, void* scratch, int nthreads) {
+    if (row0 < 0 || row0 + B > cache_rows) return -1;
+    int64_t maxpos = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+        maxpos = pos[b] > maxpos ? pos[b] : maxpos;
+    }
+    if (d->cache_bf16)
+        gptj_layers(layers, d, x, B, pos, maxpos, cos_t, sin_t, (uint16_t*)kc, (uint16_t*)vc, cache_rows, row0,
+                    max_len, scratch, nthreads);
+    else
+        gptj_layers(layers, d, x, B, pos, maxpos, cos_t, sin_t, (float*)kc, (float*)vc, cache_rows, row0, max_len,
+                    scratch, nthreads);
     return 0;
 }
 """
@@ -425,12 +611,23 @@ class _Dims(ctypes.Structure):
                 ("eps", ctypes.c_float)]  # fmt: skip
 
 
+class _GptjLayer(ctypes.Structure):
+    _fields_ = [("ln_w", ctypes.c_void_p), ("ln_b", ctypes.c_void_p), ("q", _Linear), ("k", _Linear),
+                ("v", _Linear), ("out", _Linear), ("fc_in", _Linear), ("fc_out", _Linear)]  # fmt: skip
+
+
+class _GptjDims(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("n_head", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("rotary_dim", ctypes.c_int64), ("inner", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("cache_bf16", ctypes.c_int32)]  # fmt: skip
+
+
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gq_llama_decode_scratch.argtypes = [p, i64, i64, i32]
-    lib.gq_llama_decode_scratch.restype = i64
-    lib.gq_llama_decode.argtypes = [p, p, p, i64, p, p, p, p, p, i64, i64, i64, p, i32]
-    lib.gq_llama_decode.restype = i32
+    for arch in ("llama", "gptj"):
+        scratch, step = getattr(lib, f"gq_{arch}_decode_scratch"), getattr(lib, f"gq_{arch}_decode")
+        scratch.argtypes, scratch.restype = [p, i64, i64, i32], i64
+        step.argtypes, step.restype = [p, p, p, i64, p, p, p, p, p, i64, i64, i64, p, i32], i32
     return lib
 
 
@@ -460,12 +657,52 @@ class _Plan:
     """What one model's decode steps pass to C++: pointers to every layer's weights (the
     tensors are held here, so they outlive the pointers), and reused scratch per thread."""
 
+    arch = ""
+    cache_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib, self.tensors = lib, []
+        self.local = threading.local()
+        self.step = getattr(lib, f"gq_{self.arch}_decode")
+        self._scratch = getattr(lib, f"gq_{self.arch}_decode_scratch")
+
+    def _float(self, t: Tensor, n: int) -> int:
+        """A pointer to t as float32 (converted once where it is not: a bf16 model's norms)."""
+        if t.device.type != "cpu" or t.shape != (n,) or not t.dtype.is_floating_point:
+            raise _Unsupported
+        t = t.detach().to(torch.float32).contiguous()
+        self.tensors.append(t)
+        return t.data_ptr()
+
+    def _linear(self, m: nn.Module | None, k: int, n: int) -> _Linear:
+        if not isinstance(m, QuantizedLinear) or (m.in_features, m.out_features) != (k, n):
+            raise _Unsupported
+        if m.qweight.device.type != "cpu" or not m._kernel_fits():
+            raise _Unsupported
+        mins = m.mins if m.mode == "int4" else None
+        self.tensors += [t for t in (m.qweight, m.scales, mins) if t is not None]
+        bias = self._float(m.bias, n) if m.bias is not None else None
+        bits = 8 if m.mode == "int8" else 4
+        qb = quant._int8_block(k) if bits == 8 else 32
+        return _Linear(m.qweight.data_ptr(), m.scales.data_ptr(), quant._ptr(mins), bias, n, k, bits, qb)
+
+    def scratch(self, rows: int, max_len: int, threads: int) -> int:
+        need = self._scratch(self.dims_ptr, rows, max_len, threads)
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.numel() < need:
+            buf = self.local.buf = torch.empty(need, dtype=torch.uint8)
+        return buf.data_ptr()
+
+
+class _LlamaPlan(_Plan):
+    arch = "llama"
+
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+        super().__init__(lib)
         cfg = model.config
         hd = cfg.head_dim or cfg.hidden_size // cfg.n_head
         if cfg.n_head % cfg.n_kv_heads or hd % 2:
             raise _Unsupported
-        self.lib, self.tensors = lib, []
         self.n_layers, self.n_kv, self.head_dim = cfg.n_layer, cfg.n_kv_heads, hd
         self.dims = _Dims(cfg.n_layer, cfg.hidden_size, cfg.n_head, cfg.n_kv_heads, hd, cfg.intermediate_size,
                           cfg.rms_norm_eps)  # fmt: skip
@@ -481,34 +718,34 @@ class _Plan:
             entry.gate_up = self._linear(mlp.gate_up_proj, cfg.hidden_size, 2 * cfg.intermediate_size)
             entry.down = self._linear(mlp.down_proj, cfg.intermediate_size, cfg.hidden_size)
         self.layers_ptr, self.dims_ptr = ctypes.addressof(self.layers), ctypes.addressof(self.dims)
-        self.local = threading.local()
 
-    def _float(self, t: Tensor, n: int) -> int:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != (n,):
-            raise _Unsupported
-        self.tensors.append(t)
-        return t.data_ptr()
 
-    def _linear(self, m: nn.Module | None, k: int, n: int) -> _Linear:
-        if not isinstance(m, QuantizedLinear) or (m.in_features, m.out_features) != (k, n):
-            raise _Unsupported
-        if m.qweight.device.type != "cpu" or not m._kernel_fits():
-            raise _Unsupported
-        parts = [m.qweight, m.scales, m.mins if m.mode == "int4" else None]
-        if m.bias is not None:
-            self._float(m.bias, n)
-        self.tensors += [t for t in parts if t is not None]
-        bits = 8 if m.mode == "int8" else 4
-        qb = quant._int8_block(k) if bits == 8 else 32
-        return _Linear(m.qweight.data_ptr(), m.scales.data_ptr(), quant._ptr(parts[2]), quant._ptr(m.bias),
-                       n, k, bits, qb)  # fmt: skip
+class _GptjPlan(_Plan):
+    arch = "gptj"
+    cache_dtypes = (torch.float32, torch.bfloat16)
 
-    def scratch(self, rows: int, max_len: int, threads: int) -> int:
-        need = self.lib.gq_llama_decode_scratch(self.dims_ptr, rows, max_len, threads)
-        buf = getattr(self.local, "buf", None)
-        if buf is None or buf.numel() < need:
-            buf = self.local.buf = torch.empty(need, dtype=torch.uint8)
-        return buf.data_ptr()
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+        super().__init__(lib)
+        cfg = model.config
+        d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.n_inner or 4 * cfg.n_embd
+        if cfg.rotary_dim % 2:
+            raise _Unsupported
+        self.n_layers, self.n_kv, self.head_dim = cfg.n_layer, cfg.n_head, hd
+        self.dims = _GptjDims(cfg.n_layer, d, cfg.n_head, hd, cfg.rotary_dim, inner, cfg.layer_norm_epsilon, 0)
+        self.layers = (_GptjLayer * cfg.n_layer)()
+        for i, block in enumerate(model.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            entry = self.layers[i]
+            entry.ln_w = self._float(block.ln_1.weight, d)
+            entry.ln_b = self._float(block.ln_1.bias, d)
+            if attn.qkv_proj is not None:  # fused: k and v stay empty
+                entry.q = self._linear(attn.qkv_proj, d, 3 * d)
+            else:
+                entry.q, entry.k, entry.v = (self._linear(m, d, d) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+            entry.out = self._linear(attn.out_proj, d, d)
+            entry.fc_in = self._linear(mlp.fc_in, d, inner)
+            entry.fc_out = self._linear(mlp.fc_out, inner, d)
+        self.layers_ptr, self.dims_ptr = ctypes.addressof(self.layers), ctypes.addressof(self.dims)
 
 
 class _Unsupported(Exception):
@@ -520,13 +757,29 @@ class _Unsupported(Exception):
 _plans: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], _Plan | None]] = weakref.WeakKeyDictionary()
 
 
+def _plan_key(model: nn.Module) -> tuple[int, ...] | None:
+    """What identifies the layers a plan points into (None: no layers)."""
+    if getattr(model, "architecture", None) == "llama":
+        layers = model.model.layers
+        if not len(layers):
+            return None
+        return id(layers[0].self_attn.qkv_proj), id(layers[-1].mlp.down_proj), layers[0].input_layernorm.weight.data_ptr()
+    if getattr(model, "architecture", None) == "gptj":
+        blocks = model.transformer.h
+        if not len(blocks):
+            return None
+        attn = blocks[0].attn
+        first = attn.qkv_proj if attn.qkv_proj is not None else attn.q_proj
+        return id(first), id(blocks[-1].mlp.fc_out), blocks[0].ln_1.weight.data_ptr()
+    return None
+
+
 def _plan(model: nn.Module) -> _Plan | None:
     """The model's plan, made on first use (None where the fast path cannot serve it). Made again
     when the layers were replaced (e.g. by fuse_projections)."""
-    layers = model.model.layers
-    if not len(layers):
+    key = _plan_key(model)
+    if key is None:
         return None
-    key = (id(layers[0].self_attn.qkv_proj), id(layers[-1].mlp.down_proj), layers[0].input_layernorm.weight.data_ptr())
     held = _plans.get(model)
     if held is not None and held[0] == key:
         return held[1]
@@ -534,7 +787,7 @@ def _plan(model: nn.Module) -> _Plan | None:
     lib = native_library()
     if lib is not None:
         try:
-            plan = _Plan(model, lib)
+            plan = (_LlamaPlan if model.architecture == "llama" else _GptjPlan)(model, lib)
         except _Unsupported:
             plan = None
     _plans[model] = (key, plan)
@@ -544,12 +797,13 @@ def _plan(model: nn.Module) -> _Plan | None:
 def decode_blocks(
     model: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache, rows: slice
 ) -> bool:
-    """Runs every block of `model` (a Llama) on x [B, 1, hidden] in place for one decode step,
-    writing keys and values into `cache` as the torch path does. False (nothing changed) where
-    this path does not serve: the caller then runs the blocks in torch."""
-    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or not enabled():
+    """Runs every block of `model` (a Llama or a GPT-J) on x [B, 1, hidden] in place for one
+    decode step, writing keys and values into `cache` as the torch path does. cos/sin: the
+    model's rotary tables in float32. False (nothing changed) where this path does not serve:
+    the caller then runs the blocks in torch."""
+    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or not enabled():
         return False
-    if x.requires_grad or not x.is_contiguous():
+    if x.requires_grad or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     plan = _plan(model)
     if plan is None:
@@ -557,7 +811,7 @@ def decode_blocks(
     batch = x.shape[0]
     k, v = cache.k, cache.v
     shape = (plan.n_layers, cache.n_rows, plan.n_kv, cache.max_len, plan.head_dim)
-    if k.dtype != torch.float32 or v.dtype != torch.float32 or k.device.type != "cpu" or k.shape != shape:
+    if k.dtype not in plan.cache_dtypes or v.dtype != k.dtype or k.device.type != "cpu" or k.shape != shape:
         return False
     if v.shape != shape or not (k.is_contiguous() and v.is_contiguous()):
         return False
@@ -573,10 +827,16 @@ def decode_blocks(
     for t in (cos, sin):
         if t.numel() != batch * hd or t.dtype != torch.float32 or not t.is_contiguous():
             return False
+    if isinstance(plan, _GptjPlan):
+        plan.dims.cache_bf16 = int(k.dtype == torch.bfloat16)
+    # the residual stream runs in float32 here (a bf16 model's is rounded back afterwards)
+    xf = x if x.dtype == torch.float32 else x.float()
     threads = torch.get_num_threads()
     scratch = plan.scratch(batch, cache.max_len, threads)
-    rc = plan.lib.gq_llama_decode(
-        plan.layers_ptr, plan.dims_ptr, x.data_ptr(), batch, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+    rc = plan.step(
+        plan.layers_ptr, plan.dims_ptr, xf.data_ptr(), batch, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         k.data_ptr(), v.data_ptr(), cache.n_rows, start, cache.max_len, scratch, threads,
     )  # fmt: skip
+    if rc == 0 and xf is not x:
+        x.copy_(xf)
     return rc == 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.cpu_decode import decode_blocks
 from gptj.fusion import fuse_linears
 from gptj.kv_cache import CacheView, KVCache
 
@@ -186,10 +187,14 @@ class GPTJ(nn.Module):
         x = self.transformer.wte(input_ids)
         compute_dtype = self.transformer.ln_f.weight.dtype
         x = x.to(compute_dtype)
-        cos, sin = rotary_tables(positions, self.config.rotary_dim, self.config.head_dim, compute_dtype)
-        view = cache.view(positions, rows) if cache is not None else None
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache, view)
+        cos, sin = rotary_tables(positions, self.config.rotary_dim, self.config.head_dim, torch.float32)
+        # One decode step (T = 1) on the CPU with quantized weights: every block in one C++ call
+        # that updates x in place (gptj/cpu_decode.py); False where it does not serve.
+        if cache is None or not decode_blocks(self, x, cos, sin, positions, cache, rows):
+            cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
+            view = cache.view(positions, rows) if cache is not None else None
+            for block in self.transformer.h:
+                x = block(x, cos, sin, cache, view)
         if not logits:
             return None
         if last_only:
