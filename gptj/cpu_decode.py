@@ -56,7 +56,6 @@ struct GqLinear {
     const float* bias;   // fp32 [n] or null
     int64_t n, k;
     int32_t bits;        // 8 or 4
-    int32_t qb;          // int8: the activation block
 };
 struct GqLayer {
     const float* ln1;  // input_layernorm
@@ -66,7 +65,7 @@ struct GqLayer {
 
 static void run_linear(const GqLinear& L, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
     if (L.bits == 8)
-        gq_linear_int8((const int8_t*)L.w, (const float*)L.scales, L.bias, L.n, L.k, L.qb, x, M, y, scratch, nthreads);
+        gq_linear_int8((const int8_t*)L.w, (const float*)L.scales, L.bias, L.n, L.k, x, M, y, scratch, nthreads);
     else
         gq_linear_int4((const uint8_t*)L.w, (const uint16_t*)L.scales, (const uint16_t*)L.mins, L.bias, L.n, L.k, x,
                        M, y, scratch, nthreads);
@@ -393,7 +392,7 @@ extern "C" int64_t gq_llama_decode_scratch(const GqDecodeDims* d, int64_t B, int
     const int64_t f = align64(B * d->hidden) * 2 + align64(B * qkv) + align64(B * att) + align64(B * 2 * d->inter) +
                       align64(B * d->inter) + ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) +
                       2 * align64(parts);
-    return f * 4 + align64(B * kmax + 8 * B * (kmax / 32)) + 64;
+    return f * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
 }
 
 // One decode step of all layers for B rows; x [B, hidden] in place. Row b is cache row row0 + b
@@ -514,7 +513,7 @@ extern "C" int64_t gq_gptj_decode_scratch(const GqGptjDims* d, int64_t B, int64_
     const int64_t parts = B * d->n_head * max_chunks(B, d->n_head, nthreads);
     const int64_t f = align64(B * H) * 4 + align64(B * 3 * H) + 2 * align64(B * I) +
                       ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) + 2 * align64(parts);
-    return f * 4 + align64(B * kmax + 8 * B * (kmax / 32)) + 64;
+    return f * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
 }
 
 template <typename CT>
@@ -597,7 +596,7 @@ extern "C" int gq_gptj_decode(const GqGptjLayer* layers, const GqGptjDims* d, fl
 class _Linear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("bits", ctypes.c_int32), ("qb", ctypes.c_int32)]  # fmt: skip
+                ("bits", ctypes.c_int32)]  # fmt: skip
 
 
 class _Layer(ctypes.Structure):
@@ -683,8 +682,7 @@ class _Plan:
         self.tensors += [t for t in (m.qweight, m.scales, mins) if t is not None]
         bias = self._float(m.bias, n) if m.bias is not None else None
         bits = 8 if m.mode == "int8" else 4
-        qb = quant._int8_block(k) if bits == 8 else 32
-        return _Linear(m.qweight.data_ptr(), m.scales.data_ptr(), quant._ptr(mins), bias, n, k, bits, qb)
+        return _Linear(m.qweight.data_ptr(), m.scales.data_ptr(), quant._ptr(mins), bias, n, k, bits)
 
     def scratch(self, rows: int, max_len: int, threads: int) -> int:
         need = self._scratch(self.dims_ptr, rows, max_len, threads)

@@ -21,7 +21,7 @@ whose two cores read memory at 21-31 GB/s:
 
 * decode (at most ``DECODE_MAX_ROWS`` rows): our own GEMV in C++, built with the system compiler
   on first use and cached under ~/.cache/gptj/kernels. It quantizes the activations to int8 per
-  block (int4: of 32, its group; int8: see ``_int8_block``) and runs an integer dot product
+  block (int4: of 32, its group; int8: of 128, the last one shorter) and runs an integer dot product
   (AVX-512 VNNI, AVX-VNNI or AVX2 maddubs), and prefetches the next tile of rows into L2. It
   takes any in_features that is a multiple of 32. At one row it streams int8 weights at 26-30
   GB/s and int4 at 23-26 GB/s, against 20-24 and 15-18 GB/s for torch's ``_weight_int8pack_mm``
@@ -187,8 +187,8 @@ def convert_int4_zeros(
 
 _KERNEL_SRC = r"""
 // Weight-only quantized GEMV kernels (int8 per-row, int4 grouped) for x86-64.
-// Activations are quantized on the fly to int8 per block of QB values (int8: 128 or 32, the
-// last block shorter where QB does not divide K; int4: 32, its group size), so the inner loop
+// Activations are quantized on the fly to int8 per block of values (int8: 128, the last block
+// shorter where 128 does not divide K; int4: 32, its group size), so the inner loop
 // is an integer dot product (VNNI dpbusd, or maddubs on plain AVX2). K: a multiple of 32.
 #include <immintrin.h>
 #include <math.h>
@@ -222,7 +222,7 @@ static inline float hsum256(__m256 v) {
 // spans of gpv blocks (t <= gpv in the last span): the first 16 values of each of the span's
 // blocks, then the last 16 of each, matching the low and high nibbles of one weight vector.
 static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int8_t* xq, float* xs, float* xsum,
-                      int nthreads) {
+                      int32_t* xis, int nthreads) {
     const int64_t nb = (K + qb - 1) / qb;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
     for (int64_t mb = 0; mb < M * nb; ++mb) {
@@ -265,6 +265,7 @@ static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         xs[mb] = s;
         xsum[mb] = s * (float)_mm_cvtsi128_si32(s4);
+        if (xis) xis[mb] = _mm_cvtsi128_si32(s4);  // sum(xq) of the block, exact
     }
 }
 
@@ -355,93 +356,108 @@ static inline vi dot_s8s8(vi acc, vi w, vi x) {
 }
 
 // ---------------------------------------------------------------- int8 weights
-// W int8 [N,K] row-major, ws fp32 [N].  y[m,n] = ws[n] * sum_b xs[m,b] * dot_b(W[n], xq[m]).
-// VNNI: dpbusd(u8, s8) with u8 = W ^ 0x80 = W + 128, then subtract 128 * sum(xq) (xsum holds xs*sum).
+// W int8 [N,K] row-major, ws fp32 [N]; activations in blocks of QB8 = 128 (the last one shorter).
+//   y[m,n] = fma(ws[n], acc, bias[n]),  acc = fma(S_b, xs[m,b], acc) over blocks b in order,
+// S_b = sum over block b of W[n,k] * xq[m,k], exact in int32. Every path (one row or many, VNNI,
+// AVX2, AMX) computes exactly these float operations from exactly these integers, so a row's
+// result does not depend on which rows share its call (a request's tokens are the same alone
+// or batched with others).
+// VNNI: dpbusd(u8, s8) with u8 = W ^ 0x80 = W + 128, then subtract 128 * sum(xq) (xis holds it).
 // Plain AVX2: maddubs(|W|, sign(xq, W)); |xq| <= 127 and |W| <= 127 keep int16 pairs unsaturated.
-// Tiles of R weight rows x MT activation rows: each weight vector is loaded once per tile.
-// A step covers CH = max(QB, VB) values: QB/VB vectors of one block, or (QB 32, 64-byte vectors)
-// one vector of two blocks, whose 32-bit lanes 0-7 take the first block's scale, 8-15 the second's.
-// What K leaves past the last whole step (a multiple of 32) is one more, shorter block.
-template <int QB, int R, int MT>
+// Tiles of R (<= 4) weight rows x MT activation rows: each weight vector is loaded once per
+// tile; the R rows' lane sums of a block reduce together into one 4-lane vector.
+#define QB8 128
+
+// lanes 0..3: the sums of a0's, a1's, a2's, a3's lanes
+static inline __m128i reduce4_epi32(vi a0, vi a1, vi a2, vi a3) {
+#if GQ_ISA == 3
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    const __m512i w = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(w), _mm512_extracti64x4_epi64(w, 1));
+#else
+    const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
+    const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
+    const __m256i h = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+#endif
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+template <int R, int MT>
 static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
-                           const float* xsum, float* y, int64_t ldy, const float* bias) {
-    constexpr int CH = QB > VB ? QB : VB, NV = CH / VB, BPV = VB > QB ? VB / QB : 1;
-    const int64_t nb = (K + QB - 1) / QB, nc = K / CH;
-    vf acc[R][MT];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MT; ++m) acc[r][m] = vf_zero();
-    for (int64_t c = 0; c < nc; ++c) {
-        vi x[MT][NV];
-        vf sc[MT];
-        for (int m = 0; m < MT; ++m) {
-            for (int i = 0; i < NV; ++i) x[m][i] = vi_load(xq + m * K + c * CH + i * VB);
-            if constexpr (BPV == 1)
-                sc[m] = vf_set(xs[m * nb + c * (CH / QB)]);
-            else
-                sc[m] = vf_pair(xs + m * nb + c * BPV);
-        }
-        for (int r = 0; r < R; ++r) {
-            vi w[NV];
-            for (int i = 0; i < NV; ++i) w[i] = vi_load(W + r * K + c * CH + i * VB);
-            // prefetch the next tile (the rows that follow) into L2: one core's demand misses
-            // and the hardware prefetcher alone do not keep enough reads in flight
-            for (int i = 0; i < CH / 64; ++i)
-                _mm_prefetch((const char*)(W + R * K + (c * R + r) * CH + i * 64), _MM_HINT_T1);
-            for (int m = 0; m < MT; ++m) {
-                vi d = vi_zero();
-                for (int i = 0; i < NV; ++i) d = dot_s8s8(d, w[i], x[m][i]);
-                acc[r][m] = vf_fma(vf_cvt(d), sc[m], acc[r][m]);
-            }
-        }
-    }
-    if (nc * CH < K) {  // the last block, shorter than a step: zeros past K
-        const int64_t done = nc * CH;
-        const int tail = (int)(K - done);
+                           const int32_t* xis, float* y, int64_t ldy, const float* bias) {
+    constexpr int NV = QB8 / VB;
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    __m128 acc[MT];  // lane r: weight row r
+    for (int m = 0; m < MT; ++m) acc[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * QB8;
+        const int len = K - k0 < QB8 ? (int)(K - k0) : QB8;  // the last block: zeros past K
         vi x[MT][NV];
         for (int m = 0; m < MT; ++m)
             for (int i = 0; i < NV; ++i)
-                x[m][i] = i * VB < tail ? vi_load_n(xq + m * K + done + i * VB, tail - i * VB) : vi_zero();
-        for (int r = 0; r < R; ++r) {
+                x[m][i] = len == QB8 ? vi_load(xq + m * K + k0 + i * VB)
+                          : i * VB < len ? vi_load_n(xq + m * K + k0 + i * VB, len - i * VB) : vi_zero();
+        vi d[4][MT];
+        for (int r = 0; r < 4; ++r) {
+            for (int m = 0; m < MT; ++m) d[r][m] = vi_zero();
+            if (r >= R) continue;
             vi w[NV];
-            for (int i = 0; i < NV; ++i) w[i] = i * VB < tail ? vi_load_n(W + r * K + done + i * VB, tail - i * VB) : vi_zero();
-            for (int m = 0; m < MT; ++m) {
-                vi d = vi_zero();
-                for (int i = 0; i < NV; ++i) d = dot_s8s8(d, w[i], x[m][i]);
-                acc[r][m] = vf_fma(vf_cvt(d), vf_set(xs[m * nb + nb - 1]), acc[r][m]);
-            }
+            for (int i = 0; i < NV; ++i)
+                w[i] = len == QB8 ? vi_load(W + r * K + k0 + i * VB)
+                       : i * VB < len ? vi_load_n(W + r * K + k0 + i * VB, len - i * VB) : vi_zero();
+            // prefetch the next tile (the rows that follow) into L2: one core's demand misses
+            // and the hardware prefetcher alone do not keep enough reads in flight
+            for (int i = 0; i < QB8 / 64; ++i)
+                _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), _MM_HINT_T1);
+            for (int m = 0; m < MT; ++m)
+                for (int i = 0; i < NV; ++i) d[r][m] = dot_s8s8(d[r][m], w[i], x[m][i]);
+        }
+        for (int m = 0; m < MT; ++m) {
+            __m128i sums = reduce4_epi32(d[0][m], d[1][m], d[2][m], d[3][m]);
+#if GQ_ISA != 1
+            sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * xis[m * nb + b]));
+#endif
+            acc[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(xs[m * nb + b]), acc[m]);
         }
     }
     for (int m = 0; m < MT; ++m) {
-        float comp = 0.f;
-#if GQ_ISA != 1
-        for (int64_t b = 0; b < nb; ++b) comp += xsum[m * nb + b];
-        comp *= 128.f;
-#endif
-        for (int r = 0; r < R; ++r) {
-            float v = ws[r] * (vf_sum(acc[r][m]) - comp);
-            if (bias) v += bias[r];
-            y[m * ldy + r] = v;
-        }
+        alignas(16) float out[4];
+        _mm_store_ps(out, acc[m]);
+        for (int r = 0; r < R; ++r) y[m * ldy + r] = fmaf(ws[r], out[r], bias ? bias[r] : 0.f);
     }
 }
 
-template <int QB, int R>
+template <int R>
 static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
-                           const float* xsum, int64_t M, float* y, int64_t ldy, const float* bias) {
-    const int64_t nb = (K + QB - 1) / QB;
+                           const int32_t* xis, int64_t M, float* y, int64_t ldy, const float* bias) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
     int64_t m = 0;
     for (; m + M_T <= M; m += M_T)
-        i8_tile<QB, R, M_T>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
-    for (; m < M; ++m) i8_tile<QB, R, 1>(W, K, ws, xq + m * K, xs + m * nb, xsum + m * nb, y + m * ldy, ldy, bias);
+        i8_tile<R, M_T>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
 }
 
-template <int QB>
+// the activations quantized into scratch: xq [M,K] int8, xs [M,nb] scales, xis [M,nb] block sums
+struct Int8Act {
+    int8_t* xq;
+    float* xs;
+    int32_t* xis;
+};
+static Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int nthreads) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    Int8Act a;
+    a.xq = (int8_t*)scratch;
+    a.xs = (float*)(a.xq + M * K);
+    float* xsum = a.xs + M * nb;
+    a.xis = (int32_t*)(xsum + M * nb);
+    quant_act(x, M, K, QB8, 0, a.xq, a.xs, xsum, a.xis, nthreads);
+    return a;
+}
+
 static void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                         int64_t M, float* y, void* scratch, int nthreads) {
-    int8_t* xq = (int8_t*)scratch;
-    float* xs = (float*)(xq + M * K);
-    float* xsum = xs + M * ((K + QB - 1) / QB);
-    quant_act(x, M, K, QB, 0, xq, xs, xsum, nthreads);
+    const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
     const int64_t nt = (N + R_T - 1) / R_T;
     // dynamic chunks: a thread that loses its core to another process does not stall the call
     const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
@@ -449,10 +465,10 @@ static void linear_int8(const int8_t* W, const float* ws, const float* bias, int
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t n = t * R_T;
         if (n + R_T <= N)
-            i8_rows<QB, R_T>(W + n * K, K, ws + n, xq, xs, xsum, M, y + n, N, bias ? bias + n : nullptr);
+            i8_rows<R_T>(W + n * K, K, ws + n, a.xq, a.xs, a.xis, M, y + n, N, bias ? bias + n : nullptr);
         else
             for (int64_t j = n; j < N; ++j)
-                i8_rows<QB, 1>(W + j * K, K, ws + j, xq, xs, xsum, M, y + j, N, bias ? bias + j : nullptr);
+                i8_rows<1>(W + j * K, K, ws + j, a.xq, a.xs, a.xis, M, y + j, N, bias ? bias + j : nullptr);
     }
 }
 
@@ -513,22 +529,22 @@ static inline void amx_store(const __m512 (&acc)[16], const float* ws, const flo
     alignas(64) float out[16];
     for (int i = 0; i < 16; ++i) {
         _mm512_store_ps(out, acc[i]);
-        for (int m = 0; m < rows; ++m) y[m * ldy + i] = ws[i] * out[m] + (bias ? bias[i] : 0.f);
+        for (int m = 0; m < rows; ++m) y[m * ldy + i] = fmaf(ws[i], out[m], bias ? bias[i] : 0.f);
     }
 }
 
 // 16 weight rows against G groups of activation rows (M0 rows, then M1); xb[g]: group g's
 // activations repacked (per 32 columns, 8 rows of [Mg][4] bytes); xst[g]: its block scales
 // [nb][16], lanes m (zero past Mg).
-template <int QB, int G>
+template <int G>
 static inline void i8_amx_tile(const int8_t* W, int64_t K, const float* ws, int8_t* const* xb, float* const* xst,
                                int M0, int M1, float* y, int64_t ldy, const float* bias) {
-    const int64_t nb = (K + QB - 1) / QB;
+    const int64_t nb = (K + QB8 - 1) / QB8;
     alignas(64) int32_t c[16][16] = {};
     __m512 acc0[16], acc1[16];
     for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const int64_t k0 = b * QB, end = K - k0 < QB ? K : k0 + QB;
+        const int64_t k0 = b * QB8, end = K - k0 < QB8 ? K : k0 + QB8;
         _tile_zero(0);
         if (G == 2) _tile_zero(5);
         int64_t k = k0;
@@ -564,14 +580,12 @@ static inline void i8_amx_tile(const int8_t* W, int64_t K, const float* ws, int8
 // M >= 2 rows; N % 16 == 0. scratch as for linear_int8. Each thread takes 16 weight rows at a
 // time through every pass of 32 activation rows, so the weights come from memory once (later
 // passes find them in L2).
-template <int QB>
 static void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                             const float* x, int64_t M, float* y, void* scratch, int nthreads) {
-    const int64_t nb = (K + QB - 1) / QB, ng = (M + 15) / 16;
-    int8_t* xq = (int8_t*)scratch;
-    float* xs = (float*)(xq + M * K);
-    float* xsum = xs + M * nb;
-    quant_act(x, M, K, QB, 0, xq, xs, xsum, nthreads);
+    const int64_t nb = (K + QB8 - 1) / QB8, ng = (M + 15) / 16;
+    const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
+    const int8_t* xq = a.xq;
+    const float* xs = a.xs;
     static thread_local int8_t* xb_buf = nullptr;  // repacked activations and transposed scales
     static thread_local float* xst_buf = nullptr;
     static thread_local int64_t have = 0;
@@ -612,9 +626,9 @@ static void linear_int8_amx(const int8_t* W, const float* ws, const float* bias,
                 int8_t* const pxb[2] = {xb(g), M1 ? xb(g + 1) : nullptr};
                 float* const pxs[2] = {xst(g), M1 ? xst(g + 1) : nullptr};
                 if (M1)
-                    i8_amx_tile<QB, 2>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
+                    i8_amx_tile<2>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
                 else
-                    i8_amx_tile<QB, 1>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
+                    i8_amx_tile<1>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16, N, bt);
             }
         }
         _tile_release();
@@ -630,23 +644,16 @@ extern "C" int gq_amx(void) {  // whether int8 calls of 2 or more rows use AMX t
 #endif
 }
 
-// qb: the activation block, 128 or 32; K % 32 == 0.
-// scratch: M*K int8 + 2*M*ceil(K/qb) fp32 for the quantized activations.
-extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, int qb,
+// K % 32 == 0. scratch: M*K int8 + 3*M*ceil(K/128) 32-bit values for the quantized activations.
+extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                                const float* x, int64_t M, float* y, void* scratch, int nthreads) {
 #ifdef GQ_AMX
     if (M >= 2 && N % 16 == 0 && amx_usable()) {
-        if (qb == 128)
-            linear_int8_amx<128>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
-        else
-            linear_int8_amx<32>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+        linear_int8_amx(W, ws, bias, N, K, x, M, y, scratch, nthreads);
         return;
     }
 #endif
-    if (qb == 128)
-        linear_int8<128>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
-    else
-        linear_int8<32>(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+    linear_int8(W, ws, bias, N, K, x, M, y, scratch, nthreads);
 }
 
 // ---------------------------------------------------------------- int4 weights
@@ -731,7 +738,7 @@ extern "C" void gq_linear_int4(const uint8_t* W, const uint16_t* sc, const uint1
     int8_t* xq = (int8_t*)scratch;
     float* xs = (float*)(xq + M * K);
     float* xsum = xs + M * ng;
-    quant_act(x, M, K, 32, GPV, xq, xs, xsum, nthreads);
+    quant_act(x, M, K, 32, GPV, xq, xs, xsum, nullptr, nthreads);
     const int64_t nt = (N + R_T - 1) / R_T;
     const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
@@ -967,7 +974,7 @@ def _open(path: Path) -> ctypes.CDLL:
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the kernel functions' arguments (for _KERNEL_SRC and libraries that include it)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, i32, p, i64, p, p, i32]
+    lib.gq_linear_int8.argtypes = [p, p, p, i64, i64, p, i64, p, p, i32]
     lib.gq_linear_int4.argtypes = [p, p, p, p, i64, i64, p, i64, p, p, i32]
     lib.gq_dequant_int8.argtypes = [p, p, i64, i64, i64, p, i32, i32]
     lib.gq_dequant_int4.argtypes = [p, p, p, i64, i64, i64, p, i32, i32]
@@ -1032,13 +1039,6 @@ def _buffer(numel: int, dtype: torch.dtype) -> Tensor:
         buf = torch.empty(numel, dtype=dtype)
         setattr(_workspace, key, buf)
     return buf[:numel]
-
-
-def _int8_block(k: int) -> int:
-    """The int8 kernel's activation block: 128, the last one shorter where 128 does not divide k.
-    The kernel takes blocks of 32 too; measured on 576..16384-wide layers they ran as fast at one
-    row and 5-40 % slower at 8 (more scale multiplies per weight byte)."""
-    return 128
 
 
 def _scratch(nbytes: int) -> int:
@@ -1209,11 +1209,11 @@ class QuantizedLinear(nn.Module):
         m, k, n = x2.shape[0], self.in_features, self.out_features
         xf = x2.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
-        scratch = _scratch(m * k + 8 * m * (k // _KB))
+        scratch = _scratch(m * k + 12 * m * (k // _KB))
         threads = torch.get_num_threads()
         if self.mode == "int8":
             lib.gq_linear_int8(
-                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k, _int8_block(k),
+                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
                 xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         else:
