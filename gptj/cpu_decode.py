@@ -326,13 +326,49 @@ static int64_t max_chunks(int64_t B, int64_t nkv, int nthreads) {
     return c > 1 ? c : 1;
 }
 
+// The largest of the B rows' positions, or -1 where a row or a position lies outside the cache.
+static int64_t max_position(const int64_t* pos, int64_t B, int64_t row0, int64_t cache_rows, int64_t max_len) {
+    if (row0 < 0 || row0 + B > cache_rows) return -1;
+    int64_t maxpos = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+        maxpos = pos[b] > maxpos ? pos[b] : maxpos;
+    }
+    return maxpos;
+}
+
+// Attention's scratch (scores: ATT_G * align64(max_len) per thread; po, pm, pl: per part, B * nh
+// * max_chunks parts) from `at` on, then the GEMV kernel's.
+struct AttnScratch {
+    float *scores, *po, *pm, *pl;
+    void* gemv;
+};
+static AttnScratch attn_scratch(float* at, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len,
+                                int nthreads) {
+    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
+    AttnScratch a;
+    a.scores = at;
+    a.po = a.scores + ATT_G * align64(max_len) * nthreads;
+    a.pm = a.po + align64(parts * hd);
+    a.pl = a.pm + align64(parts);
+    a.gemv = a.pl + align64(parts);
+    return a;
+}
+// bytes: attention's floats, the GEMV kernel's scratch for B rows of up to kmax inputs, alignment
+static int64_t attn_gemv_scratch_bytes(int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len, int64_t kmax,
+                                       int nthreads) {
+    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
+    const int64_t floats = ATT_G * align64(max_len) * nthreads + align64(parts * hd) + 2 * align64(parts);
+    return floats * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
+}
+
 // Attention of B rows (one new token each) over their cache rows. q: row b's query heads at
 // q + b * q_stride; kl, vl: one layer's cache [cache_rows, nkv, max_len, hd]; att [B, nh * hd].
-// Scratch: scores ATT_G * align64(max_len) per thread; po, pm, pl: B * nh * max_chunks parts.
 template <typename CT>
 static void attention_step(const float* q, int64_t q_stride, const CT* kl, const CT* vl, int64_t B, const int64_t* pos,
                            int64_t row0, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len, int64_t maxpos,
-                           float* scores, float* po, float* pm, float* pl, float* att, int nthreads) {
+                           const AttnScratch& sc, float* att, int nthreads) {
+    float *scores = sc.scores, *po = sc.po, *pm = sc.pm, *pl = sc.pl;
     const int64_t group = nh / nkv, row_stride = nkv * max_len * hd;
     const float scale = 1.f / sqrtf((float)hd);
     // in parallel only where it outweighs waking the threads; keys in C chunks of `chunk` per
@@ -388,11 +424,9 @@ extern "C" int64_t gq_llama_decode_scratch(const GqDecodeDims* d, int64_t B, int
     const int64_t qkv = (d->n_head + 2 * d->n_kv) * d->head_dim, att = d->n_head * d->head_dim;
     int64_t kmax = d->hidden > att ? d->hidden : att;
     kmax = kmax > d->inter ? kmax : d->inter;
-    const int64_t parts = B * d->n_head * max_chunks(B, d->n_kv, nthreads);
     const int64_t f = align64(B * d->hidden) * 2 + align64(B * qkv) + align64(B * att) + align64(B * 2 * d->inter) +
-                      align64(B * d->inter) + ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) +
-                      2 * align64(parts);
-    return f * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
+                      align64(B * d->inter);
+    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->n_kv, d->head_dim, max_len, kmax, nthreads);
 }
 
 // One decode step of all layers for B rows; x [B, hidden] in place. Row b is cache row row0 + b
@@ -401,12 +435,8 @@ extern "C" int64_t gq_llama_decode_scratch(const GqDecodeDims* d, int64_t B, int
 extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, float* x, int64_t B, const int64_t* pos,
                                const float* cos_t, const float* sin_t, float* kc, float* vc, int64_t cache_rows,
                                int64_t row0, int64_t max_len, void* scratch, int nthreads) {
-    if (row0 < 0 || row0 + B > cache_rows) return -1;
-    int64_t maxpos = 0;
-    for (int64_t b = 0; b < B; ++b) {
-        if (pos[b] < 0 || pos[b] >= max_len) return -1;
-        maxpos = pos[b] > maxpos ? pos[b] : maxpos;
-    }
+    const int64_t maxpos = max_position(pos, B, row0, cache_rows, max_len);
+    if (maxpos < 0) return -1;
     const int64_t H = d->hidden, nh = d->n_head, nkv = d->n_kv, hd = d->head_dim, I = d->inter;
     const int64_t qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
     float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
@@ -415,12 +445,8 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
     float* att = qkv + align64(B * qkv_w);
     float* gu = att + align64(B * att_w);
     float* act = gu + align64(B * 2 * I);
-    float* scores = act + align64(B * I);
-    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
-    float* po = scores + ATT_G * align64(max_len) * nthreads;
-    float* pm = po + align64(parts * hd);
-    float* pl = pm + align64(parts);
-    void* gemv = pl + align64(parts);
+    const AttnScratch sc = attn_scratch(act + align64(B * I), B, nh, nkv, hd, max_len, nthreads);
+    void* gemv = sc.gemv;
     const int64_t row_stride = nkv * max_len * hd, layer_stride = cache_rows * row_stride;
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GqLayer& L = layers[l];
@@ -438,8 +464,7 @@ extern "C" int gq_llama_decode(const GqLayer* layers, const GqDecodeDims* d, flo
                 memcpy(vl + at, r + (nh + nkv + j) * hd, hd * sizeof(float));
             }
         }
-        attention_step(qkv, qkv_w, kl, vl, B, pos, row0, nh, nkv, hd, max_len, maxpos, scores, po, pm, pl, att,
-                       nthreads);
+        attention_step(qkv, qkv_w, kl, vl, B, pos, row0, nh, nkv, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.o, att, B, t, gemv, nthreads);
         for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
         rms_norm_rows(x, L.ln2, B, H, d->eps, h);
@@ -510,10 +535,8 @@ static void gelu_tanh(float* a, int64_t n, float* e) {
 
 extern "C" int64_t gq_gptj_decode_scratch(const GqGptjDims* d, int64_t B, int64_t max_len, int nthreads) {
     const int64_t H = d->hidden, I = d->inner, kmax = H > I ? H : I;
-    const int64_t parts = B * d->n_head * max_chunks(B, d->n_head, nthreads);
-    const int64_t f = align64(B * H) * 4 + align64(B * 3 * H) + 2 * align64(B * I) +
-                      ATT_G * align64(max_len) * nthreads + align64(parts * d->head_dim) + 2 * align64(parts);
-    return f * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
+    const int64_t f = align64(B * H) * 4 + align64(B * 3 * H) + 2 * align64(B * I);
+    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->n_head, d->head_dim, max_len, kmax, nthreads);
 }
 
 template <typename CT>
@@ -528,12 +551,8 @@ static void gptj_layers(const GqGptjLayer* layers, const GqGptjDims* d, float* x
     float* qkv = t2 + align64(B * H);
     float* f = qkv + align64(B * 3 * H);
     float* ef = f + align64(B * I);
-    float* scores = ef + align64(B * I);
-    const int64_t parts = B * nh * max_chunks(B, nh, nthreads);
-    float* po = scores + ATT_G * align64(max_len) * nthreads;
-    float* pm = po + align64(parts * hd);
-    float* pl = pm + align64(parts);
-    void* gemv = pl + align64(parts);
+    const AttnScratch sc = attn_scratch(ef + align64(B * I), B, nh, nh, hd, max_len, nthreads);
+    void* gemv = sc.gemv;
     const int64_t row_stride = nh * max_len * hd, layer_stride = cache_rows * row_stride;
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GqGptjLayer& L = layers[l];
@@ -561,8 +580,7 @@ static void gptj_layers(const GqGptjLayer* layers, const GqGptjDims* d, float* x
                 kv_put(vl + at, q + vo + j * hd, hd);
             }
         }
-        attention_step(qkv, stride, kl, vl, B, pos, row0, nh, nh, hd, max_len, maxpos, scores, po, pm, pl, att,
-                       nthreads);
+        attention_step(qkv, stride, kl, vl, B, pos, row0, nh, nh, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.out, att, B, t1, gemv, nthreads);
         run_linear(L.fc_in, h, B, f, gemv, nthreads);
         gelu_tanh(f, B * I, ef);
@@ -576,12 +594,8 @@ static void gptj_layers(const GqGptjLayer* layers, const GqGptjDims* d, float* x
 extern "C" int gq_gptj_decode(const GqGptjLayer* layers, const GqGptjDims* d, float* x, int64_t B, const int64_t* pos,
                               const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t cache_rows,
                               int64_t row0, int64_t max_len, void* scratch, int nthreads) {
-    if (row0 < 0 || row0 + B > cache_rows) return -1;
-    int64_t maxpos = 0;
-    for (int64_t b = 0; b < B; ++b) {
-        if (pos[b] < 0 || pos[b] >= max_len) return -1;
-        maxpos = pos[b] > maxpos ? pos[b] : maxpos;
-    }
+    const int64_t maxpos = max_position(pos, B, row0, cache_rows, max_len);
+    if (maxpos < 0) return -1;
     if (d->cache_bf16)
         gptj_layers(layers, d, x, B, pos, maxpos, cos_t, sin_t, (uint16_t*)kc, (uint16_t*)vc, cache_rows, row0,
                     max_len, scratch, nthreads);
