@@ -569,8 +569,11 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
                 finals: list[Completion] = []
                 offsets = [len(echo_text)] * body.n
                 if echo_text:
+                    echo_lp = None
+                    if body.logprobs is not None:  # the prompt's own logprobs come with its text
+                        echo_lp = await asyncio.to_thread(prompt_logprobs, ids, body.logprobs)
                     for i in range(body.n):
-                        yield sse(chunk([{"index": i, "text": echo_text, "logprobs": None, "finish_reason": None}]))
+                        yield sse(chunk([{"index": i, "text": echo_text, "logprobs": echo_lp, "finish_reason": None}]))
                 async for i, item in stream_all(handles):
                     if isinstance(item, Completion):
                         finals.append(item)
@@ -590,8 +593,8 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             lp = None
             if body.logprobs is not None:
                 lp = completion_logprobs(c.token_infos[: len(c.tokens)], len(echo_text))
-                if body.echo:
-                    lp = merge_logprobs(prompt_logprobs(ids, body.logprobs), lp)
+                if body.echo:  # a forward pass over the prompt: off the event loop
+                    lp = merge_logprobs(await asyncio.to_thread(prompt_logprobs, ids, body.logprobs), lp)
             choices.append({"index": i, "text": echo_text + c.text, "logprobs": lp, "finish_reason": finish_reason(c)})
         return JSONResponse(chunk(choices, usage=usage(results)))
 

@@ -148,6 +148,25 @@ def test_completion_echo_logprobs(client: httpx.Client, bundled_model) -> None: 
     assert all(v <= 0 for v in lp["token_logprobs"][1:])
 
 
+def test_completion_echo_logprobs_streamed(client: httpx.Client, bundled_model) -> None:  # noqa: ANN001
+    # The first chunk carries the prompt and its logprobs; the rest, as without echo
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1, "stream": True}
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["logprobs"]
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == PROMPT
+    lp = first["logprobs"]
+    n_prompt = len(bundled_model.tokenizer.encode(PROMPT))
+    assert "".join(lp["tokens"]) == PROMPT and len(lp["token_logprobs"]) == n_prompt
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"] == pytest.approx(whole["token_logprobs"][:n_prompt], abs=1e-4)
+    generated = [c["choices"][0]["logprobs"] for c in chunks[1:] if c["choices"][0]["logprobs"]]
+    assert sum(len(g["tokens"]) for g in generated) == 2
+    assert generated[0]["text_offset"][0] == len(PROMPT)
+
+
 def test_completion_token_ids(client: httpx.Client, greedy: dict, bundled_model) -> None:  # noqa: ANN001
     ids = bundled_model.tokenizer.encode(PROMPT)
     r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0})
