@@ -238,6 +238,9 @@ def main() -> None:
     rows: list[dict] = []
     bw = run_worker("bandwidth")["bandwidth_gbs"]
     n_params = _param_count(src)
+    import torch
+
+    from gptj.loading import bytes_per_weight  # int4: a byte per 2 weights, an fp16 scale and min per 32
 
     for bits, mode in ((8, "int8"), (4, "int4")):
         name = f"ours-{mode}"
@@ -247,7 +250,7 @@ def main() -> None:
         q = run_worker("quantize", src, qdir, bits) if not (qdir / "model.safetensors").exists() else {}
         r = run_worker("ours", qdir, mode, args.prompt, args.tokens)
         rows.append({"engine": f"gptj-studio {mode}", **r, "quantize_peak_gb": q.get("peak_rss_gb"),
-                     "disk_gb": folder_gb(qdir), "weight_bytes": n_params * (1.0 if mode == "int8" else 0.5 + 4 / 32)})  # int4: fp16 scale + min per 32
+                     "disk_gb": folder_gb(qdir), "weight_bytes": n_params * bytes_per_weight(mode, torch.bfloat16)})
     if "ours-bf16" not in args.skip:
         r = run_worker("ours", src, "bf16", args.prompt, args.tokens)
         rows.append({"engine": "gptj-studio bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2})

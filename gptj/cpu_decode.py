@@ -95,48 +95,70 @@ static inline void rotary(float* v, const float* c, const float* s, int64_t hd) 
     }
 }
 
-// e^x for x <= 0 (Cephes' expf: |rel. error| < 2e-7); below -87 it gives ~1e-38, not 0
+// float vectors of FW lanes (see quant's vf): loads (also from a bf16 cache), stores, math
 #if GQ_ISA == 3
-#define EW 16
-static inline void exp_block(float* p) {
-    __m512 x = _mm512_max_ps(_mm512_loadu_ps(p), _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
-    q = _mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    _mm512_storeu_ps(p, _mm512_mul_ps(q, _mm512_castsi512_ps(e)));
+#define FW 16
+static inline vf vf_ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void vf_st(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+static inline vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vf_pow2(vf n) {  // 2^n for whole n in the float exponent's range
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+// the sums of four vectors' lanes
+static inline __m128 vf_sum4(const vf* a) {
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    // per 128-bit lane: a0, a1, a2, a3's partial sums
+    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #else
-#define EW 8
-static inline void exp_block(float* p) {
-    __m256 x = _mm256_max_ps(_mm256_loadu_ps(p), _mm256_set1_ps(-87.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 q = _mm256_set1_ps(1.9875691500e-4f);
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.3981999507e-3f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(8.3334519073e-3f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(4.1665795894e-2f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.6666665459e-1f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(5.0000001201e-1f));
-    q = _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    _mm256_storeu_ps(p, _mm256_mul_ps(q, _mm256_castsi256_ps(e)));
+#define FW 8
+static inline vf vf_ld(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline void vf_st(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
+static inline vf vf_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vf_pow2(vf n) {  // 2^n for whole n in the float exponent's range
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline __m128 vf_sum4(const vf* a) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 #endif
 
+// e^x for x <= 0 (Cephes' expf: |rel. error| < 2e-7); below -87 it gives ~1e-38, not 0
+static inline void exp_block(float* p) {
+    const vf x = vf_max(vf_ld(p), vf_set(-87.f));
+    const vf n = vf_round(vf_mul(x, vf_set(1.44269504088896341f)));
+    vf r = vf_fnma(n, vf_set(0.693359375f), x);
+    r = vf_fnma(n, vf_set(-2.12194440e-4f), r);
+    vf q = vf_set(1.9875691500e-4f);
+    q = vf_fma(q, r, vf_set(1.3981999507e-3f));
+    q = vf_fma(q, r, vf_set(8.3334519073e-3f));
+    q = vf_fma(q, r, vf_set(4.1665795894e-2f));
+    q = vf_fma(q, r, vf_set(1.6666665459e-1f));
+    q = vf_fma(q, r, vf_set(5.0000001201e-1f));
+    q = vf_fma(q, vf_mul(r, r), vf_add(r, vf_set(1.f)));
+    vf_st(p, vf_mul(q, vf_pow2(n)));
+}
+
 static inline void exp_inplace(float* s, int64_t n) {  // s[j] = e^s[j], s[j] <= 0
     int64_t j = 0;
-    for (; j + EW <= n; j += EW) exp_block(s + j);
+    for (; j + FW <= n; j += FW) exp_block(s + j);
     for (; j < n; ++j) s[j] = expf(s[j]);
 }
 
@@ -215,35 +237,6 @@ static void attend_any(const float* q, int G, int64_t hd, const CT* K, const CT*
 }
 
 // head_dim = NV float vectors: the G heads' queries and outputs stay in registers
-#if GQ_ISA == 3
-#define FW 16
-static inline vf vf_ld(const float* p) { return _mm512_loadu_ps(p); }
-static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline void vf_st(float* p, vf a) { _mm512_storeu_ps(p, a); }
-// the sums of four vectors' lanes
-static inline __m128 vf_sum4(const vf* a) {
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-    // per 128-bit lane: a0, a1, a2, a3's partial sums
-    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#else
-#define FW 8
-static inline vf vf_ld(const float* p) { return _mm256_loadu_ps(p); }
-static inline vf vf_ld(const uint16_t* p) {  // bfloat16 -> float32
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-static inline void vf_st(float* p, vf a) { _mm256_storeu_ps(p, a); }
-static inline __m128 vf_sum4(const vf* a) {
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-#endif
 template <int NV, int G, typename CT>
 static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float scale, float* s, float* o,
                      int64_t os, float* m, float* l, int64_t ms) {
@@ -359,7 +352,7 @@ static int64_t attn_gemv_scratch_bytes(int64_t B, int64_t nh, int64_t nkv, int64
                                        int nthreads) {
     const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
     const int64_t floats = ATT_G * align64(max_len) * nthreads + align64(parts * hd) + 2 * align64(parts);
-    return floats * 4 + align64(B * kmax + 12 * B * (kmax / 32)) + 64;
+    return floats * 4 + align64(B * kmax + 8 * B * (kmax / 32)) + 64;
 }
 
 // Attention of B rows (one new token each) over their cache rows. q: row b's query heads at

@@ -305,11 +305,10 @@ class Engine:
             while self.in_flight and time.monotonic() < end:
                 if not self.drive_once():
                     time.sleep(0.02)
-            self.stopping = True
-            self.waiting.put(None)  # type: ignore[arg-type]  # wakes a driver waiting for requests
+            self.stop()  # a driver in run() ends what is left and lets go of the engine
             end = time.monotonic() + 30
             while self._driven_elsewhere() and time.monotonic() < end:
-                time.sleep(0.01)  # run() ends requests that are left and lets go of the engine
+                time.sleep(0.01)
             if not self._driven_elsewhere():
                 with self.drive_lock:
                     self._end_all("shutdown")
@@ -482,9 +481,9 @@ class Engine:
             return
         row = max(free, key=lambda i: (common_prefix(self.row_tokens[i], prompt), -self.row_last_used[i]))
         shared = common_prefix(self.row_tokens[row], prompt)
-        store_key, store_shared = self.prefix_store.best(prompt) if self.prefix_store else (None, 0)
-        held = self.row_tokens[row]
         store = self.prefix_store
+        store_key, store_shared = store.best(prompt) if store is not None else (None, 0)
+        held = self.row_tokens[row]
         if store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
             # This request overwrites what the row holds: keep it for a later request when its
             # prompt was a recurring one (a conversation, a regenerate), else its fingerprint.
@@ -496,7 +495,7 @@ class Engine:
         seen = store.seen(prompt) if store is not None else 0
         self.row_recurs[row] = max(shared, store_shared, seen) >= MIN_STORED_TOKENS
         if store_key is not None and store_shared > shared:
-            k, v = self.prefix_store.get(store_key)
+            k, v = store.get(store_key)
             self.cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]
             self.cache.v[:, row, :, :store_shared] = v[:, :, :store_shared]
             shared = store_shared

@@ -216,8 +216,9 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// x [M,K] fp32 -> xq [M,K] int8, xs [M,nb] scale, xsum [M,nb] = xs * sum(xq) per block, for
-// nb = ceil(K/qb) blocks of qb values (the last one K - (nb-1)*qb, a multiple of 32).
+// x [M,K] fp32 -> xq [M,K] int8, xs [M,nb] scale, and per block (where not null) xsum [M,nb] =
+// xs * sum(xq) (int4) or xis [M,nb] = sum(xq) (int8), for nb = ceil(K/qb) blocks of qb values
+// (the last one K - (nb-1)*qb, a multiple of 32).
 // gpv = 0: xq in the order of x. gpv > 0 (int4, qb = 32): the order the int4 kernel reads, in
 // spans of gpv blocks (t <= gpv in the last span): the first 16 values of each of the span's
 // blocks, then the last 16 of each, matching the low and high nibbles of one weight vector.
@@ -264,8 +265,8 @@ static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         xs[mb] = s;
-        xsum[mb] = s * (float)_mm_cvtsi128_si32(s4);
-        if (xis) xis[mb] = _mm_cvtsi128_si32(s4);  // sum(xq) of the block, exact
+        if (xsum) xsum[mb] = s * (float)_mm_cvtsi128_si32(s4);
+        if (xis) xis[mb] = _mm_cvtsi128_si32(s4);
     }
 }
 
@@ -283,8 +284,6 @@ static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vf_cvt(vi a) { return _mm512_cvtepi32_ps(a); }
 static inline float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
-// lanes 0-7: p[0], lanes 8-15: p[1] (the scales of two 32-blocks of one 64-byte vector)
-static inline vf vf_pair(const float* p) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(p[0]), _mm512_set1_ps(p[1])); }
 static inline vi vi_load(const void* p) { return _mm512_loadu_si512(p); }
 // the first n bytes at p (n <= 64), zeros after: reads nothing beyond them
 static inline vi vi_load_n(const void* p, int n) { return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, p); }
@@ -316,7 +315,6 @@ static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vf_cvt(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline float vf_sum(vf a) { return hsum256(a); }
-static inline vf vf_pair(const float* p) { return _mm256_blend_ps(_mm256_set1_ps(p[0]), _mm256_set1_ps(p[1]), 0xF0); }
 static inline vi vi_load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
 static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a whole vector
     return n >= 32 ? vi_load(p) : _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128((const __m128i*)p));
@@ -449,9 +447,8 @@ static Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratc
     Int8Act a;
     a.xq = (int8_t*)scratch;
     a.xs = (float*)(a.xq + M * K);
-    float* xsum = a.xs + M * nb;
-    a.xis = (int32_t*)(xsum + M * nb);
-    quant_act(x, M, K, QB8, 0, a.xq, a.xs, xsum, a.xis, nthreads);
+    a.xis = (int32_t*)(a.xs + M * nb);
+    quant_act(x, M, K, QB8, 0, a.xq, a.xs, nullptr, a.xis, nthreads);
     return a;
 }
 
@@ -473,14 +470,16 @@ static void linear_int8(const int8_t* W, const float* ws, const float* bias, int
 }
 
 #if GQ_ISA == 3 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-// ---------------------------------------------------------------- int8 weights, AMX (2..16 rows)
+// ---------------------------------------------------------------- int8 weights, AMX (2 rows or more)
 // With several activation rows the VNNI loop above is compute-bound (at 8 rows a step costs
-// 1.6x one row). AMX multiplies tiles instead: A = 16 weight rows x 64 bytes, read straight
-// from W (stride K); B = the activations of those 64 columns for all M rows, repacked once per
-// call into AMX's layout (4 consecutive k of one row side by side); C = 16 x M int32, one per
-// activation block, then scaled into float accumulators as the VNNI path does.
+// 1.55x one row). AMX multiplies tiles instead: A = 16 weight rows x 64 bytes, read straight
+// from W (stride K); B = the activations of those 64 columns for up to 16 rows, repacked once
+// per call into AMX's layout (4 consecutive k of one row side by side); C = 16 x 16 int32, one
+// per activation block: its exact block sums, scaled as the VNNI path scales them.
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <vector>
 #define GQ_AMX 1
 
 struct alignas(64) TileConfig {
@@ -586,19 +585,14 @@ static void linear_int8_amx(const int8_t* W, const float* ws, const float* bias,
     const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
     const int8_t* xq = a.xq;
     const float* xs = a.xs;
-    static thread_local int8_t* xb_buf = nullptr;  // repacked activations and transposed scales
-    static thread_local float* xst_buf = nullptr;
-    static thread_local int64_t have = 0;
-    if (have < ng * 16 * (K + 32)) {
-        free(xb_buf), free(xst_buf);
-        have = ng * 16 * (K + 32);
-        xb_buf = (int8_t*)aligned_alloc(64, have);
-        xst_buf = (float*)aligned_alloc(64, have / 32 * 16 * sizeof(float));
-    }
+    static thread_local std::vector<int8_t> xb_buf;  // repacked activations, transposed scales
+    static thread_local std::vector<float> xst_buf;
+    if ((int64_t)xb_buf.size() < ng * 16 * K) xb_buf.resize(ng * 16 * K);
+    if ((int64_t)xst_buf.size() < ng * 16 * nb) xst_buf.resize(ng * 16 * nb);
     // group g: rows 16g.. (16 or what is left); xb: its activations, xst: its block scales.
-    // (Plain locals: the other threads would see their own thread_local pointers.)
-    int8_t* const xb_all = xb_buf;
-    float* const xst_all = xst_buf;
+    // (Plain locals: the other threads would see their own thread_local buffers.)
+    int8_t* const xb_all = xb_buf.data();
+    float* const xst_all = xst_buf.data();
     auto xb = [=](int64_t g) { return xb_all + g * 16 * K; };
     auto xst = [=](int64_t g) { return xst_all + g * 16 * nb; };
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
@@ -644,7 +638,7 @@ extern "C" int gq_amx(void) {  // whether int8 calls of 2 or more rows use AMX t
 #endif
 }
 
-// K % 32 == 0. scratch: M*K int8 + 3*M*ceil(K/128) 32-bit values for the quantized activations.
+// K % 32 == 0. scratch: M*K int8 + 2*M*ceil(K/128) 32-bit values for the quantized activations.
 extern "C" void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                                const float* x, int64_t M, float* y, void* scratch, int nthreads) {
 #ifdef GQ_AMX
@@ -1209,7 +1203,7 @@ class QuantizedLinear(nn.Module):
         m, k, n = x2.shape[0], self.in_features, self.out_features
         xf = x2.to(torch.float32).contiguous()
         y = torch.empty(m, n, dtype=torch.float32)
-        scratch = _scratch(m * k + 12 * m * (k // _KB))
+        scratch = _scratch(m * k + 8 * m * (k // _KB))
         threads = torch.get_num_threads()
         if self.mode == "int8":
             lib.gq_linear_int8(

@@ -93,16 +93,15 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     if k == vocab and params.top_p >= 1.0 and params.min_p <= 0.0:
         ids, probs = torch.arange(vocab), scaled.softmax(-1)
     else:
-        everything = None
-        if k == vocab and params.top_p < 1.0:
+        if k == vocab and params.top_p < 1.0:  # top-p measures mass over the whole vocabulary
             everything = scaled.softmax(-1)
-            k = min(256, vocab)
-            # tokens past the first k are all dropped once the mass of the first k reaches top_p
-            while k < vocab and float(torch.topk(everything, k).values.sum()) < params.top_p:
-                k = min(vocab, 4 * k)
-        values, ids = torch.topk(scaled, k)  # sorted, most likely first
-        # top-k renormalizes over its k tokens; top-p alone measures mass over the whole vocabulary
-        probs = values.softmax(-1) if everything is None else everything[ids]
+            probs, ids = torch.topk(everything, min(256, vocab))  # sorted, most likely first
+            # tokens past these are all dropped once their mass reaches top_p
+            while len(ids) < vocab and float(probs.sum()) < params.top_p:
+                probs, ids = torch.topk(everything, min(vocab, 4 * len(ids)))
+        else:  # top-k renormalizes over its k tokens
+            values, ids = torch.topk(scaled, k)
+            probs = values.softmax(-1)
         keep = torch.ones_like(probs, dtype=torch.bool)
         if params.top_p < 1.0:
             keep &= (probs.cumsum(-1) - probs) < params.top_p  # the mass before a token is below top_p

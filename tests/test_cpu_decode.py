@@ -122,9 +122,14 @@ def test_long_context(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_batched_rows_at_different_positions(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three rows at positions 9, 4 and 12 in cache rows 1..3 of 5 (not starting at 0); rows 0
     and 4 hold random values that must stay as they are."""
-    model = tiny_llama(CONFIGS["gqa"], mode, seed=1)
-    lengths = [9, 4, 12]
-    cache = cache_for(model, 5)
+    compare_batched_rows(tiny_llama(CONFIGS["gqa"], mode, seed=1), [9, 4, 12], 40, monkeypatch)
+
+
+def compare_batched_rows(model: Llama | GPTJ, lengths: list[int], max_len: int,
+                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Prompts of `lengths` prefilled into cache rows 1..3 of 5, then four batched decode steps
+    compared with compare_steps; rows 0 and 4 hold random values that must stay as they are."""
+    cache = cache_for(model, 5, max_len=max_len)
     torch.nn.init.normal_(cache.k)
     torch.nn.init.normal_(cache.v)
     others = cache.k[:, [0, 4]].clone(), cache.v[:, [0, 4]].clone()
@@ -281,19 +286,7 @@ def test_gptj_prefill_then_decode_matches_torch(name: str, mode: str, cache_dtyp
 def test_gptj_batched_rows_and_long_context(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows 1..3 of 5 at positions 300, 4 and 12 (the long one's keys go in chunks); rows 0 and 4
     hold values that must stay as they are."""
-    model = tiny_gptj(GPTJ_CONFIGS["hd32-rot16"], "int8", fused, seed=3)
-    lengths = [300, 4, 12]
-    cache = cache_for(model, 5, max_len=320)
-    torch.nn.init.normal_(cache.k)
-    torch.nn.init.normal_(cache.v)
-    others = cache.k[:, [0, 4]].clone(), cache.v[:, [0, 4]].clone()
-    for row, n in enumerate(lengths, start=1):
-        with torch.no_grad():
-            model(torch.randint(0, 101, (1, n)), torch.arange(n)[None], cache, rows=slice(row, row + 1))
-    ids = torch.randint(0, 101, (3, 4))
-    steps = [(ids[:, i : i + 1], torch.tensor(lengths)[:, None] + i) for i in range(4)]
-    compare_steps(model, cache, slice(1, 4), steps, monkeypatch)
-    assert torch.equal(cache.k[:, [0, 4]], others[0]) and torch.equal(cache.v[:, [0, 4]], others[1])
+    compare_batched_rows(tiny_gptj(GPTJ_CONFIGS["hd32-rot16"], "int8", fused, seed=3), [300, 4, 12], 320, monkeypatch)
 
 
 def test_gptj_float_weights_keep_the_torch_path() -> None:
