@@ -14,9 +14,10 @@ def _folder_size(folder: Path) -> int:
 
 def _arch_of(folder: Path) -> str | None:
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def model_dirs() -> list[Path]:
@@ -54,7 +55,7 @@ def list_models(extra_dirs: list[str] | None = None) -> list[dict]:
     for d in [*model_dirs(), *(Path(p) for p in extra_dirs or [])]:
         if not d.is_dir():
             continue
-        for entry in sorted(d.iterdir()):
+        for entry in sorted(e for e in d.iterdir() if not e.name.startswith(".")):  # not half-written ones
             if entry.is_dir() and (arch := _arch_of(entry)):
                 rows.append({"name": entry.name, "architecture": arch, "size_bytes": _folder_size(entry),
                              "source": "local", "path": str(entry)})

@@ -13,13 +13,18 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from gptj.chat_template import (
+    MAX_MESSAGES,
+    ROLES,
+    ChatTemplate,
+    ChatTemplateError,
+    Message,
+    normalise_messages,
+)
 from gptj.sampling import InvalidRequest
 
-Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-ROLES = ("system", "user", "assistant")
+__all__ = ["MAX_MESSAGES", "ROLES", "ChatReply", "ChatSession", "ChatTemplate", "ChatTemplateError", "PlayScript",
+           "fit_messages", "normalise_messages"]
 
 
 @dataclass
@@ -31,7 +36,7 @@ class PlayScript:
     def prompt(self, messages: list[Message] | list[tuple[str, str]]) -> str:
         lines = []
         intro = self.intro
-        for m in _normalise(messages):
+        for m in normalise_messages(messages):
             if m["role"] == "system":
                 intro = m["content"]
             else:
@@ -49,48 +54,13 @@ class PlayScript:
         return (text[: match.start()] if match else text).strip()
 
 
-class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
-        self.bos_token, self.eos_token = bos_token, eos_token
-
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        try:
-            return self.template.render(
-                messages=_normalise(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
-        except TemplateError as exc:
-            raise InvalidRequest("messages", f"the chat template rejected them: {exc}") from None
-
-
-def _normalise(messages: list[Message] | list[tuple[str, str]]) -> list[Message]:
-    out = []
-    for i, m in enumerate(messages):
-        role, content = (m if isinstance(m, tuple) else (m.get("role"), m.get("content")))
-        if role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content", "must be a string")
-        out.append({"role": role, "content": content})
-    return out
-
-
 def fit_messages(
     messages: list[Message], count_tokens: Callable[[list[Message]], int], budget: int, keep_first: int = 1
 ) -> tuple[list[Message], int]:
     """Drops the oldest exchanges (after the system prompt and the first `keep_first` user
     turns with their replies) until the rendered conversation fits `budget` tokens.
     Returns the kept messages and how many were dropped."""
-    msgs = _normalise(messages)
+    msgs = normalise_messages(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     rest = msgs[len(system):]
     head_len, users = 0, 0
@@ -103,19 +73,38 @@ def fit_messages(
     head, middle = rest[:head_len], rest[head_len:]
     if not middle:  # nothing after the kept first exchange: keep the latest turn itself
         head, middle = [], rest
-    dropped = 0
-    while count_tokens(system + head + middle) > budget:
-        if len(middle) > 1:
-            # Drop a whole exchange: the user turn and the replies up to the next user turn.
-            n = 1
-            while n < len(middle) - 1 and middle[n]["role"] != "user":
-                n += 1
-            middle, dropped = middle[n:], dropped + n
-        elif head:
-            head, dropped = [], dropped + len(head)
+    # The conversations to try, from the whole one down: drop whole exchanges (a user turn and the
+    # replies up to the next user turn) from the front of `middle`, never its last message, and
+    # then `head`. Tokens only shrink along this list, so a binary search finds the longest that
+    # fits in a few renders (one when everything fits).
+    cuts = [0]
+    while cuts[-1] < len(middle) - 1:
+        n = cuts[-1] + 1
+        while n < len(middle) - 1 and middle[n]["role"] != "user":
+            n += 1
+        cuts.append(n)
+    tries = [(system + head + middle[c:], c) for c in cuts]
+    if head:
+        tries.append((system + middle[cuts[-1]:], cuts[-1] + len(head)))
+    fits: dict[int, bool] = {}
+
+    def fit(i: int) -> bool:
+        if i not in fits:
+            fits[i] = count_tokens(tries[i][0]) <= budget
+        return fits[i]
+
+    if fit(0):
+        return tries[0]
+    if not fit(len(tries) - 1):
+        raise InvalidRequest("messages", f"the last message alone does not fit the context window ({budget} tokens for the prompt)")
+    lo, hi = 1, len(tries) - 1  # tries[lo - 1] does not fit, tries[hi] does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fit(mid):
+            hi = mid
         else:
-            raise InvalidRequest("messages", f"the last message alone does not fit the context window ({budget} tokens for the prompt)")
-    return system + head + middle, dropped
+            lo = mid + 1
+    return tries[hi]
 
 
 @dataclass
@@ -137,7 +126,8 @@ class ChatSession:
         self.model = model
         tok = model.tokenizer
         source = tok.chat_template
-        self.template = ChatTemplate(source, "", tok.decode([tok.eos_token_id])) if source and script is None else None
+        self.template = (ChatTemplate(source, "", tok.decode([tok.eos_token_id]), name=getattr(model, "name", "the model"))
+                         if source and script is None else None)
         self.script = script or PlayScript(bot_name="GPT-J" if model.info.architecture == "gptj" else "Bot")
         self.keep_first = keep_first
 
@@ -155,12 +145,15 @@ class ChatSession:
         if budget < 1:
             raise InvalidRequest("max_new_tokens", f"must be below the context window of {self.model.context_length} tokens")
 
+        rendered: dict[int, str] = {}  # by message count: each conversation tried has its own
+
         def count(ms: list[Message]) -> int:
-            return len(self.model.tokenizer.encode(self.render(ms), allow_special=True))
+            rendered[len(ms)] = self.render(ms)
+            return len(self.model.tokenizer.encode(rendered[len(ms)], allow_special=True))
 
         kept, dropped = fit_messages(messages, count, budget, self.keep_first)
         stops = list(dict.fromkeys(list(settings.get("stop") or []) + self.stops()))
-        return self.render(kept), {**settings, "stop": stops}, dropped
+        return rendered[len(kept)], {**settings, "stop": stops}, dropped
 
     def reply(self, messages: list[Message], **settings: object) -> ChatReply:
         prompt, settings, dropped = self.prepare(messages, settings)
@@ -172,9 +165,15 @@ class ChatSession:
     def stream(self, messages: list[Message], **settings: object) -> Iterator[str]:
         prompt, settings, _ = self.prepare(messages, settings)
         first = True
-        for piece in self.model.stream(prompt, **settings):
-            if first and not self.template:
-                piece = piece.lstrip()  # the play script puts a space after "Name:"
-            first = first and not piece
-            if piece:
-                yield piece
+        pieces = self.model.stream(prompt, **settings)
+        try:
+            for piece in pieces:
+                if first and not self.template:
+                    piece = piece.lstrip()  # the play script puts a space after "Name:"
+                first = first and not piece
+                if piece:
+                    yield piece
+        finally:  # closing this stream (Ctrl+C in `gptj chat`) cancels the generation at once
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()

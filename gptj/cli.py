@@ -46,9 +46,10 @@ def sampling_settings(args: argparse.Namespace) -> dict:
 
 
 def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
+    """The model with its KV cache allocated: a cache that does not fit fails here, in one line."""
     import gptj
 
-    return gptj.load(
+    model = gptj.load(
         args.model,
         quantize=args.quantize,
         revision=args.revision,
@@ -58,6 +59,8 @@ def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
         device=getattr(args, "device", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", "512MB"),
     )
+    model.engine.allocate_cache()
+    return model
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -206,8 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="requests decoded together (continuous batching)")
     p.add_argument("--prefix-cache", default="1GB", help="memory for keys/values of earlier prompts that later ones share (0 turns it off)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; past it: 503")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY); repeat for one key per tenant: "
+                        "tenants never share cached prompts")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without an API key")
+    p.add_argument("--allowed-hosts", action="append", default=None, metavar="NAMES",
+                   help="Host names to answer besides loopback and --host (comma-separated, repeatable; '*': any). "
+                        "Others get 421: a guard against DNS rebinding")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections past this get 503")
     p.add_argument("--cors", action="append", default=None, help="allowed CORS origin (repeatable)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a generation past this (queueing included) ends with finish_reason 'timeout'; 0: no limit")

@@ -50,6 +50,8 @@ class TokenInfo:
 class StreamEvent:
     text: str  # text that became final with this event ('' while held back)
     tokens: list[TokenInfo]  # tokens sampled since the previous event
+    # once, when the prompt is prefilled and its logprobs were asked for (`prompt_logprobs`)
+    prompt_logprobs: list[TokenInfo] | None = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class Completion:
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     time_to_first_token: float | None = None
     error: str | None = None
+    # with `prompt_logprobs`: one per prompt token, the first without a logprob (nothing precedes it)
+    prompt_logprobs: list[TokenInfo] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -147,6 +151,7 @@ class _Request:
     params: SamplingParams
     deadline: float | None
     truncated: int
+    cache_scope: str | None = None  # prefixes are shared only between requests of one scope
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     row: int = -1
@@ -155,6 +160,8 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     infos: list[TokenInfo] = field(default_factory=list)
     pending_infos: list[TokenInfo] = field(default_factory=list)
+    prompt_infos: list[TokenInfo] | None = None  # the prompt's logprobs, as its chunks are prefilled
+    prompt_sent: bool = False
     text: str = ""
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -209,6 +216,7 @@ class Engine:
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each row holds
         self.row_last_used = [0.0] * max_batch
         self.row_recurs = [False] * max_batch  # its request's prompt began like an earlier one
+        self.row_scope: list[str | None] = [None] * max_batch  # the cache scope of what each row holds
         # Prefix caching: rows keep their tokens for later requests (when enabled), and what a
         # row held moves to the store when another request takes the row.
         self.prefix_cache = prefix_cache
@@ -251,14 +259,17 @@ class Engine:
         return ids, 0
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float | None = None,
+        cache_scope: str | None = None,
     ) -> RequestHandle:
         """Queues a request. `timeout`: seconds from now (queueing included) after which it ends
-        with finish_reason "timeout". Raises QueueFull when `max_batch` requests are running and
-        `max_queue` more are waiting, ShuttingDown while `shutdown()` runs."""
+        with finish_reason "timeout". `cache_scope`: cached prefixes are shared only with requests
+        of the same scope (a server gives each API key and cache_salt its own). Raises QueueFull
+        when `max_batch` requests are running and `max_queue` more are waiting, ShuttingDown
+        while `shutdown()` runs."""
         params.validate()
         ids, truncated = self.prepare_prompt(prompt_ids, params)
-        request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated)
+        request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated, cache_scope)
         if params.seed is not None:
             try:
                 request.generator = torch.Generator().manual_seed(params.seed)
@@ -465,35 +476,49 @@ class Engine:
         not yet (a server does it at start: its memory is then in use before the first request,
         and a machine without it fails at once, not on that request)."""
         if self.cache is None:
+            from gptj.kv_cache import check_kv_cache_fits
+
             cfg = self.model.config
-            self.cache = KVCache(cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim,
-                                 self.kv_dtype, self.device)  # fmt: skip
+            shape = (cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim)
+            check_kv_cache_fits(*shape, self.kv_dtype, self.device)  # a clear error, not a 20 GB allocation
+            self.cache = KVCache(*shape, self.kv_dtype, self.device)
         return self.cache
 
     def _assign_row(self, r: _Request) -> None:
         self.allocate_cache()
         busy = {a.row for a in self.active}
         free = [i for i in range(self.max_batch) if i not in busy]
-        prompt = r.prompt_ids
+        prompt, scope = r.prompt_ids, r.cache_scope
+        if r.params.prompt_logprobs is not None:
+            r.prompt_infos = [TokenInfo(prompt[0])]
         if not self.prefix_cache:
             row = min(free, key=lambda i: self.row_last_used[i])
             r.row, r.prefilled, r.cached, self.row_tokens[row] = row, 0, 0, []
+            self._prompt_done(r)
             return
-        row = max(free, key=lambda i: (common_prefix(self.row_tokens[i], prompt), -self.row_last_used[i]))
-        shared = common_prefix(self.row_tokens[row], prompt)
+
+        def shared_with(i: int) -> int:
+            return common_prefix(self.row_tokens[i], prompt) if self.row_scope[i] == scope else 0
+
+        row = max(free, key=lambda i: (shared_with(i), -self.row_last_used[i]))
+        shared = shared_with(row)
         store = self.prefix_store
-        store_key, store_shared = store.best(prompt) if store is not None else (None, 0)
+        store_key, store_shared = store.best(prompt, scope) if store is not None else (None, 0)
         held = self.row_tokens[row]
         if store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
             # This request overwrites what the row holds: keep it for a later request when its
             # prompt was a recurring one (a conversation, a regenerate), else its fingerprint.
             if self.row_recurs[row]:
                 n = len(held)
-                store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone())
+                store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone(),
+                          self.row_scope[row])
             else:
-                store.remember(held)
-        seen = store.seen(prompt) if store is not None else 0
+                store.remember(held, self.row_scope[row])
+        seen = store.seen(prompt, scope) if store is not None else 0
         self.row_recurs[row] = max(shared, store_shared, seen) >= MIN_STORED_TOKENS
+        self.row_scope[row] = scope
+        if r.prompt_infos is not None:  # every prompt position's logits are wanted: compute them all
+            shared = store_shared = 0
         if store_key is not None and store_shared > shared:
             k, v = store.get(store_key)
             self.cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]
@@ -504,6 +529,7 @@ class Engine:
         r.row, r.prefilled, r.cached = row, reuse, reuse
         self.row_tokens[row] = prompt[:reuse]
         self.stats["cached_prompt_tokens"] += reuse
+        self._prompt_done(r)
 
     def _step(self) -> None:
         self._purge_waiting()
@@ -525,11 +551,37 @@ class Engine:
         chunk = r.prompt_ids[start : min(start + self.prefill_chunk, r.prefill_target)]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        self.model(ids, positions, self.cache, slice(r.row, r.row + 1), logits=False)  # the last token's step samples
+        # the last token's step samples; the chunk's logits are wanted only for the prompt's logprobs
+        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), logits=r.prompt_infos is not None)
+        if logits is not None:
+            self._add_prompt_logprobs(r, logits[0].cpu(), start)
         r.prefilled += len(chunk)
         self.row_tokens[r.row].extend(chunk)
+        self._prompt_done(r)
         if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
             self._retire(r, "length")
+
+    def _add_prompt_logprobs(self, r: _Request, logits: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt tokens that the logits of positions start.. predict."""
+        targets = r.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        logits = logits[: len(targets)]
+        if self.banned.numel():
+            logits[:, self.banned] = float("-inf")  # as for generated tokens
+        logprobs = logits.log_softmax(-1)
+        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        top_n = r.params.prompt_logprobs or 0
+        top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
+        for j, token in enumerate(targets):
+            alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top is not None else []
+            r.prompt_infos.append(TokenInfo(token, chosen[j], alternatives))
+
+    def _prompt_done(self, r: _Request) -> None:
+        """Sends the prompt's logprobs once they are all computed."""
+        if r.prompt_infos is not None and not r.prompt_sent and r.prefilled >= r.prefill_target:
+            r.prompt_sent = True
+            r.events.put(StreamEvent("", [], prompt_logprobs=r.prompt_infos))
 
     def _decode(self, batch: list[_Request]) -> None:
         lo = min(r.row for r in batch)
@@ -644,6 +696,7 @@ class Engine:
                 cached_prompt_tokens=r.cached,
                 time_to_first_token=ttft,
                 error=error,
+                prompt_logprobs=r.prompt_infos,
             )
         )
 

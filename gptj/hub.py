@@ -10,6 +10,10 @@ HF_HOME, read when called).
 Downloads go through `huggingface_hub.snapshot_download`: one progress bar, files already in
 the cache are skipped, and a connection that drops mid-file is resumed with a Range request.
 A file interrupted for good (Ctrl-C) is fetched again from its start by the next `pull`.
+
+A pull that did not finish never leaves a folder that loads as a whole model: before
+downloading, a marker (gptj.loading.INCOMPLETE_MARKER) goes into the snapshot folder, and only a
+pull that has every file removes it; `gptj.load` refuses a folder that has it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptj.loading import ModelLoadError, hf_cache_dir
+from gptj.loading import INCOMPLETE_MARKER, ModelLoadError, hf_cache_dir
 
 GB = 1e9
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -108,8 +112,13 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def _snapshot(cache: Path, repo: str, sha: str) -> Path:
+    """The folder huggingface_hub keeps the files of `repo` at commit `sha` in."""
+    return cache / ("models--" + repo.replace("/", "--")) / "snapshots" / sha
+
+
 def _cached(cache: Path, repo: str, sha: str, name: str) -> bool:
-    return (cache / ("models--" + repo.replace("/", "--")) / "snapshots" / sha / name).exists()
+    return (_snapshot(cache, repo, sha) / name).exists()
 
 
 def check_disk_space(needed: int, cache: Path) -> None:
@@ -160,6 +169,10 @@ def pull(repo_id: str, revision: str | None = None, progress: bool = True, *, en
     if progress:
         print(f"gptj: pulling {repo}{'@' + rev if rev else ''} ({layout}, {len(files)} files, "
               f"{total / GB:.2f} GB) into {cache}", file=sys.stderr, flush=True)
+    planned = _snapshot(cache, repo, sha) if sha and missing else None
+    if planned:  # removed below once every file is there; a pull killed before leaves it
+        planned.mkdir(parents=True, exist_ok=True)
+        (planned / INCOMPLETE_MARKER).write_text(repo + (f" --revision {rev}" if rev else "") + "\n")
     restore = _progress_bars(progress)
     try:
         folder = snapshot_download(
@@ -178,6 +191,9 @@ def pull(repo_id: str, revision: str | None = None, progress: bool = True, *, en
     absent = [f.name for f in files if not (folder_path / f.name).exists()]
     if absent:
         raise HubError(f"the download of {repo} did not complete: missing {', '.join(absent)}; run gptj pull again")
+    for marked in (folder_path, planned):  # the same folder unless the revision moved meanwhile
+        if marked is not None:
+            (marked / INCOMPLETE_MARKER).unlink(missing_ok=True)
     return folder_path
 
 

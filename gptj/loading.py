@@ -9,11 +9,13 @@ quantized is quantized as it arrives.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import json
+import math
 import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,20 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
 GB = 1e9
 MADV_DONTNEED = 4  # Linux
 _UNMAPPED: set[int] = set()  # storages of checkpoint tensors that were not memory-mapped
+# `gptj pull` writes this into a snapshot folder before downloading and removes it once every
+# file is there: a folder that still has it is never loaded (its text: what to pull again).
+INCOMPLETE_MARKER = ".gptj-pull-incomplete"
+
+# Upper bounds for config sizes: above every released model, low enough that a hostile config
+# is refused before anything is built (n_layer: 1000000 would build for minutes).
+MAX_LAYERS = 512
+MAX_HIDDEN = 65536
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_FFN = 2**18
+MAX_VOCAB = 2**21
+MAX_POSITIONS = 2**20
+MAX_CONFIG_BYTES = 16 << 20  # real config.json files are a few KB
 
 
 class ModelLoadError(ValueError):
@@ -40,6 +56,10 @@ class ModelLoadError(ValueError):
 
 class ModelTooLarge(ModelLoadError, MemoryError):
     pass
+
+
+class KVCacheTooLarge(ModelTooLarge):
+    """The KV cache for the context length and batch asked for does not fit (gptj.kv_cache)."""
 
 
 @dataclass
@@ -100,6 +120,10 @@ def hf_cache_dir() -> str | None:
 def weight_files(folder: Path) -> tuple[list[Path], str]:
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a folder")
+    if (folder / INCOMPLETE_MARKER).exists():
+        with (folder / INCOMPLETE_MARKER).open(errors="replace") as f:
+            what = " ".join(f.read(300).split()) or "the model"
+        raise ModelLoadError(f"{folder} is an incomplete download: gptj pull {what} did not finish; run it again")
     if not any(folder.iterdir()):
         raise ModelLoadError(f"model folder {folder} is empty")
     if not (folder / "config.json").exists():
@@ -288,11 +312,121 @@ def fill(
         raise ModelLoadError(f"the checkpoint lacks {len(targets)} tensors: {listed}")
 
 
-def build(arch: str, config: dict) -> tuple[nn.Module, object]:
-    if arch not in ARCHITECTURES:
-        raise ModelLoadError(f"unknown architecture {arch!r}: supported are {', '.join(ARCHITECTURES)}")
+def read_config(path: Path) -> dict:
+    """config.json as a dict; a file too big, not JSON or not an object is a ModelLoadError."""
+    if not path.is_file():  # a folder, or a FIFO that would block the read for ever
+        raise ModelLoadError(f"{path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path} is too large ({size} bytes; at most {MAX_CONFIG_BYTES}, MAX_CONFIG_BYTES)")
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+# (field, upper bound, the bound's name) of the sizes each architecture's config must give as
+# positive integers; a missing one takes the dataclass default. Optional ones may be null.
+_SIZES = {
+    "gptj": [("vocab_size", MAX_VOCAB, "MAX_VOCAB"), ("n_positions", MAX_POSITIONS, "MAX_POSITIONS"),
+             ("n_embd", MAX_HIDDEN, "MAX_HIDDEN"), ("n_layer", MAX_LAYERS, "MAX_LAYERS"),
+             ("n_head", MAX_HEADS, "MAX_HEADS")],
+    "llama": [("vocab_size", MAX_VOCAB, "MAX_VOCAB"), ("max_position_embeddings", MAX_POSITIONS, "MAX_POSITIONS"),
+              ("hidden_size", MAX_HIDDEN, "MAX_HIDDEN"), ("intermediate_size", MAX_FFN, "MAX_FFN"),
+              ("num_hidden_layers", MAX_LAYERS, "MAX_LAYERS"), ("num_attention_heads", MAX_HEADS, "MAX_HEADS")],
+}
+_OPTIONAL_SIZES = {
+    "gptj": [("n_inner", MAX_FFN, "MAX_FFN"), ("rotary_dim", MAX_HEAD_DIM, "MAX_HEAD_DIM")],
+    "llama": [("num_key_value_heads", MAX_HEADS, "MAX_HEADS"), ("head_dim", MAX_HEAD_DIM, "MAX_HEAD_DIM")],
+}
+_POSITIVE_NUMBERS = {"gptj": ["layer_norm_epsilon"], "llama": ["rms_norm_eps", "rope_theta"]}
+
+
+def validate_config(arch: str, config: Mapping, source: str | Path, names: Mapping[str, str] | None = None) -> None:
+    """Checks a config dict (config.json, or one made from GGUF metadata) before anything is built
+    from it: types, signs, divisibility and the MAX_* bounds. The ModelLoadError names `source` and
+    the field (`names` maps a field to what the source calls it, e.g. a GGUF metadata key)."""
+    if not isinstance(config, Mapping):
+        raise ModelLoadError(f"{source}: must be a JSON object, got {type(config).__name__}")
+
+    def name(field: str) -> str:
+        return (names or {}).get(field, field)
+
+    def fail(message: str) -> ModelLoadError:
+        return ModelLoadError(f"{source}: {message}")
+
+    _, cfg_cls = ARCHITECTURES[arch]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)}
+    given = {k: v for k, v in config.items() if v is not None}
+    sizes: dict[str, int | None] = {}
+    for field, limit, limit_name in _SIZES[arch] + _OPTIONAL_SIZES[arch]:
+        value = given.get(field, defaults.get(field))
+        sizes[field] = value
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise fail(f"{name(field)} must be a positive integer, got {value!r}")
+        if value > limit:
+            raise fail(f"{name(field)} must be at most {limit} ({limit_name}), got {value}")
+    for field in _POSITIVE_NUMBERS[arch]:
+        value = given.get(field, defaults.get(field))
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise fail(f"{name(field)} must be a positive number, got {value!r}")
+
+    def multiple(a: str, b: str) -> None:
+        if sizes[a] % sizes[b]:
+            raise fail(f"{name(a)} ({sizes[a]}) must be a multiple of {name(b)} ({sizes[b]})")
+
+    if arch == "gptj":
+        multiple("n_embd", "n_head")
+        head_dim = sizes["n_embd"] // sizes["n_head"]
+        rotary = given.get("rotary_dim")  # when absent: the default, cut to the head size by from_dict
+        if rotary is not None and (rotary % 2 or rotary > head_dim):
+            raise fail(f"{name('rotary_dim')} must be even and at most the head size ({head_dim}), got {rotary}")
+    else:
+        if sizes["head_dim"] is None:
+            multiple("hidden_size", "num_attention_heads")
+        head_dim = sizes["head_dim"] or sizes["hidden_size"] // sizes["num_attention_heads"]
+        if head_dim % 2:  # rotate_half pairs the two halves of each head
+            raise fail(f"{name('head_dim')} must be even, got {head_dim}")
+        if sizes["num_key_value_heads"] is not None:
+            multiple("num_attention_heads", "num_key_value_heads")
+        rope = config.get("rope_parameters")
+        if rope is not None and not isinstance(rope, Mapping):
+            raise fail(f"{name('rope_parameters')} must be a JSON object, got {type(rope).__name__}")
+        theta = (rope or {}).get("rope_theta")
+        if theta is not None and (not isinstance(theta, int | float) or isinstance(theta, bool)
+                                  or not math.isfinite(theta) or theta <= 0):
+            raise fail(f"rope_parameters.rope_theta must be a positive number, got {theta!r}")
+    for field in ("bos_token_id", "eos_token_id"):
+        value = given.get(field)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise fail(f"{name(field)} must be a token id (or a list of them), got {value!r}")
+    quant = config.get("quantization_config")
+    if quant is not None:
+        if not isinstance(quant, Mapping):
+            raise fail(f"quantization_config must be a JSON object, got {type(quant).__name__}")
+        if quant.get("mode") not in (None, "int8", "int4"):
+            raise fail(f"quantization_config.mode must be 'int8' or 'int4', got {quant.get('mode')!r}")
+
+
+def build(arch: str, config: dict, source: str | Path = "config.json",
+          names: Mapping[str, str] | None = None) -> tuple[nn.Module, object]:
+    """The model on the meta device, once `config` has passed validate_config."""
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ModelLoadError(f"{source}: unknown architecture {arch!r} (model_type): supported are "
+                             f"{', '.join(ARCHITECTURES)}")
+    validate_config(arch, config, source, names)
     model_cls, cfg_cls = ARCHITECTURES[arch]
-    cfg = cfg_cls.from_dict(config)
+    try:
+        cfg = cfg_cls.from_dict(config)
+    except (ValueError, TypeError) as exc:  # e.g. an activation or rope scaling we do not support
+        message = str(exc).removeprefix("config.json: ")
+        raise ModelLoadError(f"{source}: {message}") from None
     with torch.device("meta"):
         model = model_cls(cfg)
     return model.eval(), cfg
@@ -322,12 +456,9 @@ def load_model(
     if path.is_file():
         raise ModelLoadError(f"{path} is a file; give the model folder that holds config.json, or a .gguf file")
     files, fmt = weight_files(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    config = read_config(path / "config.json")
     arch = config.get("model_type", "?")
-    model, cfg = build(arch, config)
+    model, cfg = build(arch, config, path / "config.json")
     n_params = sum(p.numel() for p in model.parameters())
     dtype = dtype or default_dtype(n_params)
     stored_mode = (config.get("quantization_config") or {}).get("mode")
@@ -354,7 +485,10 @@ def load_model(
         bar.close()
     quantize = quantize or stored_mode
     if (path / "gguf_tokenizer.json").exists():
-        tokenizer = Tokenizer.from_gguf_metadata(json.loads((path / "gguf_tokenizer.json").read_text()))
+        try:
+            tokenizer = Tokenizer.from_gguf_metadata(json.loads((path / "gguf_tokenizer.json").read_bytes()))
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+            raise ModelLoadError(f"{path / 'gguf_tokenizer.json'} is unusable ({type(exc).__name__}: {exc})") from None
     else:
         tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
     info = ModelInfo(
@@ -374,16 +508,19 @@ def load_model(
 
 def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None,
                device: torch.device | str = "cpu"):
-    from gptj.gguf import read_gguf
+    from gptj.gguf import GGUF_KEYS, read_gguf
 
-    meta, config, tensors = read_gguf(path)
+    meta, config, tensors = read_gguf(path)  # ModelLoadErrors that name the file
     arch = config.get("model_type", "?")
-    model, cfg = build(arch, config)
+    model, cfg = build(arch, config, path, GGUF_KEYS)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = dtype or default_dtype(n_params)
     check_memory(display, model, quantize, dtype, limit)
     fill(model, iter(tensors.items()), dtype, quantize, device=device)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise ModelLoadError(f"{path}: unusable tokenizer metadata ({type(exc).__name__}: {exc})") from None
     info = ModelInfo(
         name="SmolLM2-135M-Instruct" if display == DEFAULT_MODEL else display,
         architecture=arch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from gptj.sampling import SamplingParams
 
 KINDS = ("completion", "chat")
 _SETTINGS = set(SamplingParams.names()) - {"stop"}
+# A preset file is read whole and parsed before any check: its size is checked first.
+MAX_PRESET_BYTES = 256 * 1024
+# The longest value of each text field, in characters; names must fit the play script's "Name:" lines.
+FIELD_LIMITS = {"description": 2_000, "template": 65_536, "example": 65_536, "intro": 65_536, "user_name": 40, "bot_name": 40}
 
 
 class PresetError(ValueError):
@@ -58,6 +63,15 @@ def parse_preset(name: str, data: object, source: str) -> Preset:
     for key in ("description", "template"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise bad(key, "must be a non-empty string")
+    for key, limit in FIELD_LIMITS.items():
+        value = data.get(key, "")
+        if not isinstance(value, str):
+            raise bad(key, "must be a string")
+        if len(value) > limit:
+            raise bad(key, f"is {len(value)} characters, over the limit of {limit}")
+    for key in ("user_name", "bot_name"):
+        if key in data and (not data[key].strip() or any(c in data[key] for c in "\n:")):
+            raise bad(key, "must be a name: not empty, without ':' or a line break")
     kind = data.get("kind", "completion")
     if kind not in KINDS:
         raise bad("kind", f"must be one of {', '.join(KINDS)}")
@@ -76,6 +90,8 @@ def parse_preset(name: str, data: object, source: str) -> Preset:
     stop = data.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop", "must be a list of non-empty strings")
+    if len(stop) > 16 or any(len(s) > 256 for s in stop):  # what SamplingParams accepts
+        raise bad("stop", "must have at most 16 stop sequences of at most 256 characters")
     known = set(Preset.__dataclass_fields__) - {"name", "source"}
     extra = set(data) - known
     if extra:
@@ -92,19 +108,43 @@ def load_presets(user_dir: Path | None = None) -> tuple[dict[str, Preset], list[
     folder = user_dir or user_preset_dir()
     if folder.is_dir():
         for f in sorted(folder.glob("*.json")):
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-                presets[f.stem] = parse_preset(f.stem, data, str(f))
+            try:  # one bad file (whatever is wrong with it) must not take the others down
+                presets[f.stem] = parse_preset(f.stem, json.loads(read_preset_file(f)), str(f))
             except json.JSONDecodeError as exc:
                 errors.append(f"{f}: not valid JSON ({exc})")
-            except (PresetError, OSError, UnicodeDecodeError) as exc:
+            except RecursionError:
+                errors.append(f"{f}: not valid JSON (nested too deep)")
+            except PresetError as exc:
                 errors.append(str(exc))
+            except (OSError, ValueError) as exc:
+                errors.append(f"{f}: {exc}")
     return presets, errors
 
 
+def read_preset_file(f: Path) -> str:
+    """The text of a user preset file: a regular file (a pipe would block), small enough to parse
+    at once, in UTF-8."""
+    info = f.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise PresetError(f"{f}: not a regular file")
+    if info.st_size > MAX_PRESET_BYTES:
+        raise PresetError(f"{f}: {info.st_size} bytes, over the limit of {MAX_PRESET_BYTES} bytes for a preset file")
+    with f.open("rb") as fh:
+        raw = fh.read(MAX_PRESET_BYTES + 1)  # the file may have grown since stat()
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f"{f}: over the limit of {MAX_PRESET_BYTES} bytes for a preset file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PresetError(f"{f}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})") from None
+
+
 def get_preset(name: str) -> Preset:
-    presets, _ = load_presets()
+    presets, errors = load_presets()
     if name not in presets:
+        broken = [e for e in errors if f"{os.sep}{name}.json:" in e]  # its file is there but was skipped
+        if broken:
+            raise PresetError(f"preset: {broken[0]}")
         raise PresetError(f"preset: unknown preset {name!r}; available: {', '.join(sorted(presets))}")
     return presets[name]
 

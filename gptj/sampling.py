@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token (computed in its prefill chunks)
     truncate_prompt: bool = False  # left-truncate a prompt that does not fit instead of failing
 
     def validate(self) -> SamplingParams:
@@ -51,6 +52,7 @@ class SamplingParams:
         need(len(self.stop) <= 16, "stop", "at most 16 stop sequences")
         need(all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop), "stop", "each stop sequence must be 1 to 256 characters")
         need(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
+        need(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be between 0 and 20")
         return self
 
     @property
@@ -86,8 +88,12 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     more than a forward pass of the bundled model. top-k takes the k best directly; top-p alone
     looks at the 256 most likely tokens first (the nucleus is almost always among them) and at
     more only when their mass falls short of top_p. Raises RuntimeError when the settings
-    leave no distribution (a temperature of 1e-309 overflows the logits)."""
-    scaled = logits / params.temperature
+    leave no distribution (a temperature of 1e-309 overflows the logits).
+
+    Probabilities and the top-p cut are computed in float64: a float32 softmax and cumulative
+    sum round differently with each instruction set's summation order, which moved the cut by a
+    token on one CPU; in float64 only masses within ~1e-15 of top_p could still differ."""
+    scaled = logits.double() / params.temperature
     vocab = scaled.shape[-1]
     k = params.top_k if 0 < params.top_k < vocab else vocab
     if k == vocab and params.top_p >= 1.0 and params.min_p <= 0.0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ipaddress
 import json
 import os
 import signal
@@ -22,57 +21,74 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
-from gptj.engine import Completion, QueueFull, RequestHandle
+from gptj.engine import Completion, QueueFull, RequestHandle, TokenInfo
+from gptj.http_guard import (
+    LOOPBACK_NAMES,
+    APIError,
+    ClientDisconnected,
+    RequestCounts,
+    allowed_hosts,
+    api_key_list,
+    cache_scope,
+    check_bind,
+    error_response,
+    install_guard,
+    mount_page,
+    uvicorn_config,
+)
 from gptj.presets import load_presets
 from gptj.sampling import InvalidRequest
 from gptj.tokenizer import load_tokenizer
 
-MAX_BODY_BYTES = 1_000_000
 MAX_N = 8
-WEB_DIR = Path(__file__).parent / "web"
+MAX_CACHE_SALT = 256
 
 
-class BodyLimit:
-    """ASGI middleware: 413 once a body passes MAX_BODY_BYTES, also one sent without a
-    Content-Length (chunked), which the guard's header check cannot see."""
-
-    def __init__(self, app) -> None:  # noqa: ANN001
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > MAX_BODY_BYTES:
-                    raise HTTPException(413, f"body: over the limit of {MAX_BODY_BYTES} bytes")
-            return message
-
-        await self.app(scope, limited, send)
+def lone_surrogate(value: Any) -> str | None:
+    """The path (`messages.0.content`) of the first string in a parsed JSON body that holds a
+    lone surrogate, which json.loads accepts and no tokenizer can encode; None if there is none."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(item))
+    return None
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+class Body(BaseModel):
+    """Every request body: strings must be valid Unicode (no lone surrogates), checked once
+    here for every field, so no route can forget it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "holds a lone surrogate, which is not valid Unicode text",
+                                      {"field": where})
+        return data
 
 
 # ---- request bodies ----------------------------------------------------------------------------
@@ -80,10 +96,9 @@ class APIError(Exception):
 StopField = str | list[str] | None
 
 
-class Settings(BaseModel):
+class Settings(Body):
     """Sampling settings shared by the OpenAI endpoints (OpenAI's defaults and ranges)."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -101,6 +116,7 @@ class Settings(BaseModel):
     user: str | None = None
     truncate: bool = False  # left-truncate a prompt that does not fit (TGI's `truncate`, as a flag)
     ignore_eos: bool = False
+    cache_salt: str | None = Field(None, max_length=MAX_CACHE_SALT)  # vLLM's: share cached prefixes only within it
 
 
 class CompletionBody(Settings):
@@ -121,17 +137,16 @@ class ChatBody(Settings):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompleteBody(BaseModel):
+class CompleteBody(Body):
     """mesh-transformer-jax's device_serve.py: POST /complete."""
 
-    model_config = ConfigDict(extra="ignore")
     context: str
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     temp: float = Field(1.0, ge=0.0, le=2.0)
     length: int = Field(512, ge=1)
 
 
-class HostedCompletionBody(BaseModel):
+class HostedCompletionBody(Body):
     """The old hosted EleutherAI API: POST /completion (clients sent camelCase too)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -142,8 +157,7 @@ class HostedCompletionBody(BaseModel):
     remove_input: bool = Field(False, alias="removeInput")
 
 
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeBody(Body):
     text: str | None = None
     prompt: str | None = None
     content: str | None = None  # llama.cpp's name
@@ -151,8 +165,7 @@ class TokenizeBody(BaseModel):
     add_special: bool = False
 
 
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeBody(Body):
     tokens: list[int]
     tokenizer: str | None = None
 
@@ -182,6 +195,11 @@ def engine_settings(body: Settings, max_tokens: int | None) -> dict[str, Any]:
     )
 
 
+def tokenize_json(tokenizer, text: str, add_special: bool) -> dict:  # noqa: ANN001
+    ids = tokenizer.encode(text, allow_special=add_special)
+    return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tokenizer, i) for i in ids]}
+
+
 def piece_json(tokenizer, token_id: int) -> dict[str, Any]:  # noqa: ANN001
     raw = tokenizer.token_bytes(token_id)
     try:
@@ -202,10 +220,9 @@ def sse(data: Any) -> bytes:
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class Metrics:
+class Metrics(RequestCounts):
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.errors: dict[int, int] = {}
+        super().__init__()
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)  # not cumulative; summed up when shown
         self.gen_seconds, self.gen_tokens = 0.0, 0
@@ -219,11 +236,6 @@ class Metrics:
                 self.ttft_buckets[i] += 1
         self.gen_seconds += seconds
         self.gen_tokens += c.completion_tokens
-
-
-def error_response(err: APIError) -> JSONResponse:
-    body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -250,7 +262,10 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", []) if p != "body"]
         param = ".".join(loc) or "body"
         message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
+        if first.get("type") == "lone_surrogate":
+            param = first.get("ctx", {}).get("field", param)
+            message = f"{param}: {message}"
+        elif first.get("type") == "json_invalid":
             message, param = "body: must be valid UTF-8 JSON", "body"
         else:
             message = f"{param}: {message}"
@@ -268,11 +283,14 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---- the app -----------------------------------------------------------------------------------
 
 
-def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[str] | None = None,
-               request_timeout: float | None = None) -> FastAPI:
-    """The app. `request_timeout`: seconds (queueing included) after which a generation ends
-    with finish_reason "timeout"; None or 0: no limit."""
-    app = FastAPI(title="GPT-J Studio", version="0.1.0", description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
+def create_app(model: Model, *, api_key: str | list[str] | None = None, cors_origins: list[str] | None = None,
+               request_timeout: float | None = None, allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES) -> FastAPI:
+    """The app. `api_key`: one key or several (one per tenant: tenants never share cached
+    prefixes). `allowed_hosts`: the Host names it answers (None: any). `request_timeout`:
+    seconds (queueing included) after which a generation ends with finish_reason "timeout";
+    None or 0: no limit."""
+    app = FastAPIOffline(title="GPT-J Studio", version="0.1.0", redoc_url=None,
+                         description="OpenAI- and EleutherAI-compatible APIs for GPT-J")
     app.state.model = model
     metrics = Metrics()
     chat = ChatSession(model)
@@ -280,33 +298,14 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     started = time.time()
     timeout = request_timeout or None
 
-    app.add_middleware(BodyLimit)
-    open_paths = ("/", "/health", "/docs", "/openapi.json", "/metrics")
-
     def path_label(path: str) -> str:
         """The route, not the raw path: unknown paths must not grow /metrics without bound."""
-        if path.startswith("/static/"):
+        if path.startswith(("/static/", "/static-offline-docs/")):
             return "/static"
         routes = {getattr(r, "path", None) for r in app.routes}
         return path if path in routes else "other"
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202
-        label = path_label(request.url.path)
-        metrics.requests[label] = metrics.requests.get(label, 0) + 1
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            response = error_response(APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body"))
-        elif (api_key and request.method != "OPTIONS" and request.url.path not in open_paths
-              and not request.url.path.startswith("/static")
-              and request.headers.get("authorization", "") != f"Bearer {api_key}"):
-            response = error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "authentication_error"))
-        else:
-            response = await call_next(request)
-        if response.status_code >= 400:
-            metrics.errors[response.status_code] = metrics.errors.get(response.status_code, 0) + 1
-        return response
-
+    install_guard(app, metrics, path_label, api_keys=api_key_list(api_key), hosts=allowed_hosts)
     if cors_origins:  # added last, so outermost: errors from the guard (401, 413) carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["Retry-After"])
@@ -319,16 +318,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
 
     # ---- page and info ----
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> Response:
-        return FileResponse(str(WEB_DIR / "index.html"))
-
-    @app.get("/static/{name:path}", include_in_schema=False)
-    async def static(name: str) -> Response:
-        target = (WEB_DIR / name)
-        if ".." in name or not target.is_file():
-            raise APIError(404, f"no such file: {name}")
-        return FileResponse(str(target))
+    mount_page(app)
 
     @app.get("/health")
     async def health() -> dict:
@@ -420,8 +410,8 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
         if text is None:
             raise APIError(400, "text: required (the text to split into tokens)", "text")
         tok = pick_tokenizer(body.tokenizer)
-        ids = tok.encode(text, allow_special=body.add_special)
-        return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tok, i) for i in ids]}
+        # a worker thread: a 1 MB text takes a while, and the event loop must stay free
+        return await asyncio.to_thread(tokenize_json, tok, text, body.add_special)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeBody) -> dict:
@@ -433,9 +423,14 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
 
     # ---- generation core ----
 
-    def submit_all(prompt_ids: list[int], settings: dict, n: int, logprobs: int | None) -> list[RequestHandle]:
+    def submit_all(prompt_ids: list[int], settings: dict, n: int, logprobs: int | None, request: Request,
+                   salt: str | None = None, prompt_logprobs: int | None = None) -> list[RequestHandle]:
+        """n requests for one prompt; only the first computes the prompt's logprobs (once per
+        request, in its prefill chunks). Cached prefixes are shared only within the caller's
+        API key and cache_salt."""
         # The handlers wait without driving: a thread must (`gptj serve` runs it in the main thread).
         model.engine.start_background()
+        scope = cache_scope(getattr(request.state, "tenant", None), salt)
         handles = []
         for i in range(n):
             s = dict(settings)
@@ -443,8 +438,11 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
                 s["seed"] = s["seed"] + i
             if logprobs is not None:
                 s["logprobs"] = logprobs
+            if i == 0 and prompt_logprobs is not None:
+                s["prompt_logprobs"] = prompt_logprobs
             try:
-                handles.append(model.engine.submit(prompt_ids, sampling_params(**s), timeout=timeout))
+                handles.append(model.engine.submit(prompt_ids, sampling_params(**s), timeout=timeout,
+                                                   cache_scope=scope))
             except Exception:
                 for h in handles:
                     h.cancel()
@@ -475,7 +473,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
                             results[i] = item
                 if any(r is None for r in results):
                     if gone.done():
-                        raise asyncio.CancelledError
+                        raise ClientDisconnected
                     await asyncio.sleep(0.005)
         finally:
             gone.cancel()
@@ -530,7 +528,7 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
         return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
                 "prompt_tokens_details": {"cached_tokens": results[0].cached_prompt_tokens if results else 0}}
 
-    def prompt_ids_of(prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
+    async def prompt_ids_of(prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             ids = list(prompt)  # type: ignore[arg-type]
             bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
@@ -543,7 +541,14 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             prompt = prompt[0]
         if not prompt:
             raise APIError(400, "prompt: must not be empty", "prompt")
-        return tokenizer.encode(prompt, allow_special=True), prompt
+        return await encode(prompt, "prompt"), prompt
+
+    async def encode(text: str, field: str) -> list[int]:
+        """Token ids off the event loop; an invalid text is a 400 naming `field`."""
+        try:
+            return await asyncio.to_thread(tokenizer.encode, text, True)
+        except InvalidRequest as exc:
+            raise InvalidRequest(field, str(exc).partition(": ")[2]) from None
 
     def finish_reason(c: Completion) -> str:
         if c.finish_reason == "error":
@@ -555,10 +560,11 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
         check_model(body.model)
-        ids, prompt_text = prompt_ids_of(body.prompt)
+        ids, prompt_text = await prompt_ids_of(body.prompt)
         settings = engine_settings(body, first_set(body.max_completion_tokens, body.max_tokens))
         echo_text = prompt_text if body.echo else ""
-        handles = submit_all(ids, settings, body.n, body.logprobs)
+        echo_logprobs = body.logprobs if body.echo else None
+        handles = submit_all(ids, settings, body.n, body.logprobs, request, body.cache_salt, echo_logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(choices: list[dict], **extra: Any) -> dict:
@@ -568,18 +574,32 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             async def events() -> AsyncIterator[bytes]:
                 finals: list[Completion] = []
                 offsets = [len(echo_text)] * body.n
+                arrivals = stream_all(handles)
+                held: list[tuple[int, Any]] = []
                 if echo_text:
                     echo_lp = None
-                    if body.logprobs is not None:  # the prompt's own logprobs come with its text
-                        echo_lp = await asyncio.to_thread(prompt_logprobs, ids, body.logprobs)
+                    if echo_logprobs is not None:  # the prompt's logprobs come with its text: wait for them
+                        async for i, item in arrivals:
+                            held.append((i, item))
+                            infos = item.prompt_logprobs if i == 0 else None
+                            if infos is not None or i == 0 and isinstance(item, Completion):
+                                echo_lp = prompt_logprobs_json(infos, body.logprobs) if infos else None
+                                break
                     for i in range(body.n):
                         yield sse(chunk([{"index": i, "text": echo_text, "logprobs": echo_lp, "finish_reason": None}]))
-                async for i, item in stream_all(handles):
+
+                async def rest() -> AsyncIterator[tuple[int, Any]]:
+                    for pair in held:
+                        yield pair
+                    async for pair in arrivals:
+                        yield pair
+
+                async for i, item in rest():
                     if isinstance(item, Completion):
                         finals.append(item)
                         extra = {"usage": usage(finals)} if len(finals) == body.n else {}
                         yield sse(chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}], **extra))
-                    else:
+                    elif item.text or item.tokens:
                         lp = completion_logprobs(item.tokens, offsets[i]) if body.logprobs is not None else None
                         offsets[i] += len(item.text)
                         yield sse(chunk([{"index": i, "text": item.text, "logprobs": lp, "finish_reason": None}]))
@@ -588,45 +608,42 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         results = await wait_all(handles, request)
+        echo_lp = None
+        if echo_logprobs is not None and results[0].prompt_logprobs:
+            echo_lp = prompt_logprobs_json(results[0].prompt_logprobs, echo_logprobs)
         choices = []
         for i, c in enumerate(results):
             lp = None
             if body.logprobs is not None:
                 lp = completion_logprobs(c.token_infos[: len(c.tokens)], len(echo_text))
-                if body.echo:  # a forward pass over the prompt: off the event loop
-                    lp = merge_logprobs(await asyncio.to_thread(prompt_logprobs, ids, body.logprobs), lp)
+                if echo_lp is not None:
+                    lp = {k: echo_lp[k] + lp[k] for k in lp}
             choices.append({"index": i, "text": echo_text + c.text, "logprobs": lp, "finish_reason": finish_reason(c)})
         return JSONResponse(chunk(choices, usage=usage(results)))
 
-    def prompt_logprobs(ids: list[int], top: int) -> dict:
-        logits = model.logits(ids)
-        logp = logits.log_softmax(-1)
-        tokens, token_lp, tops, offsets, pos = [], [], [], [], 0
-        for k, tid in enumerate(ids):
-            s = token_str(tokenizer, tid)
+    def prompt_logprobs_json(infos: list[TokenInfo], top: int) -> dict:
+        """OpenAI's legacy logprobs for the prompt (echo): the first token has none."""
+        tokens, offsets, pos = [], [], 0
+        for t in infos:
+            s = token_str(tokenizer, t.id)
             tokens.append(s)
             offsets.append(pos)
             pos += len(s)
-            if k == 0:
-                token_lp.append(None)
-                tops.append(None)
-            else:
-                token_lp.append(float(logp[k - 1, tid]))
-                t = logp[k - 1].topk(top) if top else None
-                tops.append({token_str(tokenizer, int(i)): float(v) for v, i in zip(t.values, t.indices, strict=True)} if t is not None else {})
-        return {"tokens": tokens, "token_ids": list(ids), "token_logprobs": token_lp, "top_logprobs": tops, "text_offset": offsets}
-
-    def merge_logprobs(a: dict, b: dict) -> dict:
-        return {k: a[k] + b[k] for k in a}
+        return {"tokens": tokens, "token_ids": [t.id for t in infos],
+                "token_logprobs": [t.logprob for t in infos],
+                "top_logprobs": [None if t.logprob is None else
+                                 {token_str(tokenizer, i): lp for i, lp in t.top_logprobs[:top]} for t in infos],
+                "text_offset": offsets}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
         settings = engine_settings(body, first_set(body.max_completion_tokens, body.max_tokens, 256))
-        prompt, settings, dropped = chat.prepare(messages, settings)
+        # templating and tokenizing a long conversation take a while: off the event loop
+        prompt, settings, dropped = await asyncio.to_thread(chat.prepare, messages, settings)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        handles = submit_all(tokenizer.encode(prompt, allow_special=True), settings, body.n, logprobs)
+        handles = submit_all(await encode(prompt, "messages"), settings, body.n, logprobs, request, body.cache_salt)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         info = {"dropped_messages": dropped}
 
@@ -681,10 +698,10 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     async def simple_generate(context: str, temp: float, top_p: float, length: int, request: Request) -> Completion:
         if not context:
             raise APIError(400, "context: must not be empty", "context")
-        ids = tokenizer.encode(context, allow_special=True)
+        ids = await encode(context, "context")
         length = min(length, model.context_length - 1)
         settings = dict(max_new_tokens=length, temperature=temp, top_p=top_p, top_k=0, truncate_prompt=True)
-        (result,) = await wait_all(submit_all(ids, settings, 1, None), request)
+        (result,) = await wait_all(submit_all(ids, settings, 1, None, request), request)
         finish_reason(result)
         return result
 
@@ -704,17 +721,9 @@ def create_app(model: Model, *, api_key: str | None = None, cors_origins: list[s
     return app
 
 
-def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
-    """Refuses to expose the API beyond this machine without a key (unless told so)."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key and not insecure:
-        raise SystemExit(
-            f"gptj serve: refusing to listen on {host} without an API key: anyone who can reach it could use it. "
-            "Set --api-key (or GPTJ_API_KEY), or pass --insecure if that is what you want."
-        )
+def server_api_keys(args) -> list[str]:  # noqa: ANN001
+    """`--api-key` (repeatable: one key per tenant), else GPTJ_API_KEY."""
+    return api_key_list(args.api_key) or api_key_list(os.environ.get("GPTJ_API_KEY"))
 
 
 def serve(args) -> int:  # noqa: ANN001
@@ -730,13 +739,14 @@ def serve(args) -> int:  # noqa: ANN001
         from gptj.upstream import serve_upstream
 
         return serve_upstream(args)
-    api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
-    check_bind(args.host, api_key, args.insecure)
+    api_keys = server_api_keys(args)
+    check_bind(args.host, api_keys, args.insecure)
     grace = max(0.0, getattr(args, "shutdown_grace", 10.0))
     model = load_model(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
     cache = model.engine.allocate_cache()
-    app = create_app(model, api_key=api_key, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None))
+    app = create_app(model, api_key=api_keys, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None),
+                     allowed_hosts=allowed_hosts(args.host, args.allowed_hosts or ()))
     url = f"http://{args.host}:{args.port}/"
     print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}; "
           f"KV cache {cache.nbytes / 2**20:.0f} MiB for {cache.n_rows} x {cache.max_len} tokens", flush=True)
@@ -748,7 +758,7 @@ def serve(args) -> int:  # noqa: ANN001
     engine = model.engine
     draining = threading.Thread(target=engine.shutdown, kwargs={"grace": grace}, name="gptj-shutdown", daemon=True)
     # Uvicorn's own limit only backs up the engine's: it cancels what is still open then.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    config = uvicorn_config(app, args.host, args.port, max_connections=args.max_connections,
                             timeout_graceful_shutdown=grace + 10)
     server = uvicorn.Server(config)
     failed = []

@@ -19,6 +19,8 @@ from typing import Any
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers
 
+from gptj.sampling import InvalidRequest
+
 GPTJ_EXTRA_TOKENS = 143  # <|extratoken_1|>..<|extratoken_143|>: pads GPT-J's embedding to 50400 rows
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
 # llama.cpp pre-tokenizer names -> our split. 'digits' = every \p{N} char on its own, then GPT-2's
@@ -60,6 +62,21 @@ def _package_dir(package: str, hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+LONG_TEXT = 4096  # characters; longer texts are encoded without holding the GIL
+
+
+def check_text(text: str, field: str = "text") -> None:
+    """Raises InvalidRequest naming `field` when `text` is not a str or holds a lone surrogate
+    (valid in a Python str and a JSON escape, not in UTF-8; the BPE backend rejects it)."""
+    if not isinstance(text, str):
+        raise InvalidRequest(field, f"must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(field, f"holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), "
+                                    "which is not valid Unicode text") from None
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer: ids <-> text, plus the raw bytes behind every id."""
 
@@ -89,7 +106,9 @@ class Tokenizer:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Ids for `text`; special-token text becomes its id only with `allow_special=True`."""
+        """Ids for `text`; special-token text becomes its id only with `allow_special=True`.
+        Text that is not valid Unicode (a lone surrogate such as "\\ud800") is refused."""
+        check_text(text)
         splitter = self._split_special if allow_special else self._split_plain
         if splitter is None:
             return self._encode_ordinary(text)
@@ -102,6 +121,8 @@ class Tokenizer:
         return ids + self._encode_ordinary(text[start:])
 
     def _encode_ordinary(self, text: str) -> list[int]:
+        if len(text) > LONG_TEXT:  # encode_batch lets go of the GIL: a server's event loop runs on
+            return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         return self._backend.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:

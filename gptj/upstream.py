@@ -19,6 +19,7 @@ validated with the same models as `gptj serve` and errors have the same JSON sha
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -31,23 +32,30 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 
 from gptj.api import sampling_params
+from gptj.http_guard import (
+    LOOPBACK_NAMES,
+    APIError,
+    RequestCounts,
+    allowed_hosts,
+    api_key_list,
+    check_bind,
+    install_guard,
+    mount_page,
+    uvicorn_config,
+)
 from gptj.presets import load_presets
 from gptj.server import (
-    MAX_BODY_BYTES,
-    WEB_DIR,
-    APIError,
-    BodyLimit,
     CompleteBody,
     DetokenizeBody,
     HostedCompletionBody,
     TokenizeBody,
-    check_bind,
-    error_response,
     install_error_handlers,
-    piece_json,
+    server_api_keys,
+    tokenize_json,
 )
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
@@ -141,53 +149,16 @@ class Upstream:
         await self.client.aclose()
 
 
-class Guard:
-    """ASGI middleware: the API key of this front, the body size limit, and request counts."""
-
-    OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/metrics")
-
-    def __init__(self, app, api_key: str | None, counts: dict) -> None:  # noqa: ANN001
-        self.app, self.api_key, self.counts = app, api_key, counts
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        label = "/v1" if path.startswith("/v1/") else "/static" if path.startswith("/static/") else path
-        self.counts["requests"][label] = self.counts["requests"].get(label, 0) + 1
-        length = headers.get("content-length", "")
-        error = None
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            error = APIError(413, f"body: {length} bytes is over the limit of {MAX_BODY_BYTES} bytes", "body")
-        elif (self.api_key and scope["method"] != "OPTIONS" and path not in self.OPEN_PATHS
-              and not path.startswith("/static") and headers.get("authorization", "") != f"Bearer {self.api_key}"):
-            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
-                             "authentication_error")
-        if error is not None:
-            self.count_error(error.status)
-            return await error_response(error)(scope, receive, send)
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.count_error(message["status"])
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-    def count_error(self, status: int) -> None:
-        self.counts["errors"][status] = self.counts["errors"].get(status, 0) + 1
-
-
 def passthrough(response: httpx.Response, content: bytes) -> Response:
     headers = {k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}
     return Response(content, status_code=response.status_code, headers=headers,
                     media_type=response.headers.get("content-type", "application/json"))
 
 
-def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None = None,
+def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list[str] | None = None,
                         cors_origins: list[str] | None = None, timeout: float = 600.0,
-                        transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+                        transport: httpx.AsyncBaseTransport | None = None,
+                        allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES) -> FastAPI:
     """The front: `url` is the upstream (`http://host:8001/v1`), `key` its API key, `api_key`
     the key clients of this front must send. `transport` is for tests."""
     upstream = Upstream(url, key, timeout=timeout, transport=transport)
@@ -197,13 +168,16 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None
         yield
         await upstream.close()
 
-    app = FastAPI(title="GPT-J Studio (upstream)", version="0.1.0", lifespan=lifespan,
-                  description=f"The GPT-J Studio playground and APIs in front of {upstream.v1}")
+    app = FastAPIOffline(title="GPT-J Studio (upstream)", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                         description=f"The GPT-J Studio playground and APIs in front of {upstream.v1}")
     app.state.upstream = upstream
-    counts: dict[str, dict] = {"requests": {}, "errors": {}}
+    counts = RequestCounts()
     started = time.time()
-    app.add_middleware(BodyLimit)
-    app.add_middleware(Guard, api_key=api_key, counts=counts)
+
+    def path_label(path: str) -> str:
+        return "/v1" if path.startswith("/v1/") else "/static" if path.startswith(("/static/", "/static-offline-docs/")) else path
+
+    install_guard(app, counts, path_label, api_keys=api_key_list(api_key), hosts=allowed_hosts)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["Retry-After"])
@@ -215,16 +189,7 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None
 
     # ---- page and info ----
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> Response:
-        return FileResponse(str(WEB_DIR / "index.html"))
-
-    @app.get("/static/{name:path}", include_in_schema=False)
-    async def static(name: str) -> Response:
-        target = WEB_DIR / name
-        if ".." in name or not target.is_file():
-            raise APIError(404, f"no such file: {name}")
-        return FileResponse(str(target))
+    mount_page(app)
 
     @app.get("/health")
     async def health() -> dict:
@@ -273,10 +238,10 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None
         lines = [
             "# HELP gptj_requests_total HTTP requests to this front, by route (/v1: all forwarded ones)",
             "# TYPE gptj_requests_total counter",
-            *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(counts["requests"].items())],
+            *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(counts.requests.items())],
             "# HELP gptj_errors_total responses with status >= 400 (502/504: the upstream could not be reached)",
             "# TYPE gptj_errors_total counter",
-            *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(counts["errors"].items())],
+            *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(counts.errors.items())],
         ]
         return "\n".join(lines) + "\n"
 
@@ -313,9 +278,8 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | None
         if text is None:
             raise APIError(400, "text: required (the text to split into tokens)", "text")
         tok = await local_tokenizer(body.tokenizer)
-        if tok is not None:
-            ids = tok.encode(text, allow_special=body.add_special)
-            return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tok, i) for i in ids]}
+        if tok is not None:  # in a worker thread: the event loop stays free
+            return await asyncio.to_thread(tokenize_json, tok, text, body.add_special)
         data = await upstream_tokenizer_call("tokenize", {
             "model": await upstream.model_id(), "prompt": text, "add_special_tokens": body.add_special,
             "add_special": body.add_special, "return_token_strs": True,
@@ -420,11 +384,12 @@ def serve_upstream(args) -> int:  # noqa: ANN001
     """`gptj serve --upstream URL [--upstream-key K]`: the front, with no local model."""
     import uvicorn
 
-    api_key = args.api_key or os.environ.get("GPTJ_API_KEY")
-    check_bind(args.host, api_key, args.insecure)
+    api_keys = server_api_keys(args)
+    check_bind(args.host, api_keys, args.insecure)
     key = args.upstream_key or os.environ.get("GPTJ_UPSTREAM_KEY")
     try:
-        app = create_upstream_app(args.upstream, key, api_key=api_key, cors_origins=args.cors)
+        app = create_upstream_app(args.upstream, key, api_key=api_keys, cors_origins=args.cors,
+                                  allowed_hosts=allowed_hosts(args.host, args.allowed_hosts or ()))
     except ValueError as exc:
         raise SystemExit(f"gptj serve: {exc}") from None
     upstream: Upstream = app.state.upstream
@@ -447,7 +412,8 @@ def serve_upstream(args) -> int:  # noqa: ANN001
         import webbrowser
 
         threading.Timer(1.0, lambda: webbrowser.open(url)).start()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, max_connections=args.max_connections,
+                                  timeout_graceful_shutdown=10)).run()
     return 0
 
 

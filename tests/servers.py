@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from gptj.http_guard import uvicorn_config
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -18,10 +20,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(app) -> Iterator[str]:  # noqa: ANN001
-    """Serves `app` with uvicorn in a background thread; yields its base URL."""
+def running(app, **options) -> Iterator[str]:  # noqa: ANN001, ANN003
+    """Serves `app` with uvicorn in a background thread, configured as `gptj serve` configures
+    it (`options` go to gptj.http_guard.uvicorn_config); yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, **options))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

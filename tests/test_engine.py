@@ -32,8 +32,9 @@ PROMPT = "The quick brown fox"
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The samplers' definition, over the whole vocabulary: temperature, then top-k, top-p
-    (nucleus) and min-p, setting dropped ids to -inf. `candidates` must keep the same set."""
-    logits = logits / params.temperature
+    (nucleus) and min-p, setting dropped ids to -inf. `candidates` must keep the same set.
+    In float64, as the sampler: the top-p cut then does not depend on summation order."""
+    logits = logits.double() / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -307,13 +308,17 @@ def test_prefix_store_is_bounded_and_evicts_least_recently_used() -> None:
     store.put([1] * 10, kv(10), kv(10))
     store.put([2] * 10, kv(10), kv(10))
     assert len(store) == 2 and store.nbytes == 2 * 640
-    store.get(tuple([1] * 10))  # 1 is now the most recently used
+    store.get(store.best([1] * 10)[0])  # 1 is now the most recently used
     store.put([3] * 10, kv(10), kv(10))  # no room: 2 goes
     assert store.best([2] * 10) == (None, 0)
     assert store.best([1] * 12)[1] == 10 and store.best([3, 3, 4])[1] == 2
     store.put([1] * 10 + [5], kv(11), kv(11))  # extends entry 1: replaces it
-    assert store.best([1] * 10)[0] == tuple([1] * 10 + [5])
+    assert store.best([1] * 10)[0] == (None, tuple([1] * 10 + [5]))  # (the shared scope, its tokens)
     assert store.nbytes <= store.max_bytes
+    # another scope sees none of it
+    assert store.best([1] * 10, scope="tenant") == (None, 0)
+    store.put([1] * 10, kv(10), kv(10), scope="tenant")
+    assert store.best([1] * 10, scope="tenant")[0] == ("tenant", tuple([1] * 10))
 
 
 @pytest.mark.parametrize("mode", ["int8", "none"])

@@ -14,7 +14,8 @@ import pytest
 from servers import running
 
 import gptj
-from gptj.server import MAX_BODY_BYTES, MAX_N, check_bind, create_app
+from gptj.http_guard import MAX_BODY_BYTES, check_bind
+from gptj.server import MAX_N, create_app
 
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -423,8 +423,10 @@ def test_serve_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     exe = Path(sys.executable).with_name("gptj")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from gptj.cli import main; sys.exit(main())"]
-    grace = 5
-    cmd += ["serve", "--port", str(port), "--parallel", "2", "--context-length", "1024", "--shutdown-grace", str(grace)]
+    # The grace period is long enough for six tokens on a slow, loaded machine, and the long
+    # request too long to finish within it on a fast one: no dependence on the machine's speed.
+    grace = 20
+    cmd += ["serve", "--port", str(port), "--parallel", "2", "--context-length", "4096", "--shutdown-grace", str(grace)]
     env = {**os.environ, "GPTJ_CONFIG_DIR": str(tmp_path / "config"), "GPTJ_API_KEY": "k"}
     log = open(tmp_path / "serve.log", "w+b")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -455,7 +457,7 @@ def test_serve_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:
                 got = read_stream(r, on_event=started[i].set)
                 results[i] = {"text": got["text"], "finish": got["finish_reasons"], "done": got["done"]}
 
-        long_one = threading.Thread(target=stream, args=(0, LONG))
+        long_one = threading.Thread(target=stream, args=(0, {**LONG, "max_tokens": 4000}))
         long_one.start()
         assert started[0].wait(60)
         short_one = threading.Thread(target=stream, args=(1, {"prompt": "Hello", "max_tokens": 6, "temperature": 0,

@@ -183,7 +183,7 @@ def test_the_upstream_key_is_sent_as_bearer_and_the_client_key_is_not(upstream: 
 
 def test_an_upstream_that_is_down_gives_502() -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    with TestClient(create_upstream_app(dead)) as c:
+    with TestClient(create_upstream_app(dead), base_url="http://localhost") as c:
         for r in (c.post("/v1/completions", json={"model": "m", "prompt": "x"}),
                   c.post("/v1/chat/completions", json={"messages": QUESTION}),
                   c.get("/api/info"), c.post("/complete", json={"context": "x"}),
@@ -214,7 +214,7 @@ def stand_in(model_id: str, seen: list) -> FastAPI:
 def test_a_stand_in_upstream_without_tokenize(tmp_path) -> None:  # noqa: ANN001
     seen: list = []
     app = create_upstream_app("http://stand-in/v1", "k1", transport=httpx.ASGITransport(app=stand_in("acme/unknown-7b", seen)))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/tokenize", json={"text": "Hello"})
         assert r.status_code == 501 and "acme/unknown-7b" in r.json()["error"]["message"]
         assert c.post("/detokenize", json={"tokens": [1]}).status_code == 501
@@ -230,7 +230,7 @@ def test_gpt_j_upstreams_tokenize_here() -> None:
     assert known_tokenizer("meta-llama/Llama-3-8B") is None
     seen: list = []
     app = create_upstream_app("http://stand-in", None, transport=httpx.ASGITransport(app=stand_in("EleutherAI/gpt-j-6b", seen)))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/tokenize", json={"text": "Hello world"})
         assert r.json()["tokens"] == [15496, 995] and r.json()["pieces"][0]["text"] == "Hello"
         assert c.post("/detokenize", json={"tokens": [15496, 995]}).json() == {"text": "Hello world"}
