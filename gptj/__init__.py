@@ -2,8 +2,8 @@
 
 from gptj.api import Model, load, sampling_params
 from gptj.engine import Completion
-from gptj.loading import ModelLoadError, ModelTooLarge
-from gptj.sampling import InvalidRequest, SamplingParams
+from gptj.errors import InvalidRequest, ModelLoadError, ModelTooLarge
+from gptj.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [

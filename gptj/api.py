@@ -8,8 +8,9 @@ from dataclasses import fields
 import torch
 
 from gptj.engine import Completion, Engine, RequestHandle
+from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model, parse_size
-from gptj.sampling import InvalidRequest, SamplingParams
+from gptj.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer
 
 _SETTING_NAMES = {f.name for f in fields(SamplingParams)}

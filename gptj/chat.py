@@ -21,7 +21,7 @@ from gptj.chat_template import (
     Message,
     normalise_messages,
 )
-from gptj.sampling import InvalidRequest
+from gptj.errors import InvalidRequest
 
 __all__ = ["MAX_MESSAGES", "ROLES", "ChatReply", "ChatSession", "ChatTemplate", "ChatTemplateError", "PlayScript",
            "fit_messages", "normalise_messages"]

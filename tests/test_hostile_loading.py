@@ -16,13 +16,13 @@ import torch
 from test_hub import REPO, StandInHub, folder_files  # the stand-in Hugging Face Hub
 
 import gptj
-from gptj import cli, loading
+from gptj import cli, memory, model_config
 from gptj.catalog import list_models
 from gptj.checkpoint import make_random_checkpoint
+from gptj.errors import KVCacheTooLarge, ModelLoadError
 from gptj.gguf import bundled_gguf_path
 from gptj.hub import HubError, pull
 from gptj.kv_cache import check_kv_cache_fits
-from gptj.loading import KVCacheTooLarge, ModelLoadError
 from gptj.quantized_checkpoint import write_quantized
 
 GPTJ_CONFIG = {"model_type": "gptj", "vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_head": 4,
@@ -88,7 +88,7 @@ def test_deeply_nested_or_huge_config_json(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
         gptj.load(str(folder))
     with (folder / "config.json").open("wb") as f:
-        f.truncate(loading.MAX_CONFIG_BYTES + 1)  # sparse: nothing is written
+        f.truncate(model_config.MAX_CONFIG_BYTES + 1)  # sparse: nothing is written
     with pytest.raises(ModelLoadError, match=r"config.json is too large \(.* bytes; at most"):
         gptj.load(str(folder))
 
@@ -178,7 +178,7 @@ def test_cli_prints_one_line_for_a_truncated_gguf(broken_ggufs: dict[str, Path])
 # ---- 3. the KV cache is checked against the memory there is -------------------------------------
 
 def test_kv_cache_check_says_the_size_and_what_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "available_memory", lambda: 1_000_000_000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1_000_000_000)
     # 2 layers x 4 kv heads x 16 dims x (k, v) x 4 bytes = 1 KiB a token; 4 rows of 2**20 tokens: 4 GiB
     with pytest.raises(KVCacheTooLarge) as err:
         check_kv_cache_fits(2, 4, 4, 2**20, 16, torch.float32, "cpu")
@@ -201,7 +201,7 @@ def huge_context_model(tmp_path: Path) -> Path:
 def test_allocate_cache_refuses_a_cache_that_does_not_fit(huge_context_model: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     model = gptj.load(str(huge_context_model), max_batch=4, device="cpu", dtype=torch.float32)
-    monkeypatch.setattr(loading, "available_memory", lambda: 100_000_000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 100_000_000)
     with pytest.raises(KVCacheTooLarge, match=r"needs 1\.07 GB on cpu .* only 0\.10 GB is available"):
         model.engine.allocate_cache()
     assert model.engine.cache is None
@@ -211,13 +211,13 @@ def test_allocate_cache_refuses_a_cache_that_does_not_fit(huge_context_model: Pa
 
 def test_serve_reports_a_cache_that_does_not_fit_in_one_line(huge_context_model: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import gptj.server
+    import gptj.cli.serve
 
     def no_server(*args: object, **kwargs: object) -> None:
         raise AssertionError("the server started although its KV cache does not fit")
 
-    monkeypatch.setattr(gptj.server, "create_app", no_server)
-    monkeypatch.setattr(loading, "available_memory", lambda: 100_000_000)
+    monkeypatch.setattr(gptj.cli.serve, "create_app", no_server)
+    monkeypatch.setattr(memory, "available_memory", lambda: 100_000_000)
     status = cli.main(["serve", "--model", str(huge_context_model), "--device", "cpu", "--parallel", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("gptj: error: the KV cache"), err
@@ -227,7 +227,7 @@ def test_serve_reports_a_cache_that_does_not_fit_in_one_line(huge_context_model:
 def test_generate_reports_a_cache_that_does_not_fit_in_one_line(huge_context_model: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(loading, "available_memory", lambda: 100_000_000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 100_000_000)
     status = cli.main(["generate", "--model", str(huge_context_model), "--device", "cpu", "hi"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("gptj: error: the KV cache"), err

@@ -12,7 +12,7 @@ from transformers import GPTJForCausalLM
 
 import gptj
 from gptj.checkpoint import make_random_checkpoint
-from gptj.loading import ModelLoadError, ModelTooLarge
+from gptj.errors import ModelLoadError, ModelTooLarge
 
 SHAPE = dict(n_embd=48, n_head=3, n_layer=2, rotary_dim=8)  # odd head count on purpose
 

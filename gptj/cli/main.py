@@ -8,59 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gptj.sampling import SamplingParams
-
-DEFAULTS = SamplingParams()
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="folder, .gguf file or repo id (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--quantize", "-q", choices=["none", "bf16", "int8", "int4"], default=None,
-                   help="weight quantization (default: none)")
-    p.add_argument("--revision", default=None, help="revision of a cached Hugging Face repo (e.g. float16)")
-    p.add_argument("--max-memory", default=None, help="refuse to load above this size, e.g. 8GB")
-    p.add_argument("--context-length", type=int, default=None, help="cap the context window (tokens)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                   help="where the model runs (default auto: a CUDA GPU when torch sees one, else the CPU)")
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=None, help=f"tokens to generate (default {DEFAULTS.max_new_tokens})")
-    g.add_argument("--temperature", "-t", type=float, default=None, help=f"0 = greedy (default {DEFAULTS.temperature})")
-    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default {DEFAULTS.top_p})")
-    g.add_argument("--top-k", type=int, default=None, help=f"0 disables (default {DEFAULTS.top_k})")
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = none")
-    g.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
-
-
-def sampling_settings(args: argparse.Namespace) -> dict:
-    names = ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed"]
-    settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    if getattr(args, "truncate", False):
-        settings["truncate_prompt"] = True
-    return settings
-
-
-def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
-    """The model with its KV cache allocated: a cache that does not fit fails here, in one line."""
-    import gptj
-
-    model = gptj.load(
-        args.model,
-        quantize=args.quantize,
-        revision=args.revision,
-        max_memory=args.max_memory,
-        context_length=args.context_length,
-        max_batch=max_batch,
-        device=getattr(args, "device", None),
-        prefix_cache_bytes=getattr(args, "prefix_cache", "512MB"),
-    )
-    model.engine.allocate_cache()
-    return model
+from gptj.cli.common import add_model_args, add_sampling_args, load_model, sampling_settings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -142,13 +90,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gptj.server import serve
+    from gptj.cli.serve import serve
 
     return serve(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from gptj.chat_cli import run_chat
+    from gptj.cli.chat import run_chat
 
     return run_chat(args)
 
@@ -264,9 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gptj.loading import ModelLoadError
+    from gptj.errors import InvalidRequest, ModelLoadError
     from gptj.presets import PresetError
-    from gptj.sampling import InvalidRequest
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
@@ -278,6 +225,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

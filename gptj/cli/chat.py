@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TextIO
 
 from gptj.chat import ChatSession, PlayScript, normalise_messages
-from gptj.sampling import InvalidRequest
+from gptj.cli import common
+from gptj.errors import InvalidRequest
 
 MAX_SAVED_BYTES = 64 << 20  # a conversation file that /load reads at once
 
@@ -172,16 +173,14 @@ def load_conversation(path: Path) -> tuple[str | None, list[dict]]:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from gptj.cli import load_model, sampling_settings
-
-    model = load_model(args)
+    model = common.load_model(args)
     script = None
     if model.info.architecture == "gptj" or args.bot_name or not model.tokenizer.chat_template:
         script = PlayScript(user_name=args.user_name, bot_name=args.bot_name or "GPT-J")
         if args.system:
             script.intro = args.system
     session = ChatSession(model, script)
-    settings = {"max_new_tokens": 256, **sampling_settings(args)}
+    settings = {"max_new_tokens": 256, **common.sampling_settings(args)}
     repl = ChatREPL(session, settings, system=args.system if script is None else None)
     try:
         import readline  # noqa: F401  (line editing and history for input())

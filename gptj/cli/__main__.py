@@ -1,0 +1,5 @@
+import sys
+
+from gptj.cli.main import main
+
+sys.exit(main())
