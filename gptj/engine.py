@@ -19,13 +19,14 @@ a bounded store (gptj.prefix_cache) when its prompt was one that recurs.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from gptj.device import module_device
-from gptj.errors import InvalidRequest
+from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
 from gptj.kv_cache import KVCache
 from gptj.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
 from gptj.sampling import SamplingParams, apply_penalties, choose_token
@@ -107,8 +108,9 @@ class StopMatcher:
 
 
 class RequestHandle:
-    """A submitted request: iterate it for StreamEvents, or call result(). Without a driver
-    thread, iterating drives the engine (every running request advances, not just this one)."""
+    """A submitted request: iterate it for StreamEvents (`for`, or `async for` in a server),
+    or call result(). Without a driver thread, `for` drives the engine (every running request
+    advances, not just this one); `async for` waits on the event loop, woken by the engine."""
 
     def __init__(self, request: _Request, engine: Engine | None = None) -> None:
         self._request = request
@@ -132,7 +134,31 @@ class RequestHandle:
                 return
             yield item
 
-    def result(self, timeout: float | None = None) -> Completion:
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        """Events as the driving thread sends them; the last item is the Completion (also kept
+        as `completion`), so one loop sees the stream and its end."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._request.waker = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while self._completion is None:
+                ready.clear()  # before looking: an event that arrives after the look sets it again
+                try:
+                    item = self._events.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    continue
+                if isinstance(item, Completion):
+                    self._completion = item
+                yield item
+        finally:
+            self._request.waker = None
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._completion
+
+    def result(self) -> Completion:
         for _ in self:
             pass
         assert self._completion is not None
@@ -154,6 +180,7 @@ class _Request:
     truncated: int
     cache_scope: str | None = None  # prefixes are shared only between requests of one scope
     events: queue.Queue = field(default_factory=queue.Queue)
+    waker: Callable[[], None] | None = None  # set while a handle awaits events on an event loop
     cancelled: bool = False
     row: int = -1
     prefilled: int = 0  # prompt tokens already in the cache row
@@ -173,6 +200,12 @@ class _Request:
     @property
     def length(self) -> int:
         return self.prefilled + len(self.generated)
+
+    def send(self, item: StreamEvent | Completion) -> None:
+        self.events.put(item)
+        waker = self.waker
+        if waker is not None:
+            waker()
 
     @property
     def next_input(self) -> int:
@@ -286,9 +319,6 @@ class Engine:
             self.in_flight += 1
         self.waiting.put(request)
         return RequestHandle(request, self)
-
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
-        return self.submit(prompt_ids, params).result()
 
     @property
     def queue_depth(self) -> int:
@@ -582,7 +612,7 @@ class Engine:
         """Sends the prompt's logprobs once they are all computed."""
         if r.prompt_infos is not None and not r.prompt_sent and r.prefilled >= r.prefill_target:
             r.prompt_sent = True
-            r.events.put(StreamEvent("", [], prompt_logprobs=r.prompt_infos))
+            r.send(StreamEvent("", [], prompt_logprobs=r.prompt_infos))
 
     def _decode(self, batch: list[_Request]) -> None:
         lo = min(r.row for r in batch)
@@ -662,7 +692,7 @@ class Engine:
     def _emit(self, r: _Request, text: str) -> None:
         r.text += text
         if text or r.pending_infos:
-            r.events.put(StreamEvent(text, r.pending_infos))
+            r.send(StreamEvent(text, r.pending_infos))
             r.pending_infos = []
 
     def _retire(self, r: _Request, reason: str, error: str | None = None, flush: bool = True) -> None:
@@ -686,7 +716,7 @@ class Engine:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(r.prompt_ids)
         ttft = r.first_token_at - r.started if r.first_token_at else None
-        r.events.put(
+        r.send(
             Completion(
                 text=r.text,
                 tokens=list(r.generated),
@@ -710,20 +740,3 @@ def _stop_at_exit(ref: weakref.ref) -> None:
         r.cancelled = True
     engine.stop()
     engine.thread.join(timeout=5)
-
-
-class QueueFull(RuntimeError):
-    """No place for a request: the batch is full and `limit` requests are already waiting."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"queue full ({limit} requests waiting), try again later")
-        self.limit = limit
-
-
-class ShuttingDown(QueueFull):
-    """The engine is shutting down and takes no new requests."""
-
-    def __init__(self) -> None:
-        RuntimeError.__init__(self, "the server is shutting down, try again later")
-        self.limit = 0
-

@@ -22,3 +22,22 @@ class ModelTooLarge(ModelLoadError, MemoryError):
 
 class KVCacheTooLarge(ModelTooLarge):
     """The KV cache for the asked rows and context would not fit in the memory available."""
+
+
+class Unavailable(RuntimeError):
+    """No place for the request now; try again later (a 503 with Retry-After)."""
+
+
+class QueueFull(Unavailable):
+    """The batch is full and `limit` requests are already waiting."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"queue full ({limit} requests waiting), try again later")
+        self.limit = limit
+
+
+class ShuttingDown(Unavailable):
+    """The engine is shutting down and takes no new requests."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down, try again later")

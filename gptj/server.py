@@ -31,8 +31,8 @@ from starlette.exceptions import HTTPException
 
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
-from gptj.engine import Completion, QueueFull, RequestHandle, TokenInfo
-from gptj.errors import InvalidRequest
+from gptj.engine import Completion, RequestHandle, TokenInfo
+from gptj.errors import InvalidRequest, Unavailable
 from gptj.http_guard import (
     LOOPBACK_NAMES,
     APIError,
@@ -246,8 +246,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(APIError(400, "max_tokens" + str(err).removeprefix("max_new_tokens"), "max_tokens"))
         return error_response(APIError(400, str(err), err.field))
 
-    @app.exception_handler(QueueFull)
-    async def on_full(_: Request, err: QueueFull) -> JSONResponse:
+    @app.exception_handler(Unavailable)
+    async def on_full(_: Request, err: Unavailable) -> JSONResponse:
         return error_response(APIError(503, str(err), None, "server_busy", {"Retry-After": "2"}))
 
     @app.exception_handler(RequestValidationError)
@@ -446,58 +446,56 @@ def create_app(model: Model, *, api_key: str | list[str] | None = None, cors_ori
     async def wait_all(handles: list[RequestHandle], request: Request) -> list[Completion]:
         """Completions of all handles; a client that goes away cancels them."""
         t0 = time.monotonic()
-        results: list[Completion | None] = [None] * len(handles)
 
         async def until_disconnect() -> None:
-            # request.is_disconnected() never sees the disconnect behind the @app.middleware guard
-            # (its zero-timeout receive is cancelled inside BaseHTTPMiddleware); a waiting receive does.
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
+        async def completion(h: RequestHandle) -> Completion:
+            async for _ in h:
+                pass
+            assert h.completion is not None
+            return h.completion
+
         gone = asyncio.ensure_future(until_disconnect())
+        done = asyncio.ensure_future(asyncio.gather(*(completion(h) for h in handles)))
         try:
-            while any(r is None for r in results):
-                for i, h in enumerate(handles):
-                    while results[i] is None:
-                        try:
-                            item = h._events.get_nowait()
-                        except Exception:
-                            break
-                        if isinstance(item, Completion):
-                            results[i] = item
-                if any(r is None for r in results):
-                    if gone.done():
-                        raise ClientDisconnected
-                    await asyncio.sleep(0.005)
+            await asyncio.wait([gone, done], return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                raise ClientDisconnected
+            results = done.result()
         finally:
-            gone.cancel()
+            for task in (gone, done):
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nothing left unretrieved
             for h in handles:
                 h.cancel()
         for c in results:
             metrics.observe(c, time.monotonic() - t0)
-        return results  # type: ignore[return-value]
+        return results
 
     async def stream_all(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
-        """(choice index, StreamEvent | Completion) as they arrive; cancels on disconnect."""
+        """(choice index, StreamEvent | Completion) as they arrive, woken by the engine; cancels
+        on disconnect (the response is cancelled, and this generator with it)."""
         t0 = time.monotonic()
-        done = [False] * len(handles)
+        arrivals: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def forward(i: int, h: RequestHandle) -> None:
+            async for item in h:
+                await arrivals.put((i, item))
+
+        tasks = [asyncio.ensure_future(forward(i, h)) for i, h in enumerate(handles)]
         try:
-            while not all(done):
-                progressed = False
-                for i, h in enumerate(handles):
-                    while not done[i]:
-                        try:
-                            item = h._events.get_nowait()
-                        except Exception:
-                            break
-                        progressed = True
-                        if isinstance(item, Completion):
-                            done[i] = True
-                            metrics.observe(item, time.monotonic() - t0)
-                        yield i, item
-                if not progressed:
-                    await asyncio.sleep(0.005)
+            remaining = len(handles)
+            while remaining:
+                i, item = await arrivals.get()
+                if isinstance(item, Completion):
+                    remaining -= 1
+                    metrics.observe(item, time.monotonic() - t0)
+                yield i, item
         finally:  # also runs when the client disconnects and the response is cancelled
+            for t in tasks:
+                t.cancel()
             for h in handles:
                 h.cancel()
 
