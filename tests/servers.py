@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from gptj.http_guard import uvicorn_config
+from gptj.serve.guard import uvicorn_config
 
 
 def free_port() -> int:
@@ -22,7 +22,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(app, **options) -> Iterator[str]:  # noqa: ANN001, ANN003
     """Serves `app` with uvicorn in a background thread, configured as `gptj serve` configures
-    it (`options` go to gptj.http_guard.uvicorn_config); yields its base URL."""
+    it (`options` go to gptj.serve.guard.uvicorn_config); yields its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, **options))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 from servers import running
 
 import gptj
-from gptj.server import create_app
+from gptj.serve import create_app
 
 # Per operation and kind (valid, invalid). The same examples every run, unless GPTJ_FUZZ_RANDOM=1:
 # e.g. `GPTJ_FUZZ_EXAMPLES=200 GPTJ_FUZZ_RANDOM=1 pytest tests/test_fuzz.py` for a longer hunt.

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from servers import running
 
-from gptj.http_guard import MAX_BODY_BYTES, check_bind
-from gptj.server import create_app
+from gptj.serve import create_app
+from gptj.serve.guard import MAX_BODY_BYTES, check_bind
 
 KEYS = ["tenant-one-key", "tenant-two-key"]
 LONG_PROMPT = "The history of the printing press begins in the fifteenth century, when " * 6
@@ -90,7 +90,7 @@ def test_loopback_host_names_are_served(keyless: str, host: str) -> None:
 
 
 def test_allowed_hosts_add_names(bundled_model) -> None:  # noqa: ANN001
-    from gptj.http_guard import allowed_hosts
+    from gptj.serve.guard import allowed_hosts
 
     hosts = allowed_hosts("127.0.0.1", ["studio.lan,other.lan"])
     with running(create_app(bundled_model, allowed_hosts=hosts)) as base:

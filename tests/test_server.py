@@ -14,8 +14,9 @@ import pytest
 from servers import running
 
 import gptj
-from gptj.http_guard import MAX_BODY_BYTES, check_bind
-from gptj.server import MAX_N, create_app
+from gptj.serve import create_app
+from gptj.serve.guard import MAX_BODY_BYTES, check_bind
+from gptj.serve.protocol import MAX_N
 
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -25,7 +25,7 @@ from servers import free_port, running
 import gptj
 from gptj.engine import QueueFull, ShuttingDown
 from gptj.sampling import SamplingParams
-from gptj.server import create_app
+from gptj.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}

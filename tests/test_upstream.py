@@ -1,4 +1,4 @@
-"""`gptj serve --upstream URL`: the front (gptj.upstream) before a real `gptj serve` of the bundled
+"""`gptj serve --upstream URL`: the front (gptj.serve.backends.upstream) before a real `gptj serve` of the bundled
 model, checked against what that upstream answers directly; plus a stand-in upstream (in
 process) for the paths a gptj upstream does not take, and one CLI run."""
 
@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from servers import free_port, running
 
 import gptj
-from gptj.server import create_app
-from gptj.upstream import create_upstream_app, known_tokenizer
+from gptj.serve import create_app, create_upstream_app
+from gptj.serve.backends.upstream import known_tokenizer
 
 UPKEY = "upstream-secret"
 PROMPT = "The capital of France is"

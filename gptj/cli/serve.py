@@ -1,5 +1,5 @@
-"""`gptj serve`: the playground and the APIs on this machine's model (gptj.server) or in front
-of another server (`--upstream`, gptj.upstream), until SIGTERM or Ctrl-C."""
+"""`gptj serve`: the playground and the APIs on this machine's model or in front of another
+server (`--upstream`), until SIGTERM or Ctrl-C (gptj.serve builds the apps)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import threading
 import httpx
 
 from gptj.cli.common import load_model
-from gptj.http_guard import allowed_hosts, api_key_list, check_bind, uvicorn_config
-from gptj.server import create_app
-from gptj.upstream import Upstream, create_upstream_app
+from gptj.serve import create_app, create_upstream_app
+from gptj.serve.backends.upstream import Upstream
+from gptj.serve.guard import allowed_hosts, api_key_list, check_bind, uvicorn_config
 
 
 def server_api_keys(args) -> list[str]:  # noqa: ANN001

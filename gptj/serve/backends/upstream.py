@@ -1,4 +1,4 @@
-"""`gptj serve --upstream URL`: the playground, chat, presets, token viewer and both API styles
+"""The backend in front of another server (`gptj serve --upstream URL`): the playground, chat, presets, token viewer and both API styles
 in front of any OpenAI-compatible server (vLLM, TGI, another `gptj serve`), with no local model.
 
 * `/v1/*` is forwarded as it is: streams pass through as server-sent events, errors with the
@@ -14,7 +14,7 @@ in front of any OpenAI-compatible server (vLLM, TGI, another `gptj serve`), with
 `--upstream-key` goes to the upstream as `Authorization: Bearer KEY`; the client's own
 Authorization header (checked against `--api-key` here) is never passed on. Request bodies are
 validated with the same models as `gptj serve` and errors have the same JSON shape
-(`gptj.server.install_error_handlers`).
+(`gptj.serve.errors`).
 """
 
 from __future__ import annotations
@@ -24,34 +24,17 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
-from fastapi_offline import FastAPIOffline
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from gptj.api import sampling_params
-from gptj.http_guard import (
-    LOOPBACK_NAMES,
-    APIError,
-    RequestCounts,
-    api_key_list,
-    install_guard,
-    mount_page,
-)
-from gptj.presets import load_presets
-from gptj.server import (
-    CompleteBody,
-    DetokenizeBody,
-    HostedCompletionBody,
-    TokenizeBody,
-    install_error_handlers,
-    tokenize_json,
-)
+from gptj.serve.guard import APIError, RequestCounts
+from gptj.serve.metrics import request_lines
+from gptj.serve.protocol import DetokenizeBody, TokenizeBody, tokenize_json
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 MODELS_TTL = 30.0  # seconds the upstream's model list is reused
@@ -150,55 +133,23 @@ def passthrough(response: httpx.Response, content: bytes) -> Response:
                     media_type=response.headers.get("content-type", "application/json"))
 
 
-def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list[str] | None = None,
-                        cors_origins: list[str] | None = None, timeout: float = 600.0,
-                        transport: httpx.AsyncBaseTransport | None = None,
-                        allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES) -> FastAPI:
-    """The front: `url` is the upstream (`http://host:8001/v1`), `key` its API key, `api_key`
-    the key clients of this front must send. `transport` is for tests."""
-    upstream = Upstream(url, key, timeout=timeout, transport=transport)
+class UpstreamBackend:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.metrics = RequestCounts()
+        self.started = time.time()
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await upstream.close()
+    async def health(self) -> dict:
+        return {"status": "ok", "model": await self.upstream.model_id(), "upstream": self.upstream.v1,
+                "uptime_s": round(time.time() - self.started, 1)}
 
-    app = FastAPIOffline(title="GPT-J Studio (upstream)", version="0.1.0", lifespan=lifespan, redoc_url=None,
-                         description=f"The GPT-J Studio playground and APIs in front of {upstream.v1}")
-    app.state.upstream = upstream
-    counts = RequestCounts()
-    started = time.time()
-
-    def path_label(path: str) -> str:
-        return "/v1" if path.startswith("/v1/") else "/static" if path.startswith(("/static/", "/static-offline-docs/")) else path
-
-    install_guard(app, counts, path_label, api_keys=api_key_list(api_key), hosts=allowed_hosts)
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],
-                           expose_headers=["Retry-After"])
-    install_error_handlers(app)
-
-    @app.exception_handler(UpstreamResponse)
-    async def on_upstream(_: Request, err: UpstreamResponse) -> Response:
-        return passthrough(err.response, err.response.content)
-
-    # ---- page and info ----
-
-    mount_page(app)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": await upstream.model_id(), "upstream": upstream.v1,
-                "uptime_s": round(time.time() - started, 1)}
-
-    @app.get("/api/info")
-    async def info() -> dict:
-        models = await upstream.models()
+    async def info(self) -> dict:
+        models = await self.upstream.models()
         first = models[0]
         context = first.get("max_model_len") or first.get("context_length") or first.get("context_window")
         if context is None:  # another gptj serve says it on its /api/info
             try:
-                response = await upstream.call("GET", f"{upstream.root}/api/info")
+                response = await self.upstream.call("GET", f"{self.upstream.root}/api/info")
                 if response.status_code == 200:
                     context = response.json().get("context_length")
             except (APIError, ValueError, AttributeError):
@@ -207,8 +158,8 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
         return {
             "name": first["id"],
             "architecture": "remote",
-            "path": upstream.v1,
-            "upstream": upstream.v1,
+            "path": self.upstream.v1,
+            "upstream": self.upstream.v1,
             "models": [m["id"] for m in models],
             "owned_by": first.get("owned_by"),
             "parameters": None,
@@ -223,29 +174,15 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
             "parallel": None,
         }
 
-    @app.get("/api/presets")
-    async def presets() -> dict:
-        found, errors = load_presets()
-        return {"presets": [p.as_dict() for p in found.values()], "errors": errors}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> str:
-        lines = [
-            "# HELP gptj_requests_total HTTP requests to this front, by route (/v1: all forwarded ones)",
-            "# TYPE gptj_requests_total counter",
-            *[f'gptj_requests_total{{path="{p}"}} {n}' for p, n in sorted(counts.requests.items())],
-            "# HELP gptj_errors_total responses with status >= 400 (502/504: the upstream could not be reached)",
-            "# TYPE gptj_errors_total counter",
-            *[f'gptj_errors_total{{status="{c}"}} {n}' for c, n in sorted(counts.errors.items())],
-        ]
+    def metrics_text(self) -> str:
+        lines = request_lines(self.metrics, "HTTP requests to this front, by route (/v1: all forwarded ones)",
+                              "responses with status >= 400 (502/504: the upstream could not be reached)")
         return "\n".join(lines) + "\n"
 
-    # ---- tokenizer ----
-
-    async def local_tokenizer(name: str | None) -> Tokenizer | None:
+    async def local_tokenizer(self, name: str | None) -> Tokenizer | None:
         """The tokenizer a request names, else the upstream model's when it is known here."""
         if not name:
-            name = known_tokenizer(await upstream.model_id())
+            name = known_tokenizer(await self.upstream.model_id())
             if name is None:
                 return None
         try:
@@ -253,30 +190,26 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
         except (ValueError, OSError) as exc:
             raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
 
-    async def upstream_tokenizer_call(path: str, body: dict) -> dict:
-        response = await upstream.call("POST", f"{upstream.root}/{path}", body)
+    async def upstream_tokenizer_call(self, path: str, body: dict) -> dict:
+        response = await self.upstream.call("POST", f"{self.upstream.root}/{path}", body)
         if response.status_code in (404, 405):
-            model = await upstream.model_id()
+            model = await self.upstream.model_id()
             raise APIError(501, f"{path}: no tokenizer for the upstream model {model!r} is known here and "
-                           f"{upstream.root} has no /{path}; name one, e.g. \"tokenizer\": \"gpt-j\"",
+                           f"{self.upstream.root} has no /{path}; name one, e.g. \"tokenizer\": \"gpt-j\"",
                            "tokenizer", "not_implemented")
         if response.status_code >= 400:
             raise UpstreamResponse(response)
         try:
             return response.json()
         except ValueError:
-            raise APIError(502, f"upstream {upstream.root}/{path} did not answer with JSON", None, "upstream_error") from None
+            raise APIError(502, f"upstream {self.upstream.root}/{path} did not answer with JSON", None, "upstream_error") from None
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeBody) -> dict:
-        text = body.text if body.text is not None else body.prompt if body.prompt is not None else body.content
-        if text is None:
-            raise APIError(400, "text: required (the text to split into tokens)", "text")
-        tok = await local_tokenizer(body.tokenizer)
+    async def tokenize(self, body: TokenizeBody, text: str) -> dict:
+        tok = await self.local_tokenizer(body.tokenizer)
         if tok is not None:  # in a worker thread: the event loop stays free
             return await asyncio.to_thread(tokenize_json, tok, text, body.add_special)
-        data = await upstream_tokenizer_call("tokenize", {
-            "model": await upstream.model_id(), "prompt": text, "add_special_tokens": body.add_special,
+        data = await self.upstream_tokenizer_call("tokenize", {
+            "model": await self.upstream.model_id(), "prompt": text, "add_special_tokens": body.add_special,
             "add_special": body.add_special, "return_token_strs": True,
         })
         ids = [int(i) for i in data.get("tokens", [])]
@@ -287,39 +220,36 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
                       for i, s in zip(ids, strs, strict=False)]
         return {"count": len(ids), "tokens": ids, "pieces": pieces}
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeBody) -> dict:
-        tok = await local_tokenizer(body.tokenizer)
+    async def detokenize(self, body: DetokenizeBody) -> dict:
+        tok = await self.local_tokenizer(body.tokenizer)
         if tok is not None:
             bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
             if bad:
                 raise APIError(400, f"tokens: id {bad[0]} is outside 0..{tok.vocab_size - 1}", "tokens")
             return {"text": tok.decode(body.tokens)}
-        data = await upstream_tokenizer_call("detokenize", {"model": await upstream.model_id(), "tokens": body.tokens})
+        data = await self.upstream_tokenizer_call("detokenize", {"model": await self.upstream.model_id(), "tokens": body.tokens})
         return {"text": data.get("text", data.get("prompt", ""))}
 
-    # ---- OpenAI: forwarded ----
-
-    async def with_model(raw: bytes) -> bytes:
+    async def with_model(self, raw: bytes) -> bytes:
         """A completion/chat body without `model` gets the upstream's (vLLM and TGI want one)."""
         try:
             body = json.loads(raw)
         except ValueError:
             return raw  # the upstream says what is wrong with it
         if isinstance(body, dict) and not body.get("model"):
-            body["model"] = await upstream.model_id()
+            body["model"] = await self.upstream.model_id()
             return json.dumps(body).encode()
         return raw
 
-    async def forward(path: str, request: Request) -> Response:
+    async def forward(self, path: str, request: Request) -> Response:
         raw = await request.body()
         if request.method == "POST" and path in ("completions", "chat/completions"):
-            raw = await with_model(raw)
-        outgoing = upstream.client.build_request(
-            request.method, f"{upstream.v1}/{path}", params=request.url.query or None, content=raw or None,
-            headers=upstream.headers(request.headers.get("content-type"), request.headers.get("accept")),
+            raw = await self.with_model(raw)
+        outgoing = self.upstream.client.build_request(
+            request.method, f"{self.upstream.v1}/{path}", params=request.url.query or None, content=raw or None,
+            headers=self.upstream.headers(request.headers.get("content-type"), request.headers.get("accept")),
         )
-        response = await upstream.send(outgoing, stream=True)
+        response = await self.upstream.send(outgoing, stream=True)
         if response.status_code >= 400 or "text/event-stream" not in response.headers.get("content-type", ""):
             try:
                 content = await response.aread()
@@ -332,7 +262,7 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
                 async for chunk in response.aiter_bytes():
                     yield chunk
             except httpx.HTTPError as exc:  # the upstream went away mid-stream: say so in the stream
-                message = f"upstream {upstream.v1} broke off the stream ({type(exc).__name__})"
+                message = f"upstream {self.upstream.v1} broke off the stream ({type(exc).__name__})"
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'upstream_error', 'code': 502}})}\n\n".encode()
             finally:  # also when our client goes away: closing the upstream stream cancels its generation
                 with anyio.CancelScope(shield=True):
@@ -341,38 +271,17 @@ def create_upstream_app(url: str, key: str | None = None, *, api_key: str | list
         headers = {"Cache-Control": "no-cache", **{k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}}
         return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream", headers=headers)
 
-    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # one route each: distinct OpenAPI operation ids
-        app.add_api_route("/v1/{path:path}", forward, methods=[method], name=f"forward_{method.lower()}",
-                          summary=f"{method} /v1/...: forwarded to the upstream")
-
-    # ---- EleutherAI: translated to /v1/completions ----
-
-    async def simple_generate(context: str, temp: float, top_p: float, length: int) -> str:
+    async def generate_text(self, request: Request, context: str, temp: float, top_p: float, length: int) -> str:
+        """The continuation of `context` (the EleutherAI APIs), from the upstream's /v1/completions."""
         if not context:
             raise APIError(400, "context: must not be empty", "context")
-        body = {"model": await upstream.model_id(), "prompt": context, "max_tokens": length,
+        body = {"model": await self.upstream.model_id(), "prompt": context, "max_tokens": length,
                 "temperature": temp, "top_p": top_p}
-        response = await upstream.call("POST", f"{upstream.v1}/completions", body)
+        response = await self.upstream.call("POST", f"{self.upstream.v1}/completions", body)
         if response.status_code >= 400:
             raise UpstreamResponse(response)
         try:
             return response.json()["choices"][0]["text"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise APIError(502, f"upstream {upstream.v1}/completions did not answer with a completion", None,
+            raise APIError(502, f"upstream {self.upstream.v1}/completions did not answer with a completion", None,
                            "upstream_error") from None
-
-    @app.post("/complete")
-    async def complete(body: CompleteBody) -> dict:
-        """mesh-transformer-jax's server: the continuation only, 512 tokens by default."""
-        return {"completion": await simple_generate(body.context, body.temp, body.top_p, body.length)}
-
-    @app.post("/completion")
-    async def hosted_completion(body: HostedCompletionBody) -> list[dict]:
-        """The old hosted API: a list with one generated_text, the context included unless remove_input."""
-        text = await simple_generate(body.context, body.temp, body.top_p, body.response_length)
-        return [{"generated_text": text if body.remove_input else body.context + text}]
-
-    return app
-
-
-__all__ = ["Upstream", "create_upstream_app", "known_tokenizer"]

@@ -21,15 +21,14 @@ from typing import Any
 
 import h11
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-log = logging.getLogger("gptj.server")
+log = logging.getLogger("gptj.serve")
 
 MAX_BODY_BYTES = 1_000_000
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parents[1] / "web"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # Paths anyone may read without a key: the page, its files, the docs, health and metrics.
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/metrics"})
@@ -227,20 +226,6 @@ def api_key_list(keys: str | Sequence[str] | None) -> list[str]:
     if keys is None:
         return []
     return [keys] if isinstance(keys, str) else [k for k in keys if k]
-
-
-# ---- the page --------------------------------------------------------------------------------
-
-
-def mount_page(app: FastAPI) -> None:
-    """`/` and `/static/*`, only the files that ship in gptj/web (StaticFiles resolves and
-    confines every path)."""
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> Response:
-        return FileResponse(str(WEB_DIR / "index.html"))
-
-    app.mount("/static", StaticFiles(directory=str(WEB_DIR), follow_symlink=False), name="static")
 
 
 # ---- uvicorn ---------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""The one JSON error shape ({"error": {message, type, param, code}}) for every failure."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from gptj.errors import InvalidRequest, Unavailable
+from gptj.serve.guard import APIError, error_response
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The JSON error format ({"error": {message, type, param, code}}) for every failure: also
+    used by both backends, so the local server and the upstream front answer errors the same way."""
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(InvalidRequest)
+    async def on_invalid(_: Request, err: InvalidRequest) -> JSONResponse:
+        if err.field == "max_new_tokens":  # the engine's name for what HTTP clients send as max_tokens
+            return error_response(APIError(400, "max_tokens" + str(err).removeprefix("max_new_tokens"), "max_tokens"))
+        return error_response(APIError(400, str(err), err.field))
+
+    @app.exception_handler(Unavailable)
+    async def on_full(_: Request, err: Unavailable) -> JSONResponse:
+        return error_response(APIError(503, str(err), None, "server_busy", {"Retry-After": "2"}))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        param = ".".join(loc) or "body"
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "lone_surrogate":
+            param = first.get("ctx", {}).get("field", param)
+            message = f"{param}: {message}"
+        elif first.get("type") == "json_invalid":
+            message, param = "body: must be valid UTF-8 JSON", "body"
+        else:
+            message = f"{param}: {message}"
+        return error_response(APIError(400, message, param))
+
+    # Starlette's class: FastAPI raises it for unknown routes and bodies it cannot decode.
+    @app.exception_handler(HTTPException)
+    async def on_http(_: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 400 and err.detail == "There was an error parsing the body":  # e.g. not UTF-8
+            return error_response(APIError(400, "body: must be valid UTF-8 JSON", "body"))
+        param = "body" if err.status_code == 413 else None
+        return error_response(APIError(err.status_code, str(err.detail), param, headers=err.headers))
