@@ -10,6 +10,7 @@ import torch
 from gptj.engine import Completion, Engine, RequestHandle
 from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model, parse_size
+from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
 from gptj.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer
 
@@ -34,16 +35,14 @@ def sampling_params(**settings: object) -> SamplingParams:
 class Model:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo, max_batch: int = 1,
                  context_length: int | None = None, prefix_cache: bool = True,
-                 prefix_cache_bytes: int = 512 << 20) -> None:
+                 prefix_cache_bytes: int = PREFIX_STORE_BYTES) -> None:
         self.module = model
         self.tokenizer = tokenizer
         self.info = info
         self.config = model.config
-        banned: list[int] = []
-        if info.architecture == "gptj" and tokenizer.vocab_size > 50257:
-            # GPT-J's embedding has 50400 rows; ids from 50257 up are padding and never sampled.
-            banned = list(range(50257, model.config.vocab_size))
-        end_ids = [i for t, i in tokenizer.special_tokens.items() if t in ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>")]
+        # Embedding rows no text maps to are never sampled: padding tokens, and rows past the
+        # tokenizer (GPT-J has 50400 rows for 50257 tokens).
+        banned = [*tokenizer.padding_ids, *range(tokenizer.vocab_size, model.config.vocab_size)]
         kv_dtype = torch.float32 if info.dtype == "float32" else torch.bfloat16
         self.engine = Engine(
             model,
@@ -52,7 +51,7 @@ class Model:
             context_length=context_length,
             kv_dtype=kv_dtype,
             banned_token_ids=banned,
-            eos_token_ids=end_ids,
+            eos_token_ids=tokenizer.end_ids,
             prefix_cache=prefix_cache,
             prefix_cache_bytes=prefix_cache_bytes,
         )
@@ -128,7 +127,7 @@ def load(
     progress: bool | None = None,
     device: str | torch.device | None = None,
     prefix_cache: bool = True,
-    prefix_cache_bytes: int | str = 512 << 20,
+    prefix_cache_bytes: int | str = PREFIX_STORE_BYTES,
 ) -> Model:
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.

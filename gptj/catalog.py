@@ -28,7 +28,7 @@ def model_dirs() -> list[Path]:
 def list_models(extra_dirs: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     try:
-        from gptj.gguf import bundled_gguf_path
+        from gptj.tokenizer import bundled_gguf_path
 
         path = bundled_gguf_path()
         rows.append({"name": "SmolLM2-135M-Instruct (default)", "architecture": "llama", "size_bytes": path.stat().st_size,

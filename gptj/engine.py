@@ -4,10 +4,9 @@ One thread at a time drives the model and the KV cache, a step at a time. Withou
 whoever waits for a result drives: `model.generate()` steps the engine in the caller's own
 thread. A server has a driver that runs for as long as it serves (`gptj serve`: the main
 thread; an app made in Python: a background thread). Why not always a worker thread: torch's
-OpenMP runtime (libgomp) keeps a thread pool per thread that runs parallel ops, and once two
-such pools exist on this 2-core machine it stops spinning between ops and sleeps instead;
-every op then pays a wake-up, and decode ran ~60% slower in a worker than in the thread that
-had loaded the model. Loading, stepping and `model.logits()` in one thread keep one pool.
+OpenMP runtime keeps a thread pool per thread that runs parallel ops, and with two pools on a
+small machine it sleeps between ops instead of spinning, so every op pays a wake-up. Loading,
+stepping and `model.logits()` in one thread keep one pool.
 
 Requests join and leave a running batch at every step (continuous batching): a newcomer's
 prompt is prefilled in chunks between decode steps, so it does not stall the others for long.
@@ -36,6 +35,7 @@ import torch
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
 from gptj.kv_cache import KVCache
+from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
 from gptj.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
 from gptj.sampling import SamplingParams, apply_penalties, choose_token
 from gptj.tokenizer import StreamDecoder, Tokenizer
@@ -236,7 +236,7 @@ class Engine:
         prefill_chunk: int = 512,
         max_queue: int = 64,
         prefix_cache: bool = True,
-        prefix_cache_bytes: int = 512 << 20,
+        prefix_cache_bytes: int = PREFIX_STORE_BYTES,
     ) -> None:
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer

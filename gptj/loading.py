@@ -56,7 +56,7 @@ class ModelInfo:
 def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
     """A GGUF file or a Hugging Face folder for a name, path or repo id."""
     if name_or_path in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
-        from gptj.gguf import bundled_gguf_path
+        from gptj.tokenizer import bundled_gguf_path
 
         return bundled_gguf_path()
     path = Path(name_or_path).expanduser()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+DEFAULT_BYTES = 512 << 20  # the store's bound when nobody sets one (a server sets --prefix-cache)
 MIN_STORED_TOKENS = 32  # shorter prefixes are cheaper to recompute than to keep
 MAX_FINGERPRINTS = 16_384  # block hashes of rows not kept (under 2 MB)
 

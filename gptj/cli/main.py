@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gptj.cli.common import add_model_args, add_sampling_args, load_model, sampling_settings
+from gptj.cli.common import add_model_args, add_sampling_args, model_from_args, sampling_settings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.preset:
         prompt, settings = apply_preset(args.preset, prompt, settings)
     sampling_params(**settings)  # bad settings fail before a long model load
-    model = load_model(args)
+    model = model_from_args(args)
     stream = args.stream if args.stream is not None else sys.stdout.isatty()
     if stream:
         if args.echo:

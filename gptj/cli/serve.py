@@ -9,7 +9,7 @@ import threading
 
 import httpx
 
-from gptj.cli.common import load_model
+from gptj.cli.common import model_from_args
 from gptj.serve import create_app, create_upstream_app
 from gptj.serve.backends.upstream import Upstream
 from gptj.serve.guard import allowed_hosts, api_key_list, check_bind, uvicorn_config
@@ -32,7 +32,7 @@ def serve(args) -> int:  # noqa: ANN001
     api_keys = server_api_keys(args)
     check_bind(args.host, api_keys, args.insecure)
     grace = max(0.0, getattr(args, "shutdown_grace", 10.0))
-    model = load_model(args, max_batch=args.parallel)
+    model = model_from_args(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
     cache = model.engine.allocate_cache()
     app = create_app(model, api_key=api_keys, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None),
