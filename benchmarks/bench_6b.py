@@ -106,7 +106,7 @@ def work_ct2(ct2_dir: str, n_prompt: int, n_new: int) -> dict:
 
 
 def work_quantize(src: str, dst: str, bits: int) -> dict:
-    from gptj.quantized_checkpoint import write_quantized
+    from gptj.loading.quantized import write_quantized
 
     t = time.perf_counter()
     write_quantized(src, dst, bits)
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--skip", action="append", default=[], help="skip an engine: ours-bf16, ours-int8, ours-int4, transformers, ct2")
     args = parser.parse_args()
 
-    from gptj.checkpoint import make_random_checkpoint
+    from gptj.loading.random_checkpoint import make_random_checkpoint
 
     shape = args.shape or ("1b" if args.quick else "6b")
     base = Path(args.dir) / shape

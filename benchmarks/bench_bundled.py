@@ -20,7 +20,7 @@ import time
 import torch
 
 import gptj
-from gptj.gguf import bundled_gguf_path, read_gguf
+from gptj.loading.gguf import bundled_gguf_path, read_gguf
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 

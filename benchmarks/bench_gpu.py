@@ -16,8 +16,8 @@ import torch
 
 import gptj
 from gptj.api import Model
-from gptj.checkpoint import SHAPES, gptj_config
 from gptj.loading import ModelInfo, build
+from gptj.loading.random_checkpoint import SHAPES, gptj_config
 from gptj.quant import quantize_model
 
 

@@ -9,7 +9,8 @@ import torch
 
 from gptj.engine import Completion, Engine, RequestHandle
 from gptj.errors import InvalidRequest
-from gptj.loading import ModelInfo, load_model, parse_size
+from gptj.loading import ModelInfo, load_model
+from gptj.memory import parse_size
 from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
 from gptj.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer

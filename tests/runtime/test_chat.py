@@ -113,7 +113,7 @@ def test_long_chat_on_a_small_window_drops_messages() -> None:
 def test_chat_template_matches_transformers_rendering() -> None:
     from transformers import AutoTokenizer
 
-    from gptj.gguf import bundled_gguf_path
+    from gptj.loading.gguf import bundled_gguf_path
 
     path = bundled_gguf_path()
     ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

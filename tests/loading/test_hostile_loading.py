@@ -16,13 +16,14 @@ import torch
 from test_hub import REPO, StandInHub, folder_files  # the stand-in Hugging Face Hub
 
 import gptj
-from gptj import cli, memory, model_config
-from gptj.catalog import list_models
-from gptj.checkpoint import make_random_checkpoint
+from gptj import cli, memory
 from gptj.errors import KVCacheTooLarge, ModelLoadError
-from gptj.hub import HubError, pull
 from gptj.kv_cache import check_kv_cache_fits
-from gptj.quantized_checkpoint import write_quantized
+from gptj.loading import config as model_config
+from gptj.loading.catalog import list_models
+from gptj.loading.hub import HubError, pull
+from gptj.loading.quantized import write_quantized
+from gptj.loading.random_checkpoint import make_random_checkpoint
 from gptj.tokenizer import bundled_gguf_path
 
 GPTJ_CONFIG = {"model_type": "gptj", "vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_head": 4,
@@ -306,7 +307,7 @@ def test_quantize_hard_killed_leaves_nothing_that_loads(source: Path, tmp_path: 
         "    real(*a, **k)\n"
         "    os._exit(9)\n"
         "safetensors.torch.save_file = save_then_die\n"
-        "from gptj.quantized_checkpoint import write_quantized\n"
+        "from gptj.loading.quantized import write_quantized\n"
         "write_quantized(sys.argv[1], sys.argv[2], 4)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(source), str(dst)], capture_output=True, text=True,

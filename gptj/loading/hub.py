@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptj.loading import INCOMPLETE_MARKER, ModelLoadError, hf_cache_dir
+from gptj.errors import ModelLoadError
+from gptj.loading.resolve import INCOMPLETE_MARKER, hf_cache_dir
 
 GB = 1e9
 CONFIG_FILES = ("config.json", "generation_config.json")

@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from gptj.errors import ModelLoadError
-from gptj.model_config import validate_config
+from gptj.loading.config import validate_config
 from gptj.tokenizer import bundled_gguf_path as bundled_gguf_path  # one definition, also named here
 
 # gguf name (without ".weight") -> HF name (without ".weight"); "{n}" is the layer index.
@@ -177,7 +177,7 @@ def hf_name(name: str) -> str:
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = None,
                          source: str | Path = "GGUF") -> dict[str, Any]:
     """A transformers LlamaConfig-style dict from `llama.*` metadata keys; its values are checked
-    by gptj.model_config.validate_config (read_gguf does), not here.
+    by gptj.loading.config.validate_config (read_gguf does), not here.
 
     `tensor_names` (GGUF names) decides `tie_word_embeddings`: no `output.weight`, tied."""
     arch = meta.get("general.architecture")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import gptj
-from gptj.checkpoint import make_random_checkpoint
 from gptj.cli import build_parser
 from gptj.device import resolve_device
+from gptj.loading.random_checkpoint import make_random_checkpoint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPT_IDS = [464, 3139, 286, 4881, 318, 262, 3139, 286]

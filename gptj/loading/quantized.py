@@ -87,7 +87,7 @@ def _replace_folder(new: Path, dst: Path) -> None:
 def _write(out: Path, model: nn.Module, info: ModelInfo, source: Path, mode: str) -> None:
     """The quantized folder's files, config.json last."""
     if info.format == "gguf":
-        from gptj.gguf import config_from_metadata, read_metadata
+        from gptj.loading.gguf import config_from_metadata, read_metadata
 
         meta = read_metadata(source)
         config = config_from_metadata(meta)

@@ -11,8 +11,8 @@ import torch
 from transformers import GPTJForCausalLM
 
 import gptj
-from gptj.checkpoint import make_random_checkpoint
 from gptj.errors import ModelLoadError, ModelTooLarge
+from gptj.loading.random_checkpoint import make_random_checkpoint
 
 SHAPE = dict(n_embd=48, n_head=3, n_layer=2, rotary_dim=8)  # odd head count on purpose
 
@@ -115,7 +115,7 @@ def test_model_that_does_not_fit_is_refused_before_loading(tmp_path: Path) -> No
 def test_6b_shape_is_refused_with_numbers_when_memory_is_short(tmp_path: Path) -> None:
     folder = tmp_path / "6b"
     folder.mkdir()
-    from gptj.checkpoint import gptj_config
+    from gptj.loading.random_checkpoint import gptj_config
 
     (folder / "config.json").write_text(json.dumps(gptj_config("6b")))
     (folder / "model.safetensors").write_bytes(b"")  # never read: the check comes first

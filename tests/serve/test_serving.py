@@ -27,7 +27,7 @@ from gptj.engine import QueueFull, ShuttingDown
 from gptj.sampling import SamplingParams
 from gptj.serve import create_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG = {"prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
 
 

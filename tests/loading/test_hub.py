@@ -31,8 +31,8 @@ import pytest
 import torch
 
 import gptj
-from gptj.checkpoint import make_random_checkpoint
-from gptj.hub import TOKENIZER_FILES, HubError, NotEnoughDiskSpace, RepoFile, pull, select_files
+from gptj.loading.hub import TOKENIZER_FILES, HubError, NotEnoughDiskSpace, RepoFile, pull, select_files
+from gptj.loading.random_checkpoint import make_random_checkpoint
 
 REPO = "test-org/tiny-gptj"
 LFS_MIN = 1024  # files at least this big are listed as LFS files, as on the Hub
