@@ -60,7 +60,10 @@ def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int) -> dict:
     start = time.perf_counter()
     stamps = [time.perf_counter() for _ in model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)]
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"load_s": load_s, "prefill_s": stamps[0] - start, "decode_ms": 1000 * statistics.median(gaps)}
+    from gptj.quant import kernel_name
+
+    return {"load_s": load_s, "prefill_s": stamps[0] - start, "decode_ms": 1000 * statistics.median(gaps),
+            "kernels": kernel_name()}  # fmt: skip
 
 
 def work_transformers(ckpt: str, n_prompt: int, n_new: int) -> dict:
@@ -156,7 +159,7 @@ def work_bandwidth() -> dict:
 
     import torch
 
-    from gptj import quant
+    from gptj import kernels
 
     a = torch.ones(1 << 29)  # 2 GiB of float32
     best = 0.0
@@ -165,13 +168,10 @@ def work_bandwidth() -> dict:
         a.sum()
         best = max(best, a.nbytes / (time.perf_counter() - t))
 
-    def setup(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib = kernels.build_source(_READ_SRC, "bench_read")  # None: memory bandwidth from torch's sum only
+    if lib is not None:
         lib.bench_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.bench_read.restype = ctypes.c_int
-        return lib
-
-    lib = quant.load_native(_READ_SRC, "bench_read", setup, "memory bandwidth from torch's sum only")
-    if lib is not None:
         for _ in range(5):
             t = time.perf_counter()
             lib.bench_read(a.data_ptr(), a.nbytes, torch.get_num_threads())
@@ -265,8 +265,10 @@ def main() -> None:
                      "disk_gb": sum(f.stat().st_size for f in ct2_dir.iterdir()) / 1e9 if ct2_dir.exists() else None,
                      "weight_bytes": n_params * 1.0})
 
+    variant = next((r["kernels"] for r in rows if "kernels" in r), "?")
     print(f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), {os.cpu_count()} cores; "
-          f"prompt {args.prompt} tokens, {args.tokens} generated; memory bandwidth {bw:.1f} GB/s\n")
+          f"prompt {args.prompt} tokens, {args.tokens} generated; memory bandwidth {bw:.1f} GB/s; "
+          f"our kernels: {variant}\n")
     print(f"| engine | decode ms/token | floor ms/token | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

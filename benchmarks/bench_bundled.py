@@ -21,6 +21,7 @@ import torch
 
 import gptj
 from gptj.loading.gguf import bundled_gguf_path, read_gguf
+from gptj.quant import kernel_name
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -78,7 +79,7 @@ def main() -> None:
         model.engine.shutdown(grace=0)
     os.environ.pop("GPTJ_FAST_DECODE", None)
     print(f"\nSmolLM2-135M-Instruct decode, {args.tokens} tokens, median of each run, best of {args.repeats}; "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads; kernels: {kernel_name()} (GPTJ_ISA picks another)\n")
     print("| engine | ms/token | tokens/s |")
     print("|---|---:|---:|")
     for name, sec in rows:

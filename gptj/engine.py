@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gptj import runner
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
 from gptj.kv_cache import KVCache
@@ -583,7 +584,8 @@ class Engine:
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         # the last token's step samples; the chunk's logits are wanted only for the prompt's logprobs
-        logits = self.model(ids, positions, self.cache, slice(r.row, r.row + 1), logits=r.prompt_infos is not None)
+        logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1),
+                                logits=r.prompt_infos is not None)
         if logits is not None:
             self._add_prompt_logprobs(r, logits[0].cpu(), start)
         r.prefilled += len(chunk)
@@ -635,7 +637,8 @@ class Engine:
             if r in batch:
                 ids[row - lo, 0] = r.next_input
         # sampling runs on the CPU (a no-op there): same seed, same draws on any device
-        logits = self.model(ids.to(self.device), positions.to(self.device), self.cache, slice(lo, hi)).cpu()
+        logits = runner.forward(self.model, ids.to(self.device), positions.to(self.device), self.cache,
+                                slice(lo, hi)).cpu()
         for r in batch:
             self.row_tokens[r.row].append(r.next_input)
             if not r.generated:  # the prompt's last token is in the cache now

@@ -28,3 +28,8 @@ if [[ $want_test == 1 ]] && ! command -v chromium >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
+if [[ $want_test == 1 ]] && ! command -v clang-format >/dev/null; then
+    # scripts/test checks the C++ kernels' formatting (gptj/kernels, .clang-format)
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq clang-format >/dev/null
+fi

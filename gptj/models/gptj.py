@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptj.cpu_decode import decode_blocks
 from gptj.fusion import fuse_linears
 from gptj.kv_cache import CacheView, KVCache
 
@@ -181,22 +180,41 @@ class GPTJ(nn.Module):
         `logits`: a prefill that only fills the cache skips the head).
 
         `positions` [B, T] are absolute positions; with a cache, `rows` picks the cache
-        rows of this batch (B consecutive rows)."""
+        rows of this batch (B consecutive rows). The engine runs a model through gptj.runner,
+        which may replace `blocks` by a fused C++ decode step."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        x = self.transformer.wte(input_ids)
-        compute_dtype = self.transformer.ln_f.weight.dtype
-        x = x.to(compute_dtype)
-        cos, sin = rotary_tables(positions, self.config.rotary_dim, self.config.head_dim, torch.float32)
-        # One decode step (T = 1) on the CPU with quantized weights: every block in one C++ call
-        # that updates x in place (gptj/cpu_decode.py); False where it does not serve.
-        if cache is None or not decode_blocks(self, x, cos, sin, positions, cache, rows):
-            cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
-            view = cache.view(positions, rows) if cache is not None else None
-            for block in self.transformer.h:
-                x = block(x, cos, sin, cache, view)
-        if not logits:
-            return None
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(positions)
+        x = self.blocks(x, cos, sin, positions, cache, rows)
+        return self.head(x, last_only) if logits else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [B, T, n_embd], in the model's compute dtype."""
+        return self.transformer.wte(input_ids).to(self.transformer.ln_f.weight.dtype)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables cos/sin [B, 1, T, head_dim] for `positions`, in float32."""
+        return rotary_tables(positions, self.config.rotary_dim, self.config.head_dim, torch.float32)
+
+    def blocks(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        rows: slice,
+    ) -> torch.Tensor:
+        """Every block on x (the rotary tables cast to x's dtype)."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        view = cache.view(positions, rows) if cache is not None else None
+        for block in self.transformer.h:
+            x = block(x, cos, sin, cache, view)
+        return x
+
+    def head(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Float32 logits of x (its last position only with `last_only`)."""
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float()

@@ -294,6 +294,9 @@ def test_health_info_presets(client: httpx.Client, bundled_model) -> None:  # no
     assert info["context_length"] == bundled_model.context_length == 8192
     assert info["parallel"] == 4
     assert set(info["defaults"]) >= {"temperature", "top_p", "max_new_tokens"}
+    from gptj.kernels import available_variants
+
+    assert info["kernels"] in available_variants()  # the instruction-set build in use (GPTJ_ISA)
     presets = client.get("/api/presets").json()
     assert presets["presets"] and all(p["name"] for p in presets["presets"])
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
+from gptj import quant
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
 from gptj.engine import Completion, RequestHandle, TokenInfo
@@ -59,6 +60,7 @@ class LocalBackend:
         defaults = sampling_params()
         d["defaults"] = {k: getattr(defaults, k) for k in INFO_DEFAULTS}
         d["parallel"] = self.model.engine.max_batch
+        d["kernels"] = quant.kernel_name() if self.model.device.type == "cpu" else None  # GPTJ_ISA's variant
         return d
 
     def metrics_text(self) -> str:

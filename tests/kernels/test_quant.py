@@ -1,11 +1,11 @@
 """Weight-only quantization: accuracy against float, decode vs prefill kernels, the torch-op
-fallback, the native kernel's ISA variants, safetensors round trips, older int4 checkpoints,
-the bundled model's Q4_1 weights and quantize_model."""
+fallback, safetensors round trips, older int4 checkpoints, the bundled model's Q4_1 weights and
+quantize_model. The kernels' exact arithmetic, per variant: tests/kernels/."""
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import gptj
-from gptj import quant
+from gptj import kernels, quant
 from gptj.quant import BF16Linear, QuantizedLinear, quantize_linear, quantize_model, quantize_weight
 
 
@@ -38,14 +38,12 @@ def linear(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear
 
 
 @pytest.fixture(params=["native", "torch"])
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with our kernel and with the torch-op fallback."""
-    if request.param == "native":
-        if quant.native_kernel() is None:
-            pytest.skip("no native kernel on this machine")
-    else:
-        monkeypatch.setattr(quant, "native_kernel", lambda: None)
-    return request.param
+def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test with our kernel (the default variant) and with the torch-op fallback."""
+    if request.param == "native" and quant.native_kernel() is None:
+        pytest.skip("no native kernel on this machine")
+    with kernels.use(kernels.active_variant() if request.param == "native" else kernels.NONE):
+        yield request.param
 
 
 @pytest.mark.parametrize("mode, w_tol, y_tol", [("int8", 0.01, 0.02), ("int4", 0.12, 0.12)])
@@ -73,66 +71,30 @@ def test_decode_and_prefill_agree(mode: str, rows: int, kernel: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_native_kernel_matches_torch_ops(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_kernel_matches_torch_ops(mode: str) -> None:
     if quant.native_kernel() is None:
         pytest.skip("no native kernel on this machine")
     q = quantize_linear(linear(2048, 528), mode)  # a multiple of 16: torch int4 op takes it
     x = torch.randn(6, 2048)
     ours = q.forward_decode(x)
-    monkeypatch.setattr(quant, "native_kernel", lambda: None)
-    assert rel(ours, q.forward_decode(x)) < 0.015
+    with kernels.use(kernels.NONE):
+        assert rel(ours, q.forward_decode(x)) < 0.015
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_native_quantizer_gives_the_torch_bytes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if quant.native_kernel() is None:
-        pytest.skip("no native kernel on this machine")
-    torch.manual_seed(1)
-    w = torch.randn(70, 576) * 0.02
-    w[0] = 0  # an all-zero row / group
-    w[1, :64] = 0
-    w[2, 3] = 1.0  # an outlier
-    w[3, :32] = 0.5  # a constant group
-    w[4, :32] = w[4, :32].abs() + 0.1  # groups that hold no zero
-    w[4, 32:64] = -w[4, 32:64].abs() - 0.1
-    for src in (w, w.to(torch.bfloat16)):
-        ours = quantize_weight(src, mode)
-        monkeypatch.setattr(quant, "native_kernel", lambda: None)
-        ref = quantize_weight(src, mode)
-        monkeypatch.undo()
-        assert ours.keys() == ref.keys()
-        for name in ours:
-            assert torch.equal(ours[name], ref[name]), name
-
-
-def _variant_flags() -> list[list[str]]:
-    flags = quant._cpu_flags()
-    variants = []
-    if {"avx2", "fma", "f16c"} <= flags:
-        variants.append(["-O3", "-mavx2", "-mfma", "-mf16c"])  # maddubs path
-    if {"avx2", "fma", "f16c", "avx_vnni"} <= flags:
-        variants.append(["-O3", "-mavx2", "-mfma", "-mf16c", "-mavxvnni"])  # 256-bit VNNI path
-    return variants
-
-
-@pytest.mark.parametrize("flags", [None, *_variant_flags()], ids=lambda f: "native" if f is None else "+".join(f[2:]))
-def test_each_isa_variant(flags: list[str] | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AVX2 and AVX-VNNI builds, which a machine with AVX-512 would not pick by itself, at
-    in_features that leave partial vectors: 96 and 576 (SmolLM2) are not multiples of 64 or 128."""
-    cxx = shutil.which("g++")
-    if quant.native_kernel() is None or cxx is None:
-        pytest.skip("no native kernel on this machine")
-    lib = quant.native_kernel() if flags is None else quant._open(quant._build(cxx, flags))
-    monkeypatch.setattr(quant, "native_kernel", lambda: lib)
-    for k in (96, 576, 1024):
-        for mode in ("int8", "int4"):  # int8: activation blocks of 128 and a shorter last one
-            q = quantize_linear(linear(k, 70), mode)
-            assert q._kernel_fits()
-            for rows in (1, 5):
-                x = torch.randn(rows, k)
-                exact = F.linear(x, q.dequantize(), q.bias)
-                assert rel(q.forward_decode(x), exact) < 0.015
-                assert rel(q.forward_prefill(x), exact) < 0.015
+@pytest.mark.parametrize("variant", [v for v in kernels.available_variants() if v != kernels.NONE])
+def test_each_variant_against_float(variant: str) -> None:
+    """Each variant this CPU runs (not only the one it would pick), at in_features that leave
+    partial vectors: 96 and 576 (SmolLM2) are not multiples of 64 or 128."""
+    with kernels.use(variant):
+        for k in (96, 576, 1024):
+            for mode in ("int8", "int4"):  # int8: activation blocks of 128 and a shorter last one
+                q = quantize_linear(linear(k, 70), mode)
+                assert q._kernel_fits()
+                for rows in (1, 5):
+                    x = torch.randn(rows, k)
+                    exact = F.linear(x, q.dequantize(), q.bias)
+                    assert rel(q.forward_decode(x), exact) < 0.015
+                    assert rel(q.forward_prefill(x), exact) < 0.015
 
 
 def test_chunked_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,14 +162,14 @@ def test_shapes_the_kernel_does_not_take_use_torch_ops() -> None:
         quantize_weight(w, "int4")
 
 
-def test_int8_torch_op_at_any_width(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_torch_op_at_any_width() -> None:
     """torch's int8 GEMV with bf16 activations gives inf (or crashes) where in_features % 16
     != 0; the fallback gives it float32 ones there."""
-    monkeypatch.setattr(quant, "native_kernel", lambda: None)
-    for k in (200, 208):
-        q = quantize_linear(linear(k, 40), "int8")
-        x = torch.randn(3, k)
-        assert rel(q.forward_decode(x), F.linear(x, q.dequantize(), q.bias)) < 0.015
+    with kernels.use(kernels.NONE):
+        for k in (200, 208):
+            q = quantize_linear(linear(k, 40), "int8")
+            x = torch.randn(3, k)
+            assert rel(q.forward_decode(x), F.linear(x, q.dequantize(), q.bias)) < 0.015
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -320,9 +282,9 @@ def test_older_int4_buffers_are_converted(g: int) -> None:
 
 def test_older_int4_checkpoint_loads(tmp_path: Path) -> None:
     """A `gptj quantize --bits 4` folder written before the scale+min format still loads."""
-    from gptj.loading.random_checkpoint import make_random_checkpoint
     from gptj.loading import load_model
     from gptj.loading.quantized import write_quantized
+    from gptj.loading.random_checkpoint import make_random_checkpoint
 
     src = make_random_checkpoint(tmp_path / "src", "tiny", "safetensors", vocab_size=512, n_positions=64)
     dst = write_quantized(str(src), str(tmp_path / "int4"), 4)

@@ -1,4 +1,5 @@
-"""The C++ decode step of the Llama and GPT-J blocks (gptj/cpu_decode.py) against the torch path.
+"""The C++ decode step of the Llama and GPT-J blocks (gptj/cpu_decode.py), as the model runner
+(gptj/runner.py) uses it, against the torch path.
 
 Both paths run the same GEMV kernel on the same quantized weights and differ only in float
 rounding (RMSNorm sums, rotary, softmax): ~1e-6 of the logits' scale. But the kernel quantizes
@@ -12,6 +13,8 @@ model compares greedy tokens where the choice is clear.
 
 from __future__ import annotations
 
+import ast
+import copy
 import math
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import gptj
-from gptj import cpu_decode
+from gptj import cpu_decode, runner
 from gptj.kv_cache import KVCache
 from gptj.models.gptj import GPTJ, GPTJConfig
 from gptj.models.llama import Llama, LlamaConfig
@@ -64,7 +67,7 @@ def decode(model: Llama | GPTJ, ids: torch.Tensor, positions: torch.Tensor, cach
            fast: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:  # fmt: skip
     monkeypatch.setenv("GPTJ_FAST_DECODE", "1" if fast else "0")
     with torch.no_grad():
-        return model(ids, positions, cache, rows)
+        return runner.forward(model, ids, positions, cache, rows)
 
 
 def compare_steps(model: Llama | GPTJ, cache: KVCache, rows: slice, steps: list[tuple[torch.Tensor, torch.Tensor]],
@@ -158,8 +161,9 @@ def test_what_it_does_not_serve_keeps_the_torch_path(monkeypatch: pytest.MonkeyP
     """Float weights, a bfloat16 cache, a position past the cache, rows past the cache: False,
     and the caller runs the torch path."""
     float_model = Llama(LlamaConfig.from_dict(dict(vocab_size=50, num_hidden_layers=1, **CONFIGS["gqa"]))).eval()
-    assert cpu_decode._plan(float_model) is None
+    assert not cpu_decode.serves(float_model)
     model = tiny_llama(CONFIGS["gqa"], "int8")
+    assert cpu_decode.serves(model)
     cfg = model.config
     bf16 = KVCache(cfg.n_layer, 1, cfg.n_kv_heads, 40, cfg.head_dim, dtype=torch.bfloat16)
     x = torch.randn(1, 1, cfg.hidden_size)
@@ -196,14 +200,15 @@ def test_bundled_model_decode_perplexity_matches_torch(bundled: gptj.Model, monk
     path is the torch path's, within the spread that one-ulp nudges of the embeddings give the
     torch path itself (~1.5 % here)."""
     module, cfg = bundled.engine.model, bundled.engine.model.config
-    text = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+    text = (Path(__file__).parents[1] / "data" / "perplexity.txt").read_text()
     ids = gptj.load_tokenizer("smollm2").encode(text)[:96]
     ppl = {}
     for fast in (False, True):
         monkeypatch.setenv("GPTJ_FAST_DECODE", "1" if fast else "0")
         cache = KVCache(cfg.n_layer, 1, cfg.n_kv_heads, 128, cfg.head_dim)
         with torch.no_grad():
-            logits = torch.cat([module(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0] for i, t in enumerate(ids)])
+            logits = torch.cat([runner.forward(module, torch.tensor([[t]]), torch.tensor([[i]]), cache)[0]
+                                for i, t in enumerate(ids)])  # fmt: skip
         ppl[fast] = math.exp(F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
     assert 5 < ppl[False] < 40
     assert abs(ppl[True] / ppl[False] - 1) < 0.04, ppl
@@ -212,17 +217,15 @@ def test_bundled_model_decode_perplexity_matches_torch(bundled: gptj.Model, monk
 def test_engine_batch_of_three(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three requests decoded together by the engine (rows slices, rows at their own positions):
     the fast path serves the batched steps and gives the torch path's tokens."""
-    from gptj.models import llama
-
     served = []
-    real = llama.decode_blocks
+    real = cpu_decode.decode_blocks
 
     def recording(model, x, *args):  # noqa: ANN001, ANN002, ANN202
         ok = real(model, x, *args)
         served.append((x.shape[0], ok))
         return ok
 
-    monkeypatch.setattr(llama, "decode_blocks", recording)
+    monkeypatch.setattr(cpu_decode, "decode_blocks", recording)
     prompts = ["1, 2, 3, 4, 5,", "10, 11, 12, 13, 14,", "2, 4, 6, 8, 10,"]
     model = gptj.load(quantize="int8", max_batch=3)
     try:
@@ -267,7 +270,7 @@ def test_gptj_prefill_then_decode_matches_torch(name: str, mode: str, cache_dtyp
     model = tiny_gptj(GPTJ_CONFIGS[name], mode, fused=name == "hd32-rot16")
     served = []
     real = cpu_decode.decode_blocks
-    monkeypatch.setattr("gptj.models.gptj.decode_blocks", lambda *a: served.append(real(*a)) or served[-1])
+    monkeypatch.setattr(cpu_decode, "decode_blocks", lambda *a: served.append(real(*a)) or served[-1])
     ids = torch.randint(0, 101, (1, 14))
     cache = cache_for(model, 1, dtype=cache_dtype)
     with torch.no_grad():
@@ -291,4 +294,53 @@ def test_gptj_batched_rows_and_long_context(fused: bool, monkeypatch: pytest.Mon
 
 def test_gptj_float_weights_keep_the_torch_path() -> None:
     model = GPTJ(GPTJConfig(vocab_size=50, n_positions=64, n_layer=1, **GPTJ_CONFIGS["hd32-rot16"])).eval()
-    assert cpu_decode._plan(model) is None
+    assert not cpu_decode.serves(model)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bf16_llama_takes_the_fast_path(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 Llama (norms, embeddings and head output in bf16, quantized linears): the
+    runner hands the step float32 rotary tables, so the fast path serves it. Against its float32
+    twin (the same values, the same quantized layers) it is as close as the bf16 torch path is:
+    both round the embeddings, the final norm and the logits to 8 bits, which moves these tiny
+    models' logits by up to ~8 % of their scale (and the bf16 torch path rounds every layer's
+    residual too). A wrong rotary, norm or cache write would miss by far more."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_dict(dict(vocab_size=101, num_hidden_layers=3, max_position_embeddings=64, **CONFIGS["gqa"]))
+    twin = Llama(cfg).eval()
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            p.normal_(1.0, 0.3) if "norm" in name else p.normal_(0.0, 0.15)
+            p.copy_(p.to(torch.bfloat16))  # values a bf16 model holds exactly
+    model = copy.deepcopy(twin).to(torch.bfloat16)
+    for m in (model, twin):
+        quantize_model(m, mode)
+        m.fuse_projections()
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    served = []
+    real = cpu_decode.decode_blocks
+    monkeypatch.setattr(cpu_decode, "decode_blocks", lambda *a: served.append(real(*a)) or served[-1])
+    ids = torch.randint(0, 101, (1, 10))
+    logits = {}
+    for name, m, fast in (("fast", model, True), ("torch", model, False), ("float32", twin, False)):
+        cache = cache_for(m, 1)
+        with torch.no_grad():
+            runner.forward(m, ids[:, :6], torch.arange(6)[None], cache)  # prefill: the torch path
+        steps = [decode(m, ids[:, i : i + 1], torch.tensor([[i]]), cache, slice(0, 1), fast, monkeypatch)
+                 for i in range(6, 10)]  # fmt: skip
+        logits[name] = torch.cat(steps).float()
+    assert served == [True] * 4  # the fast steps, each served by C++
+    scale = logits["float32"].abs().max()
+    fast_err = ((logits["fast"] - logits["float32"]).abs().max() / scale).item()
+    torch_err = ((logits["torch"] - logits["float32"]).abs().max() / scale).item()
+    assert fast_err < 0.1 and fast_err < torch_err + 0.02, (fast_err, torch_err)
+
+
+def test_models_do_not_import_the_kernels() -> None:
+    """The model files are plain torch: the runner, not the model, picks the C++ step."""
+    root = Path(gptj.__file__).parent
+    for name in ("gptj.py", "llama.py"):
+        tree = ast.parse((root / "models" / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m and m.startswith(("gptj.cpu_decode", "gptj.kernels", "gptj.quant"))}, name

@@ -1,0 +1,560 @@
+// The GEMV kernels of gemv.h: activation quantization, int8 and int4 weights (any number of
+// rows; int8 batches may go to amx.cpp instead), dequantization for prefill GEMMs, and weight
+// quantization for loading.
+#include "gemv.h"
+
+#include <math.h>
+#include <omp.h>
+
+#include "simd.h"
+
+namespace gq {
+
+// x [M,K] fp32 -> xq [M,K] int8, xs [M,nb] scale, and per block (where not null) xsum [M,nb] =
+// xs * sum(xq) (int4) or xis [M,nb] = sum(xq) (int8), for nb = ceil(K/qb) blocks of qb values
+// (the last one K - (nb-1)*qb, a multiple of 32). 256-bit code in every variant.
+// gpv = 0: xq in the order of x. gpv > 0 (int4, qb = 32): the order the int4 kernel reads, in
+// spans of gpv blocks (t <= gpv in the last span): the first 16 values of each of the span's
+// blocks, then the last 16 of each, matching the low and high nibbles of one weight vector.
+static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int8_t* xq, float* xs,
+                      float* xsum, int32_t* xis, int nthreads) {
+    const int64_t nb = (K + qb - 1) / qb;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
+    for (int64_t mb = 0; mb < M * nb; ++mb) {
+        const int64_t row = mb / nb, b = mb % nb, off = row * K + b * qb;
+        const int len = K - b * qb < qb ? (int)(K - b * qb) : qb;
+        const float* xp = x + off;
+        __m256 amax = _mm256_setzero_ps();
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int j = 0; j < len; j += 8)
+            amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xp + j), absmask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float am = _mm_cvtss_f32(m4);
+        const float s = am / 127.f;
+        const float inv = am > 0 ? 127.f / am : 0.f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        __m256i isum = _mm256_setzero_si256();
+        int8_t* lo = xq + off;  // where values 0..15 of each 32 go, and values 16..31
+        int8_t* hi = lo + 16;
+        if (gpv) {
+            const int64_t first = b / gpv * gpv, t = nb - first < gpv ? nb - first : gpv;
+            lo = xq + row * K + first * 32 + 16 * (b - first);
+            hi = lo + 16 * t;
+        }
+        for (int j = 0; j < len; j += 32) {
+            // cvtps rounds half to even (the default rounding mode), as torch.round
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j), vinv));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 8), vinv));
+            const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 16), vinv));
+            const __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j + 24), vinv));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+            const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+            __m256i q = _mm256_packs_epi16(ab, cd);
+            // packs works per 128-bit lane: restore order 0..31
+            q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm_storeu_si128((__m128i*)(lo + j), _mm256_castsi256_si128(q));
+            _mm_storeu_si128((__m128i*)(hi + j), _mm256_extracti128_si256(q, 1));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        xs[mb] = s;
+        if (xsum) xsum[mb] = s * (float)_mm_cvtsi128_si32(s4);
+        if (xis) xis[mb] = _mm_cvtsi128_si32(s4);
+    }
+}
+
+int64_t linear_scratch_bytes(int64_t M, int64_t K) { return M * K + 8 * M * (K / 32) + 64; }
+
+// dynamic chunks of row tiles: a thread that loses its core to another process does not stall
+// the call
+static inline int64_t tile_chunk(int64_t tiles, int nthreads) {
+    return tiles / (16 * nthreads) > 1 ? tiles / (16 * nthreads) : 1;
+}
+
+// ---------------------------------------------------------------- int8 weights
+// W int8 [N,K] row-major, ws fp32 [N]. Tiles of R (<= 4) weight rows x MT activation rows: each
+// weight vector is loaded once per tile; the R rows' lane sums of a block reduce together into
+// one 4-lane vector (lane r: weight row r).
+#if GQ_AVX512
+#define R8 4
+#define M8 4
+#else
+#define R8 4
+#define M8 2
+#endif
+
+template <int R, int MT>
+static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
+                           const int32_t* xis, float* y, int64_t ldy, const float* bias) {
+    constexpr int NV = QB8 / VB;
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    __m128 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * QB8;
+        const int len = K - k0 < QB8 ? (int)(K - k0) : QB8;  // the last block: zeros past K
+        vi x[MT][NV];
+        for (int m = 0; m < MT; ++m)
+            for (int i = 0; i < NV; ++i)
+                x[m][i] = len == QB8     ? vi_load(xq + m * K + k0 + i * VB)
+                          : i * VB < len ? vi_load_n(xq + m * K + k0 + i * VB, len - i * VB)
+                                         : vi_zero();
+        vi d[4][MT];
+        for (int r = 0; r < 4; ++r) {
+            for (int m = 0; m < MT; ++m) d[r][m] = vi_zero();
+            if (r >= R) continue;
+            vi w[NV];
+            for (int i = 0; i < NV; ++i)
+                w[i] = len == QB8     ? vi_load(W + r * K + k0 + i * VB)
+                       : i * VB < len ? vi_load_n(W + r * K + k0 + i * VB, len - i * VB)
+                                      : vi_zero();
+            // prefetch the next tile (the rows that follow) into L2: one core's demand misses
+            // and the hardware prefetcher alone do not keep enough reads in flight
+            for (int i = 0; i < QB8 / 64; ++i)
+                _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), _MM_HINT_T1);
+            for (int m = 0; m < MT; ++m)
+                for (int i = 0; i < NV; ++i) d[r][m] = dot_s8s8(d[r][m], w[i], x[m][i]);
+        }
+        for (int m = 0; m < MT; ++m) {
+            __m128i sums = vi_fold(sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]));
+#if GQ_VNNI
+            sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * xis[m * nb + b]));
+#else
+            (void)xis;
+#endif
+            acc[m] = _mm_add_ps(acc[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(xs[m * nb + b])));
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+        alignas(16) float out[4];
+        _mm_store_ps(out, acc[m]);
+        for (int r = 0; r < R; ++r) {
+            float v = out[r] * ws[r];
+            if (bias) v = v + bias[r];
+            y[m * ldy + r] = v;
+        }
+    }
+}
+
+template <int R>
+static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
+                           const int32_t* xis, int64_t M, float* y, int64_t ldy, const float* bias) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    int64_t m = 0;
+    for (; m + M8 <= M; m += M8)
+        i8_tile<R, M8>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
+}
+
+Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int nthreads) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    Int8Act a;
+    a.xq = (int8_t*)scratch;
+    a.xs = (float*)(a.xq + M * K);
+    a.xis = (int32_t*)(a.xs + M * nb);
+    quant_act(x, M, K, QB8, 0, a.xq, a.xs, nullptr, a.xis, nthreads);
+    return a;
+}
+
+void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
+                 int64_t M, float* y, void* scratch, int nthreads) {
+    if (M >= 2 && N % 16 == 0 && amx_ready()) {
+        linear_int8_amx(W, ws, bias, N, K, x, M, y, scratch, nthreads);
+        return;
+    }
+    const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
+    const int64_t nt = (N + R8 - 1) / R8;
+#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = t * R8;
+        if (n + R8 <= N)
+            i8_rows<R8>(W + n * K, K, ws + n, a.xq, a.xs, a.xis, M, y + n, N, bias ? bias + n : nullptr);
+        else
+            for (int64_t j = n; j < N; ++j)
+                i8_rows<1>(W + j * K, K, ws + j, a.xq, a.xs, a.xis, M, y + j, N, bias ? bias + j : nullptr);
+    }
+}
+
+// ---------------------------------------------------------------- int4 weights
+// W uint8 [N, K/2]: group g (32 values) is bytes g*16 .. g*16+15, byte j = q[j] | q[j+16] << 4.
+// sc, mn fp16 [N, K/32]: w = s * q + m, q in 0..15.
+// One weight vector (VB bytes) holds GPV = VB/16 groups: its low nibbles pair with the first
+// halves of those groups' activations, its high nibbles with the second halves (quant_act
+// stores xq in that order), and group i of the vector lands in its 128-bit lane i. A tile of 4
+// weight rows reduces the rows' lane sums into one vector of D, which a permutation puts in lane
+// GPV r + i (row r, group i): the order in which the rows' scales and mins lie in memory. The
+// terms c_g of gemv.h follow lane by lane; the four sums P_0..P_3 (groups g % 4 = i) are NP =
+// 4 / GPV accumulators: step j of a row (groups GPV j ..) adds into accumulator j % NP.
+#define GPV (VB / 16)
+#define NP (4 / GPV)
+#if GQ_AVX512
+#define M4 4
+#else
+#define M4 2
+#endif
+
+// One weight row's part of D (lo, hi: its nibbles) with one activation row (xl, xh), and D of
+// 4 rows from their parts, lane 4 i + r. Without VNNI the parts are int16 sums: a pair of
+// products <= 2 * 15 * 127, two pairs (lo + hi) <= 7620; AVX2 adds 2 and 4 of them (<= 30480)
+// before widening.
+static inline vi row_part(vi lo, vi hi, vi xl, vi xh) {
+#if GQ_VNNI
+    return dot_u8s8(dot_u8s8(vi_zero(), lo, xl), hi, xh);
+#elif GQ_AVX512
+    return _mm512_add_epi16(_mm512_maddubs_epi16(lo, xl), _mm512_maddubs_epi16(hi, xh));
+#else
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+#endif
+}
+
+static inline vi reduce_rows(const vi* p) {
+#if GQ_VNNI
+    return sum_lanes4(p[0], p[1], p[2], p[3]);
+#elif GQ_AVX512
+    vi d[4];
+    for (int r = 0; r < 4; ++r) d[r] = _mm512_madd_epi16(p[r], _mm512_set1_epi16(1));
+    return sum_lanes4(d[0], d[1], d[2], d[3]);
+#else
+    const vi h = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
+    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
+#endif
+}
+
+// lanes GPV r + i: the fp16 values p[r * ld + i] as floats, rows r < R, groups i < t; 0 elsewhere.
+// Built in registers: a vector built in memory from narrower stores stalls its load.
+template <int R>
+static inline vf load_by_row(const uint16_t* p, int64_t ld, int t) {
+    __m128i row[4];
+#if GQ_AVX512
+    const __mmask8 mask = (__mmask8)((1 << t) - 1);
+    for (int r = 0; r < 4; ++r)
+        row[r] = r >= R     ? _mm_setzero_si128()
+                 : t == GPV ? _mm_loadl_epi64((const __m128i*)(p + r * ld))
+                            : _mm_maskz_loadu_epi16(mask, p + r * ld);
+    return _mm512_cvtph_ps(
+        _mm256_set_m128i(_mm_unpacklo_epi64(row[2], row[3]), _mm_unpacklo_epi64(row[0], row[1])));
+#else
+    for (int r = 0; r < 4; ++r)
+        row[r] = r >= R ? _mm_setzero_si128()
+                 : t == GPV ? _mm_cvtsi32_si128(*(const int32_t*)(p + r * ld))
+                            : _mm_cvtsi32_si128(p[r * ld]);
+    return _mm256_cvtph_ps(
+        _mm_unpacklo_epi64(_mm_unpacklo_epi32(row[0], row[1]), _mm_unpacklo_epi32(row[2], row[3])));
+#endif
+}
+
+// load_by_row for the NP whole steps of groups 0..3: out[j] holds groups GPV j ..
+template <int R>
+static inline void load4_by_row(const uint16_t* p, int64_t ld, vf* out) {
+#if GQ_AVX512
+    out[0] = load_by_row<R>(p, ld, GPV);
+#else
+    __m128i row[4];  // 4 fp16 each
+    for (int r = 0; r < 4; ++r)
+        row[r] = r < R ? _mm_loadl_epi64((const __m128i*)(p + r * ld)) : _mm_setzero_si128();
+    const __m128i a = _mm_unpacklo_epi32(row[0], row[1]), b = _mm_unpacklo_epi32(row[2], row[3]);
+    out[0] = _mm256_cvtph_ps(_mm_unpacklo_epi64(a, b));  // groups 0, 1 of rows 0..3
+    out[1] = _mm256_cvtph_ps(_mm_unpackhi_epi64(a, b));  // groups 2, 3
+#endif
+}
+
+// lanes GPV r + i: p[i] for i < t (0 past t), the same for every r
+static inline vf broadcast_by_row(const float* p, int t) {
+#if GQ_AVX512
+    return _mm512_broadcast_f32x4(t == 4 ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps((__mmask8)((1 << t) - 1), p));
+#else
+    if (t == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double*)p));
+    return _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(_mm_load_ss(p))));
+#endif
+}
+
+// lane 4 i + r -> lane GPV r + i
+static inline vi by_row(vi d) {
+#if GQ_AVX512
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                                    d);
+#else
+    return _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+#endif
+}
+
+// one step: weight vector c (t <= GPV groups; t < GPV only for the last, partial one): for each
+// activation row m, acc[m] += float(D) * (s * xs) + mins * xsum (lanes GPV r + i)
+template <int R, int MT>
+static inline void i4_step(const uint8_t* W, int64_t K, const int8_t* xq, const float* xs, const float* xsum,
+                           int64_t c, int t, vf s, vf mv, vf (&acc)[MT]) {
+    const int64_t ng = K / 32;
+    vi xl[MT], xh[MT], part[MT][4];
+    for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = xq + m * K + c * 2 * VB;
+        xl[m] = t == GPV ? vi_load(xp) : vi_load_n(xp, 16 * t);
+        xh[m] = t == GPV ? vi_load(xp + VB) : vi_load_n(xp + 16 * t, 16 * t);
+    }
+    for (int r = 0; r < 4; ++r) {
+        if (r >= R) {
+            for (int m = 0; m < MT; ++m) part[m][r] = vi_zero();
+            continue;
+        }
+        const uint8_t* wp = W + r * (K / 2) + c * VB;
+        const vi w = t == GPV ? vi_load(wp) : vi_load_n(wp, 16 * t);
+        _mm_prefetch((const char*)(W + R * (K / 2) + (c * R + r) * VB), _MM_HINT_T1);  // next tile, into L2
+        const vi lo = vi_lo(w), hi = vi_hi(w);
+        for (int m = 0; m < MT; ++m) part[m][r] = row_part(lo, hi, xl[m], xh[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+        const vf xv = broadcast_by_row(xs + m * ng + c * GPV, t);
+        const vf sv = broadcast_by_row(xsum + m * ng + c * GPV, t);
+        const vf d = vf_cvt(by_row(reduce_rows(part[m])));
+        const vf term = vf_add(vf_mul(d, vf_mul(s, xv)), vf_mul(mv, sv));
+        acc[m] = vf_add(acc[m], term);
+    }
+}
+
+// lanes 0..3: (P_0 + P_1) + (P_2 + P_3) of rows 0..3, from the accumulators (lanes GPV r + i)
+static inline __m128 row_sums(const vf* acc) {
+#if GQ_AVX512
+    const __m512 a =
+        _mm512_add_ps(acc[0], _mm512_permute_ps(acc[0], _MM_SHUFFLE(2, 3, 0, 1)));  // P0+P1, P2+P3
+    const __m512 b = _mm512_add_ps(a, _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(first, b));
+#else
+    const __m256 p01 =
+        _mm256_add_ps(acc[0], _mm256_permute_ps(acc[0], _MM_SHUFFLE(2, 3, 0, 1)));  // lane 2r: P0+P1
+    const __m256 p23 =
+        _mm256_add_ps(acc[1], _mm256_permute_ps(acc[1], _MM_SHUFFLE(2, 3, 0, 1)));  // lane 2r: P2+P3
+    const __m256 b = _mm256_add_ps(p01, p23);
+    return _mm256_castps256_ps128(_mm256_permutevar8x32_ps(b, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
+#endif
+}
+
+template <int R, int MT>
+static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn,
+                           const int8_t* xq, const float* xs, const float* xsum, float* y, int64_t ldy,
+                           const float* bias) {
+    const int64_t ng = K / 32, nc = (ng + GPV - 1) / GPV;
+    vf acc[NP][MT];
+    for (int j = 0; j < NP; ++j)
+        for (int m = 0; m < MT; ++m) acc[j][m] = vf_zero();
+    int64_t c = 0;
+    for (; (c + NP) * GPV <= ng; c += NP) {  // NP whole steps: the scales and mins of 4 groups at once
+        if (c * GPV % 32 == 0)  // the next tile's scales and mins, a cache line (32 groups) at a time
+            for (int r = 0; r < R; ++r) {
+                _mm_prefetch((const char*)(sc + (R + r) * ng + c * GPV), _MM_HINT_T1);
+                _mm_prefetch((const char*)(mn + (R + r) * ng + c * GPV), _MM_HINT_T1);
+            }
+        vf s[NP], mv[NP];
+        load4_by_row<R>(sc + c * GPV, ng, s);
+        load4_by_row<R>(mn + c * GPV, ng, mv);
+        for (int j = 0; j < NP; ++j) i4_step<R, MT>(W, K, xq, xs, xsum, c + j, GPV, s[j], mv[j], acc[j]);
+    }
+    for (int j = 0; c < nc; ++c, ++j) {  // what is left: fewer than NP steps (j < NP), the last maybe partial
+        const int t = ng - c * GPV < GPV ? (int)(ng - c * GPV) : GPV;
+        const vf s = load_by_row<R>(sc + c * GPV, ng, t), mv = load_by_row<R>(mn + c * GPV, ng, t);
+        if (j == 0)
+            i4_step<R, MT>(W, K, xq, xs, xsum, c, t, s, mv, acc[0]);
+        else
+            i4_step<R, MT>(W, K, xq, xs, xsum, c, t, s, mv, acc[NP - 1]);
+    }
+    alignas(16) float bv[4] = {0.f, 0.f, 0.f, 0.f};
+    if (bias)
+        for (int r = 0; r < R; ++r) bv[r] = bias[r];
+    for (int m = 0; m < MT; ++m) {
+        vf a[NP];
+        for (int j = 0; j < NP; ++j) a[j] = acc[j][m];
+        __m128 v = row_sums(a);
+        if (bias) v = _mm_add_ps(v, _mm_load_ps(bv));
+        alignas(16) float out[4];
+        _mm_store_ps(out, v);
+        for (int r = 0; r < R; ++r) y[m * ldy + r] = out[r];
+    }
+}
+
+template <int R>
+static inline void i4_rows(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn,
+                           const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* y,
+                           int64_t ldy, const float* bias) {
+    const int64_t ng = K / 32;
+    int64_t m = 0;
+    for (; m + M4 <= M; m += M4)
+        i4_tile<R, M4>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
+    for (; m < M; ++m)
+        i4_tile<R, 1>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
+}
+
+void linear_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, const float* bias, int64_t N,
+                 int64_t K, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+    const int64_t ng = K / 32;
+    int8_t* xq = (int8_t*)scratch;
+    float* xs = (float*)(xq + M * K);
+    float* xsum = xs + M * ng;
+    quant_act(x, M, K, QB4, GPV, xq, xs, xsum, nullptr, nthreads);
+    const int64_t nt = (N + 3) / 4;
+#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t n = t * 4;
+        const float* b = bias ? bias + n : nullptr;
+        switch (N - n < 4 ? N - n : 4) {
+            case 4:
+                i4_rows<4>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
+                break;
+            case 3:
+                i4_rows<3>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
+                break;
+            case 2:
+                i4_rows<2>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
+                break;
+            default: i4_rows<1>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dequantization (prefill)
+// int8: ws * w; int4: q * s + m (multiply, then add), rounded to bfloat16 where asked: the
+// values of quant.dequantize_weight.
+static inline void put1(void* out, int64_t j, float v, int bf16) {
+    if (bf16)
+        ((uint16_t*)out)[j] = to_bf16(v);
+    else
+        ((float*)out)[j] = v;
+}
+#if GQ_AVX512
+#define DW 16
+typedef __m512 dv;
+static inline dv dv_set(float a) { return _mm512_set1_ps(a); }
+static inline dv dv_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline __m512i du_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+}
+static inline dv dv_lo(__m512i b) { return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))); }
+static inline dv dv_hi(__m512i b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
+static inline void put(void* out, int64_t j, dv v, int bf16) {
+    if (!bf16) {
+        _mm512_storeu_ps((float*)out + j, v);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u,
+                         _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                          _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)out + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#define dv_mul _mm512_mul_ps
+#define dv_add _mm512_add_ps
+#else
+#define DW 8
+typedef __m256 dv;
+static inline dv dv_set(float a) { return _mm256_set1_ps(a); }
+static inline dv dv_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline __m256i du_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+}
+static inline dv dv_lo(__m256i b) { return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))); }
+static inline dv dv_hi(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)); }
+static inline void put(void* out, int64_t j, dv v, int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float*)out + j, v);
+        return;
+    }
+    __m256i u = _mm256_castps_si256(v);
+    u = _mm256_add_epi32(u,
+                         _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                          _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    u = _mm256_srli_epi32(u, 16);
+    _mm_storeu_si128((__m128i*)((uint16_t*)out + j),
+                     _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+#define dv_mul _mm256_mul_ps
+#define dv_add _mm256_add_ps
+#endif
+
+void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16,
+                  int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* wp = W + n * K;
+        void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+        const dv s = dv_set(ws[n]);
+        int64_t j = 0;
+        for (; j + DW <= K; j += DW) put(o, j, dv_mul(dv_i8(wp + j), s), bf16);
+        for (; j < K; ++j) put1(o, j, (float)wp[j] * ws[n], bf16);
+    }
+}
+
+void dequant_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t n0, int64_t n1, int64_t K,
+                  void* out, int bf16, int nthreads) {
+    const int64_t ng = K / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; ++n) {
+        void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+        for (int64_t g = 0; g < ng; ++g) {
+            const dv vs = dv_set(_cvtsh_ss(sc[n * ng + g])), vm = dv_set(_cvtsh_ss(mn[n * ng + g]));
+            const uint8_t* wp = W + n * (K / 2) + g * 16;
+            for (int j = 0; j < 16; j += DW) {  // byte j: value j (low nibble), value j + 16 (high)
+                const auto b = du_u8(wp + j);
+                put(o, g * 32 + j, dv_add(dv_mul(dv_lo(b), vs), vm), bf16);
+                put(o, g * 32 + 16 + j, dv_add(dv_mul(dv_hi(b), vs), vm), bf16);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- quantization (loading)
+// The same arithmetic as quantize_weight's torch code (division, round half to even: nearbyintf
+// in the default rounding mode), so both give the same bytes; these loops vectorize.
+void quantize_int8(const float* w, int64_t n, int64_t k, int8_t* q, float* scales, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < n; ++r) {
+        const float* x = w + r * k;
+        float am = 0.f;
+#pragma omp simd reduction(max : am)
+        for (int64_t j = 0; j < k; ++j) {
+            const float a = x[j] < 0 ? -x[j] : x[j];
+            am = a > am ? a : am;
+        }
+        const float s = (am > 1e-30f ? am : 1e-30f) / 127.f;
+        scales[r] = s;
+        for (int64_t j = 0; j < k; ++j) {
+            float v = nearbyintf(x[j] / s);
+            v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
+            q[r * k + j] = (int8_t)v;
+        }
+    }
+}
+
+void quantize_int4(const float* w, int64_t n, int64_t k, int64_t g, uint8_t* q, uint16_t* scales,
+                   uint16_t* mins, int nthreads) {
+    const int64_t ng = k / g;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t rg = 0; rg < n * ng; ++rg) {
+        const float* x = w + rg * g;  // rows are contiguous, so group rg starts at rg * g
+        float lo = x[0], hi = x[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+        for (int64_t j = 0; j < g; ++j) {
+            lo = x[j] < lo ? x[j] : lo;
+            hi = x[j] > hi ? x[j] : hi;
+        }
+        // scale and min are stored in fp16: quantize with the rounded values
+        const float s0 = (hi - lo) / 15.f;
+        const uint16_t s16 = _cvtss_sh(s0 > 1e-7f ? s0 : 1e-7f, 0), m16 = _cvtss_sh(lo, 0);
+        const float s = _cvtsh_ss(s16), m = _cvtsh_ss(m16);
+        scales[rg] = s16;
+        mins[rg] = m16;
+        uint8_t* out = q + rg * (g / 2);
+        for (int64_t j = 0; j < g / 2; ++j) {
+            float a = nearbyintf((x[j] - m) / s), b = nearbyintf((x[j + g / 2] - m) / s);
+            a = a < 0.f ? 0.f : (a > 15.f ? 15.f : a);
+            b = b < 0.f ? 0.f : (b > 15.f ? 15.f : b);
+            out[j] = (uint8_t)((uint8_t)a | ((uint8_t)b << 4));
+        }
+    }
+}
+
+}  // namespace gq

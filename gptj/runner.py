@@ -1,0 +1,38 @@
+"""Runs a model for the engine: one CPU decode step through the fused C++ step where it serves
+(gptj.cpu_decode), anything else through the model's own torch forward.
+
+The models (gptj/models) know nothing of the kernels: they expose `embed`, `rotary` (float32
+tables), `blocks` and `head`, and the runner puts the C++ step in place of `blocks`."""
+
+from __future__ import annotations
+
+import torch
+
+from gptj import cpu_decode
+from gptj.kv_cache import KVCache
+
+
+def forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    rows: slice = slice(0, 1),
+    last_only: bool = False,
+    logits: bool = True,
+) -> torch.Tensor | None:
+    """What `model(input_ids, positions, cache, rows, last_only, logits)` returns."""
+    if (
+        cache is None
+        or positions is None
+        or input_ids.shape[1] != 1
+        or input_ids.device.type != "cpu"
+        or not cpu_decode.enabled()
+        or not hasattr(model, "blocks")
+    ):
+        return model(input_ids, positions, cache, rows, last_only=last_only, logits=logits)
+    x = model.embed(input_ids)
+    cos, sin = model.rotary(positions)
+    if not cpu_decode.decode_blocks(model, x, cos, sin, positions, cache, rows):
+        x = model.blocks(x, cos, sin, positions, cache, rows)
+    return model.head(x, last_only) if logits else None

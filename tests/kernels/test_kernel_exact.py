@@ -1,0 +1,135 @@
+"""Every kernel variant this CPU runs gives the bits of one reference of the same integer math,
+written in plain torch (kernel_reference.py): int8 and int4, one row, a few, and batches (the
+AMX tiles where the variant has them), so the variants (AVX2 maddubs, VNNI dpbusd, AMX) also
+agree with each other, and a row's result does not depend on the rows that share its call.
+The prefill path (dequantize + torch's GEMM) is the same in every variant too, "none" included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_reference import int4_linear, int8_linear, quantize_activations
+
+from gptj import kernels, quant
+from gptj.quant import QuantizedLinear, quantize_weight
+
+VARIANTS = [v for v in kernels.available_variants() if v != kernels.NONE]
+pytestmark = pytest.mark.skipif(not VARIANTS, reason="no kernel variant runs on this machine")
+
+# (out, in): SmolLM2's 576-wide layers (blocks of 128 and a last 64; an odd number of int4
+# groups), a GPT-J-sized square, and widths that leave partial vectors and row tiles
+SHAPES = [(1536, 576), (576, 1536), (4096, 4096), (70, 96)]
+
+
+def layer(n: int, k: int, mode: str, seed: int = 0) -> QuantizedLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[: n // 7, : k // 3] *= 10  # rows and blocks of different scales
+    bias = torch.randn(n, generator=g) if n % 2 == 0 else None
+    return QuantizedLinear.from_weight(w, bias, mode)
+
+
+def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] = 30.0  # an outlier, as real activations have
+    x[m // 2, 32:64] = 0.0  # an all-zero block
+    return x
+
+
+def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    if q.mode == "int8":
+        return int8_linear(x, q.qweight, q.scales, q.bias)
+    return int4_linear(x, q.qweight, q.scales, q.mins, q.bias)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -> None:
+    q = layer(n, k, mode)
+    rows = (1, 3) if n * k > 4e6 else (1, 3, 17, 40)  # 17, 40: AMX's groups of 16, a pass of 32
+    with kernels.use(variant):
+        for m in rows:
+            x = activations(m, k)
+            got = q.forward_decode(x)
+            assert torch.equal(got, reference(q, x)), f"{variant} {mode} {n}x{k}, {m} rows"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_equals_its_rows_one_at_a_time(variant: str, mode: str) -> None:
+    """A request's tokens must not depend on who shares its batch: int8 batches take another
+    loop than one row (AMX tiles in the amx variant), int4 ones tiles of several rows."""
+    q = layer(1536, 576, mode)
+    x = activations(33, 576)
+    with kernels.use(variant):
+        batch = q.forward_decode(x)
+        alone = torch.cat([q.forward_decode(x[i : i + 1]) for i in range(x.shape[0])])
+    assert torch.equal(batch, alone)
+
+
+def test_variants_agree_with_each_other() -> None:
+    """What the tests above imply, said directly: every pair of variants gives the same bits."""
+    q8, q4 = layer(576, 1536, "int8"), layer(576, 1536, "int4")
+    x = activations(5, 1536)
+    results = {}
+    for variant in VARIANTS:
+        with kernels.use(variant):
+            results[variant] = (q8.forward_decode(x), q4.forward_decode(x))
+    first = VARIANTS[0]
+    for variant, (y8, y4) in results.items():
+        assert torch.equal(y8, results[first][0]) and torch.equal(y4, results[first][1]), (first, variant)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_is_the_same_in_every_variant(mode: str) -> None:
+    """Prefill dequantizes (to what quant.dequantize_weight gives, in every variant) and runs
+    torch's GEMM: the same bits with or without the kernels. Not bit-exact with the decode path:
+    that one rounds the activations to int8 (tests/test_quant.py bounds the difference)."""
+    q = layer(1536, 576, mode)
+    x = activations(40, 576)
+    with kernels.use(kernels.NONE):
+        expected = q.forward_prefill(x)
+    for variant in VARIANTS:
+        with kernels.use(variant):
+            assert torch.equal(q.forward_prefill(x), expected), variant
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_quantizer_gives_the_torch_bytes(variant: str, mode: str) -> None:
+    """Loading quantizes with the kernels where they run: the bytes of quantize_weight's torch code."""
+    torch.manual_seed(1)
+    w = torch.randn(70, 576) * 0.02
+    w[0] = 0  # an all-zero row / group
+    w[1, :64] = 0
+    w[2, 3] = 1.0  # an outlier
+    w[3, :32] = 0.5  # a constant group
+    w[4, :32] = w[4, :32].abs() + 0.1  # groups that hold no zero
+    w[4, 32:64] = -w[4, 32:64].abs() - 0.1
+    for src in (w, w.to(torch.bfloat16)):
+        with kernels.use(variant):
+            ours = quantize_weight(src, mode)
+        with kernels.use(kernels.NONE):
+            ref = quantize_weight(src, mode)
+        assert ours.keys() == ref.keys()
+        for name in ours:
+            assert torch.equal(ours[name], ref[name]), name
+
+
+def test_reference_activation_rounding() -> None:
+    """The reference's activation quantization, checked by hand: blocks of 4 here."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]])
+    xq, xs = quantize_activations(x, 4)
+    assert xs[0, 0] == torch.tensor(2.0) / torch.tensor(127.0) and xs[0, 1] == 0
+    # 127 / 2 = 63.5 per unit: 63.5, -127, 31.75, 15.875 round half to even
+    assert xq.tolist() == [[64.0, -127.0, 32.0, 16.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_decode_rows_limit_follows_the_variant() -> None:
+    """int8 batches go through the decode kernel further where AMX tiles serve them."""
+    for variant in VARIANTS:
+        with kernels.use(variant):
+            amx = variant == "amx"
+            assert quant.decode_max_rows("int8") == (quant.AMX_INT8_DECODE_MAX_ROWS if amx else quant.DECODE_MAX_ROWS["int8"])
