@@ -16,80 +16,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from pairs import LLAMA_CONFIGS as CONFIGS
+from pairs import llama_pair as make_pair
+from pairs import random_hf_llama
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 from gptj.kv_cache import KVCache
 from gptj.loading.gguf import bundled_gguf_path, dequantize, read_gguf, read_metadata
 from gptj.models.llama import Llama, LlamaConfig
-
-CONFIGS = [
-    # GQA 6 query heads on 2 kv heads, untied lm_head
-    dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
-         intermediate_size=80, vocab_size=120),
-    # odd head count, one kv head (MQA), tied embeddings, unusual rope base
-    dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3,
-         intermediate_size=64, vocab_size=97, tie_word_embeddings=True, rope_theta=500.0),
-    # plain MHA with an explicit head_dim != hidden/heads
-    dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=5, num_hidden_layers=2,
-         intermediate_size=72, vocab_size=50, head_dim=12, rms_norm_eps=1e-5, tie_word_embeddings=True),
-]
-
-
-def random_hf_llama(kw: dict, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    ref = LlamaForCausalLM(HFConfig(max_position_embeddings=64, **kw)).eval()
-    with torch.no_grad():  # larger weights than HF's init, and random norms, so errors show
-        for name, p in ref.named_parameters():
-            p.normal_(1.0, 0.3) if "norm" in name else p.normal_(0.0, 0.15)
-    return ref
-
-
-def make_pair(kw: dict, seed: int = 0) -> tuple[LlamaForCausalLM, Llama]:
-    ref = random_hf_llama(kw, seed)
-    ours = Llama(LlamaConfig.from_dict(ref.config.to_dict())).eval()
-    state = ref.state_dict()
-    if ours.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # as tied checkpoints ship: the load must fill it
-    ours.load_state_dict(state)  # strict
-    return ref, ours
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["hf-layout", "fused"])
-@pytest.mark.parametrize("kw", CONFIGS)
-def test_prefill_and_cached_decode_match_transformers(kw: dict, fused: bool) -> None:
-    ref, ours = make_pair(kw)
-    if fused:  # what gptj.load serves: q/k/v (and gate/up) stacked into one layer
-        ours.fuse_projections()
-    ids = torch.randint(0, kw["vocab_size"], (1, 12))
-    with torch.no_grad():
-        expected = ref(ids).logits
-        assert expected.abs().max() > 1.0  # not a trivially tiny comparison
-        assert torch.allclose(ours(ids), expected, atol=1e-4, rtol=0)
-
-        cfg = ours.config
-        cache = KVCache(cfg.n_layer, 1, cfg.n_kv_heads, 32, cfg.head_dim)
-        prompt, rest = ids[:, :7], ids[:, 7:]
-        got = [ours(prompt, torch.arange(7)[None], cache)]
-        for i in range(rest.shape[1]):  # decode token by token from the cache
-            got.append(ours(rest[:, i : i + 1], torch.tensor([[7 + i]]), cache))
-        assert torch.allclose(torch.cat(got, dim=1), expected, atol=1e-4, rtol=0)
-        assert torch.allclose(ours(ids, last_only=True), expected[:, -1:], atol=1e-4, rtol=0)
-
-
-def test_batched_rows_at_different_positions_match_single() -> None:
-    ref, ours = make_pair(CONFIGS[0], seed=1)
-    cfg = ours.config
-    a = torch.randint(0, 120, (1, 9))
-    b = torch.randint(0, 120, (1, 5))
-    with torch.no_grad():
-        ea, eb = ref(a).logits, ref(b).logits
-        cache = KVCache(cfg.n_layer, 2, cfg.n_kv_heads, 32, cfg.head_dim)
-        ours(a[:, :8], torch.arange(8)[None], cache, rows=slice(0, 1))
-        ours(b[:, :4], torch.arange(4)[None], cache, rows=slice(1, 2))
-        both = ours(torch.tensor([[a[0, 8]], [b[0, 4]]]), torch.tensor([[8], [4]]), cache, rows=slice(0, 2))
-    assert torch.allclose(both[0, -1], ea[0, -1], atol=1e-4, rtol=0)
-    assert torch.allclose(both[1, -1], eb[0, -1], atol=1e-4, rtol=0)
 
 
 def test_config_from_transformers4_dict() -> None:
