@@ -1,9 +1,9 @@
 """GPT-J Studio: run GPT-J (and the bundled SmolLM2) on your own machine."""
 
 from gptj.api import Model, load, sampling_params
-from gptj.engine import Completion
 from gptj.errors import InvalidRequest, ModelLoadError, ModelTooLarge
-from gptj.sampling import SamplingParams
+from gptj.runtime.engine import Completion
+from gptj.runtime.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [

@@ -7,12 +7,12 @@ from dataclasses import fields
 
 import torch
 
-from gptj.engine import Completion, Engine, RequestHandle
 from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model
 from gptj.memory import parse_size
-from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
-from gptj.sampling import SamplingParams
+from gptj.runtime.engine import Completion, Engine, RequestHandle
+from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
+from gptj.runtime.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer
 
 _SETTING_NAMES = {f.name for f in fields(SamplingParams)}

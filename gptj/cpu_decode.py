@@ -14,7 +14,7 @@ one call (gptj/kernels/decode.cpp) runs, for each layer and each of the B rows (
 
 with x [B, hidden] float32 updated in place, the GEMVs those of quant.QuantizedLinear (same
 library, same variant), the rotary tables the torch path's own in float32. The caller (the
-model runner, gptj.runner) passes the embeddings and applies the final norm and head.
+model runner, gptj.runtime.runner) passes the embeddings and applies the final norm and head.
 
 Results equal the torch path's up to float rounding; but the GEMV kernel quantizes its input
 to int8, so a one-ulp difference can round an activation the other way, and in a deep model
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from gptj import kernels, quant
-from gptj.kv_cache import KVCache
 from gptj.quant import QuantizedLinear
+from gptj.runtime.kv_cache import KVCache
 
 
 def native_library() -> kernels.Library | None:

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptj.sampling import SamplingParams
+from gptj.runtime.sampling import SamplingParams
 
 KINDS = ("completion", "chat")
 _SETTINGS = set(SamplingParams.names()) - {"stop"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
-from gptj.sampling import SamplingParams
+from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
+from gptj.runtime.sampling import SamplingParams
 
 DEFAULTS = SamplingParams()
 

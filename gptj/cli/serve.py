@@ -55,7 +55,7 @@ def serve(args) -> int:  # noqa: ANN001
 
     def run_http() -> None:
         # Uvicorn runs in this thread (it takes no signals here); the main thread drives the
-        # engine, the thread that loaded the model (see gptj.engine on why one thread).
+        # engine, the thread that loaded the model (see gptj.runtime.engine on why one thread).
         try:
             server.run()
         except BaseException as exc:  # a port in use ends in SystemExit

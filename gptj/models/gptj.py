@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptj.fusion import fuse_linears
-from gptj.kv_cache import CacheView, KVCache
+from gptj.runtime.kv_cache import CacheView, KVCache
 
 
 @dataclass
@@ -180,7 +180,7 @@ class GPTJ(nn.Module):
         `logits`: a prefill that only fills the cache skips the head).
 
         `positions` [B, T] are absolute positions; with a cache, `rows` picks the cache
-        rows of this batch (B consecutive rows). The engine runs a model through gptj.runner,
+        rows of this batch (B consecutive rows). The engine runs a model through gptj.runtime.runner,
         which may replace `blocks` by a fused C++ decode step."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 
-from gptj.engine import Completion, Engine
+from gptj.runtime.engine import Completion, Engine
 from gptj.serve.guard import RequestCounts
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -1,5 +1,5 @@
 """The C++ decode step of the Llama and GPT-J blocks (gptj/cpu_decode.py), as the model runner
-(gptj/runner.py) uses it, against the torch path.
+(gptj/runtime/runner.py) uses it, against the torch path.
 
 Both paths run the same GEMV kernel on the same quantized weights and differ only in float
 rounding (RMSNorm sums, rotary, softmax): ~1e-6 of the logits' scale. But the kernel quantizes
@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import gptj
-from gptj import cpu_decode, runner
-from gptj.kv_cache import KVCache
+from gptj import cpu_decode
 from gptj.models.gptj import GPTJ, GPTJConfig
 from gptj.models.llama import Llama, LlamaConfig
 from gptj.quant import quantize_model
+from gptj.runtime import runner
+from gptj.runtime.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(cpu_decode.native_library() is None, reason="no native decode library here")
 

@@ -18,12 +18,12 @@ from test_hub import REPO, StandInHub, folder_files  # the stand-in Hugging Face
 import gptj
 from gptj import cli, memory
 from gptj.errors import KVCacheTooLarge, ModelLoadError
-from gptj.kv_cache import check_kv_cache_fits
 from gptj.loading import config as model_config
 from gptj.loading.catalog import list_models
 from gptj.loading.hub import HubError, pull
 from gptj.loading.quantized import write_quantized
 from gptj.loading.random_checkpoint import make_random_checkpoint
+from gptj.runtime.kv_cache import check_kv_cache_fits
 from gptj.tokenizer import bundled_gguf_path
 
 GPTJ_CONFIG = {"model_type": "gptj", "vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_head": 4,

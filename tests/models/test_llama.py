@@ -22,9 +22,9 @@ from pairs import random_hf_llama
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
-from gptj.kv_cache import KVCache
 from gptj.loading.gguf import bundled_gguf_path, dequantize, read_gguf, read_metadata
 from gptj.models.llama import Llama, LlamaConfig
+from gptj.runtime.kv_cache import KVCache
 
 
 def test_config_from_transformers4_dict() -> None:

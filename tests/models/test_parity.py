@@ -8,7 +8,7 @@ import pytest
 import torch
 from pairs import PAIRS
 
-from gptj.kv_cache import KVCache
+from gptj.runtime.kv_cache import KVCache
 
 CASES = [(arch, kw) for arch, (_, configs) in PAIRS.items() for kw in configs]
 

@@ -9,7 +9,7 @@ import torch
 
 import gptj
 from gptj.loading.random_checkpoint import make_random_checkpoint
-from gptj.sampling import InvalidRequest
+from gptj.runtime.sampling import InvalidRequest
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_prompts_that_never_recur_leave_the_store_empty(tiny_dir: Path) -> None:
 
 
 def test_prefix_store_is_bounded_and_evicts_least_recently_used() -> None:
-    from gptj.prefix_cache import PrefixStore
+    from gptj.runtime.prefix_cache import PrefixStore
 
     def kv(n: int) -> torch.Tensor:
         return torch.zeros(2, 1, n, 4)  # 2 layers, 1 head, n tokens, 4 dims: 32 bytes a token each for k and v

@@ -21,7 +21,7 @@ from gptj.chat import ChatSession, ChatTemplate, PlayScript, fit_messages
 from gptj.cli.chat import ChatREPL, run_chat
 from gptj.errors import ModelLoadError
 from gptj.presets import load_presets
-from gptj.sampling import InvalidRequest
+from gptj.runtime.sampling import InvalidRequest
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -23,8 +23,8 @@ import pytest
 from servers import free_port, running
 
 import gptj
-from gptj.engine import QueueFull, ShuttingDown
-from gptj.sampling import SamplingParams
+from gptj.runtime.engine import QueueFull, ShuttingDown
+from gptj.runtime.sampling import SamplingParams
 from gptj.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[2]

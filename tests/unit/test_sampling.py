@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gptj.engine import StopMatcher
-from gptj.sampling import SamplingParams, candidates, choose_token
+from gptj.runtime.engine import StopMatcher
+from gptj.runtime.sampling import SamplingParams, candidates, choose_token
 
 # ---- samplers -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The backend on this machine's model: every generation goes through `gptj.engine`.
+"""The backend on this machine's model: every generation goes through `gptj.runtime.engine`.
 
 Serving many users: requests share the engine's running batch (`--parallel`); past it, up to
 `--max-queue` wait, and more get 503 with Retry-After. A request past `--request-timeout`
@@ -20,9 +20,9 @@ from fastapi import Request
 from gptj import quant
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
-from gptj.engine import Completion, RequestHandle, TokenInfo
 from gptj.errors import InvalidRequest
 from gptj.presets import load_presets
+from gptj.runtime.engine import Completion, RequestHandle, TokenInfo
 from gptj.serve.guard import APIError, ClientDisconnected, cache_scope
 from gptj.serve.metrics import Metrics, engine_metrics
 from gptj.serve.protocol import DetokenizeBody, TokenizeBody, token_str, tokenize_json

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gptj.engine import Completion
+from gptj.runtime.engine import Completion
 from gptj.serve.backends.local import LocalBackend, finish_reason, usage
 from gptj.serve.protocol import ChatBody, CompletionBody, engine_settings, first_set, sse
 

@@ -13,214 +13,33 @@ prompt is prefilled in chunks between decode steps, so it does not stall the oth
 Each cache row keeps the tokens it holds after its request ends; a new request takes the free
 row that shares the longest prefix with its prompt and skips prefilling that prefix (prefix
 caching, least recently used row first when nothing matches). What a taken row held moves to
-a bounded store (gptj.prefix_cache) when its prompt was one that recurs.
+a bounded store (gptj.runtime.prefix_cache) when its prompt was one that recurs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from gptj import runner
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
-from gptj.kv_cache import KVCache
-from gptj.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
-from gptj.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
-from gptj.sampling import SamplingParams, apply_penalties, choose_token
+from gptj.runtime import runner
+from gptj.runtime.kv_cache import KVCache
+from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
+from gptj.runtime.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
+from gptj.runtime.request import Completion, RequestHandle, StreamEvent, TokenInfo, _Request
+from gptj.runtime.sampling import SamplingParams, apply_penalties, choose_token
+from gptj.runtime.stops import StopMatcher
 from gptj.tokenizer import StreamDecoder, Tokenizer
-
-
-@dataclass
-class TokenInfo:
-    id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class StreamEvent:
-    text: str  # text that became final with this event ('' while held back)
-    tokens: list[TokenInfo]  # tokens sampled since the previous event
-    # once, when the prompt is prefilled and its logprobs were asked for (`prompt_logprobs`)
-    prompt_logprobs: list[TokenInfo] | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[int]
-    # "stop" (EOS or a stop sequence), "length", "cancelled", "timeout" (past the request's time
-    # limit), "shutdown" (the engine stopped before it finished) or "error"
-    finish_reason: str
-    prompt_tokens: int
-    token_infos: list[TokenInfo] = field(default_factory=list)
-    truncated_prompt_tokens: int = 0  # tokens dropped from the left of the prompt
-    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
-    time_to_first_token: float | None = None
-    error: str | None = None
-    # with `prompt_logprobs`: one per prompt token, the first without a logprob (nothing precedes it)
-    prompt_logprobs: list[TokenInfo] | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-
-class StopMatcher:
-    """Cuts text at the first stop sequence, also one split across tokens, and holds back
-    any tail that could still become a stop sequence so it is never streamed out."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop sequence was hit)."""
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.held = self.held[: min(hits)], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.held)), keep, -1):
-                if self.held.endswith(s[:n]):
-                    keep = n
-                    break
-        out = self.held[: len(self.held) - keep]
-        self.held = self.held[len(self.held) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
-
-
-class RequestHandle:
-    """A submitted request: iterate it for StreamEvents (`for`, or `async for` in a server),
-    or call result(). Without a driver thread, `for` drives the engine (every running request
-    advances, not just this one); `async for` waits on the event loop, woken by the engine."""
-
-    def __init__(self, request: _Request, engine: Engine | None = None) -> None:
-        self._request = request
-        self._events: queue.Queue = request.events
-        self._engine = engine
-        self._completion: Completion | None = None
-
-    def __iter__(self) -> Iterator[StreamEvent]:
-        while self._completion is None:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                if self._engine is not None and self._engine.drive_once():
-                    continue
-                try:  # another thread drives: its steps fill our queue
-                    item = self._events.get(timeout=0.01)
-                except queue.Empty:
-                    continue
-            if isinstance(item, Completion):
-                self._completion = item
-                return
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        """Events as the driving thread sends them; the last item is the Completion (also kept
-        as `completion`), so one loop sees the stream and its end."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        self._request.waker = lambda: loop.call_soon_threadsafe(ready.set)
-        try:
-            while self._completion is None:
-                ready.clear()  # before looking: an event that arrives after the look sets it again
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    await ready.wait()
-                    continue
-                if isinstance(item, Completion):
-                    self._completion = item
-                yield item
-        finally:
-            self._request.waker = None
-
-    @property
-    def completion(self) -> Completion | None:
-        return self._completion
-
-    def result(self) -> Completion:
-        for _ in self:
-            pass
-        assert self._completion is not None
-        return self._completion
-
-    def cancel(self) -> None:
-        self._request.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._completion is not None
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float | None
-    truncated: int
-    cache_scope: str | None = None  # prefixes are shared only between requests of one scope
-    events: queue.Queue = field(default_factory=queue.Queue)
-    waker: Callable[[], None] | None = None  # set while a handle awaits events on an event loop
-    cancelled: bool = False
-    row: int = -1
-    prefilled: int = 0  # prompt tokens already in the cache row
-    cached: int = 0
-    generated: list[int] = field(default_factory=list)
-    infos: list[TokenInfo] = field(default_factory=list)
-    pending_infos: list[TokenInfo] = field(default_factory=list)
-    prompt_infos: list[TokenInfo] | None = None  # the prompt's logprobs, as its chunks are prefilled
-    prompt_sent: bool = False
-    text: str = ""
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    generator: torch.Generator | None = None
-    decoder: StreamDecoder | None = None
-    stops: StopMatcher | None = None
-
-    @property
-    def length(self) -> int:
-        return self.prefilled + len(self.generated)
-
-    def send(self, item: StreamEvent | Completion) -> None:
-        self.events.put(item)
-        waker = self.waker
-        if waker is not None:
-            waker()
-
-    @property
-    def next_input(self) -> int:
-        """The token a decode step feeds: the last generated one, or the prompt's last."""
-        return self.generated[-1] if self.generated else self.prompt_ids[-1]
-
-    @property
-    def prefill_target(self) -> int:
-        """Prompt tokens that go through prefill chunks: all but the last, which a decode step
-        takes like a generated token. A prompt's first logits then come from the same kind of
-        step whether its prefix was cached or not, so a seed gives the same text either way
-        (with int8 activations, a prefill's and a decode step's logits differ enough to change
-        a draw)."""
-        return len(self.prompt_ids) - (1 if self.params.max_new_tokens else 0)
 
 
 class Engine:
@@ -508,7 +327,7 @@ class Engine:
         not yet (a server does it at start: its memory is then in use before the first request,
         and a machine without it fails at once, not on that request)."""
         if self.cache is None:
-            from gptj.kv_cache import check_kv_cache_fits
+            from gptj.runtime.kv_cache import check_kv_cache_fits
 
             cfg = self.model.config
             shape = (cfg.n_layer, self.max_batch, cfg.n_kv_heads, self.context_length, cfg.head_dim)

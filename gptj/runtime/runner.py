@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from gptj import cpu_decode
-from gptj.kv_cache import KVCache
+from gptj.runtime.kv_cache import KVCache
 
 
 def forward(
