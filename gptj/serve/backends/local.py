@@ -21,7 +21,6 @@ from gptj import quant
 from gptj.api import Model, sampling_params
 from gptj.chat import ChatSession
 from gptj.errors import InvalidRequest
-from gptj.presets import load_presets
 from gptj.runtime.engine import Completion, RequestHandle, TokenInfo
 from gptj.serve.guard import APIError, ClientDisconnected, cache_scope
 from gptj.serve.metrics import Metrics, engine_metrics
@@ -29,11 +28,6 @@ from gptj.serve.protocol import DetokenizeBody, TokenizeBody, token_str, tokeniz
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 INFO_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def presets_json() -> dict:
-    found, errors = load_presets()
-    return {"presets": [p.as_dict() for p in found.values()], "errors": errors}
 
 
 class LocalBackend:

@@ -7,8 +7,8 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from gptj.presets import load_presets
 from gptj.serve.backends import Backend
-from gptj.serve.backends.local import presets_json
 from gptj.serve.guard import WEB_DIR
 
 
@@ -36,7 +36,8 @@ def router(backend: Backend) -> APIRouter:
 
     @router.get("/api/presets")
     async def presets() -> dict:
-        return presets_json()
+        found, errors = load_presets()
+        return {"presets": [p.as_dict() for p in found.values()], "errors": errors}
 
     @router.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
