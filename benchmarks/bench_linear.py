@@ -243,7 +243,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, our decode kernel: {quant.kernel_name()}, "
-          f"prefill GEMM dtype: {quant._gemm_dtype()}")  # fmt: skip
+          f"prefill GEMM dtype: {quant.prefill_gemm_dtype()}")  # fmt: skip
     for name, gbs in bandwidth().items():
         print(f"memory bandwidth, {name}: {gbs:.1f} GB/s")
     ws = 0.3e9 if args.quick else args.working_set * 1e9

@@ -24,7 +24,7 @@ in float32 here (rounded back to bf16 after the step).
 
 Served: Llama and GPT-J models on the CPU whose linears are all QuantizedLinear layers (int8, or
 int4 in groups of 32) the kernel takes (Llama: fused), float32 or bfloat16 activations, a
-float32 KV cache (GPT-J: or bfloat16), at most quant.DECODE_MAX_ROWS rows. Anything else
+float32 KV cache (GPT-J: or bfloat16), at most MAX_ROWS rows. Anything else
 (prefill, float or bf16 weights, CUDA, no cache, another cache dtype, no kernels) keeps the
 torch path: `decode_blocks` returns False and has changed nothing. GPTJ_FAST_DECODE=0 turns it
 off.
@@ -44,6 +44,9 @@ from torch import Tensor, nn
 from gptj import kernels, quant
 from gptj.quant import QuantizedLinear
 from gptj.runtime.kv_cache import KVCache
+
+# Most rows one fused step takes (a decode batch; GPTJ_QUANT_DECODE_MAX_ROWS overrides).
+MAX_ROWS = 32
 
 
 def native_library() -> kernels.Library | None:
@@ -239,7 +242,7 @@ def decode_blocks(
     if v.shape != shape or not (k.is_contiguous() and v.is_contiguous()):
         return False
     start, stop, step = rows.indices(cache.n_rows)
-    limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", min(quant.DECODE_MAX_ROWS.values())))
+    limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", MAX_ROWS))
     if step != 1 or stop - start != batch or batch > limit:
         return False
     pos = positions.reshape(-1)

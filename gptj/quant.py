@@ -16,25 +16,26 @@ A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those bu
 stay mapped; older int4 ones are converted). The group size and mode follow from the shapes
 and dtypes.
 
-Kernels, chosen by measurement (benchmarks/bench_linear.py):
+Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measures them):
 
-* decode (at most ``decode_max_rows`` rows): the C++ GEMV of gptj.kernels, in the variant this
-  CPU runs best (GPTJ_ISA forces one). It quantizes the activations to int8 per block (int8: of
-  128, the last one shorter; int4: of 32, its group), takes the integer dot products exactly and
-  then a fixed sequence of float32 operations (gptj/kernels/gemv.h), so every variant, and any
-  batch of rows, gives the same bits. It takes in_features that are a multiple of 32. Batches of
-  int8 rows run on AMX tiles (the ``amx`` variant) up to ``AMX_INT8_DECODE_MAX_ROWS``. Without
-  the kernels (``none``: no compiler, GPTJ_QUANT_KERNEL=0) or for shapes they do not take,
-  torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` serve (bf16 activations).
-* prefill (more rows): dequantize to bfloat16 (float32 where the CPU has no bf16 matrix units)
-  into a reused buffer, in big chunks of rows, and run a GEMM. The dequantized values are
-  ``dequantize_weight``'s in every variant; the GEMM is torch's, so prefill results are not
-  bit-exact with the decode path (their difference is the activations' rounding).
+* the C++ kernels of gptj.kernels, in the variant this CPU runs best (GPTJ_ISA forces one). They
+  quantize the activations to int8 per block (int8: of 128, the last one shorter; int4: of 32,
+  its group), take the integer dot products exactly and then a fixed sequence of float32
+  operations (gptj/kernels/gemv.h), so every variant, and any batch of rows, gives the same bits.
+  They take in_features that are a multiple of 32. Batches of int8 rows run on AMX tiles (the
+  ``amx`` variant). Without them (``none``: no compiler, GPTJ_QUANT_KERNEL=0) or for shapes they
+  do not take, torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` serve.
+* dequantize + GEMM: the weight dequantized to bfloat16 into a reused buffer, in big chunks of
+  rows, and torch's GEMM. Only where the CPU multiplies bf16 natively (AMX, AVX512-BF16) and
+  the batch is big enough (``kernel_max_rows``) does this beat the integer kernels; where bf16
+  is emulated (AVX2) the alternative would be a float32 GEMM, which the int8 dot products
+  outrun at any size, so prefill takes the kernels too, and is then bit-exact with decode.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 
@@ -47,12 +48,17 @@ from gptj import kernels
 MODES = ("bf16", "int8", "int4")
 GROUP_SIZE = 32  # int4; the kernel takes this group size only
 _KB = 32  # the kernel takes in_features that are a multiple of this
-# Most rows that go through the decode kernel; above, dequantize + GEMM wins. Measured on
-# 16384x4096: the two cross at 48-56 rows for int8 and int4; 32 leaves a margin.
-# GPTJ_QUANT_DECODE_MAX_ROWS overrides.
-DECODE_MAX_ROWS = {"int8": 32, "int4": 32}
-# With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows here.
-AMX_INT8_DECODE_MAX_ROWS = 256
+# Most rows that go through the kernels where a bf16 GEMM is native (GPTJ_QUANT_DECODE_MAX_ROWS
+# overrides): past these, dequantize + bf16 GEMM wins (bench_linear.py finds the crossover).
+KERNEL_MAX_ROWS_AMX_BF16 = {"int8": 32, "int4": 32}  # AMX bf16 GEMMs
+KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX
+# With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows.
+AMX_INT8_KERNEL_MAX_ROWS = 256
+# torch's int8/int4 ops (no kernels): beyond this, dequantize + GEMM
+TORCH_OP_MAX_ROWS = 32
+# variants that stand for a CPU whose bf16 arithmetic is emulated: forcing one (GPTJ_ISA=avx2)
+# takes the path such a CPU takes, even on a machine that has more
+_NO_BF16_VARIANTS = ("avx2", "avxvnni")
 # Whether torch's _weight_int8pack_mm runs on a device type (learnt on first use).
 _GPU_INT8_MM: dict[str, bool] = {}
 # Prefill dequantizes at most this many bytes of weight at once, into a reused per-thread
@@ -179,14 +185,28 @@ def native_kernel() -> kernels.Library | None:
     return kernels.active()
 
 
-def decode_max_rows(mode: str) -> int:
-    """Most rows that take the decode kernel (GPTJ_QUANT_DECODE_MAX_ROWS overrides)."""
+def native_bf16() -> bool:
+    """Whether bf16 GEMMs run natively here (AMX or AVX512-BF16) for the variant in use."""
+    if kernels.active_variant() in _NO_BF16_VARIANTS:
+        return False
+    return bool(kernels.cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def kernel_max_rows(mode: str) -> int:
+    """Most rows that take the GEMV kernels (or torch's quantized ops) rather than dequantize +
+    GEMM. Unbounded where bf16 is not native: float32 GEMMs are slower than the int8 kernels at
+    any batch size. GPTJ_QUANT_DECODE_MAX_ROWS overrides."""
     if "GPTJ_QUANT_DECODE_MAX_ROWS" in os.environ:
         return int(os.environ["GPTJ_QUANT_DECODE_MAX_ROWS"])
     lib = native_kernel()
-    if mode == "int8" and lib is not None and lib.amx:
-        return AMX_INT8_DECODE_MAX_ROWS
-    return DECODE_MAX_ROWS[mode]
+    if lib is None:
+        return TORCH_OP_MAX_ROWS
+    if mode == "int8" and lib.amx:
+        return AMX_INT8_KERNEL_MAX_ROWS
+    if not native_bf16():
+        return sys.maxsize
+    flags = kernels.cpu_flags()
+    return (KERNEL_MAX_ROWS_AMX_BF16 if "amx_bf16" in flags else KERNEL_MAX_ROWS_AVX512_BF16)[mode]
 
 
 def kernel_name() -> str:
@@ -195,16 +215,11 @@ def kernel_name() -> str:
     return kernels.active_variant()
 
 
-def _gemm_dtype() -> torch.dtype:
-    # bf16 GEMMs run on AMX / AVX512-BF16 (~1.5 TFLOP/s here, 6x float32); elsewhere float32
-    global _GEMM_DTYPE
-    if _GEMM_DTYPE is None:
-        flags = kernels.cpu_flags()
-        _GEMM_DTYPE = torch.bfloat16 if flags & {"amx_bf16", "avx512_bf16"} else torch.float32
-    return _GEMM_DTYPE
+def prefill_gemm_dtype() -> torch.dtype:
+    """The dtype dequantize + GEMM multiplies in: bf16 where native, else float32."""
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
-_GEMM_DTYPE: torch.dtype | None = None
 _workspace = threading.local()
 
 
@@ -337,7 +352,7 @@ class QuantizedLinear(nn.Module):
         if x.device.type != "cpu":
             return self.forward_gpu(x)
         rows = x.numel() // self.in_features if self.in_features else 0
-        return self.forward_decode(x) if rows <= decode_max_rows(self.mode) else self.forward_prefill(x)
+        return self.forward_decode(x) if rows <= kernel_max_rows(self.mode) else self.forward_prefill(x)
 
     def forward_gpu(self, x: Tensor) -> Tensor:
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
@@ -348,7 +363,7 @@ class QuantizedLinear(nn.Module):
         y = None
         if (
             self.mode == "int8"
-            and x2.shape[0] <= DECODE_MAX_ROWS["int8"]
+            and x2.shape[0] <= TORCH_OP_MAX_ROWS
             and _GPU_INT8_MM.get(x.device.type, True)
         ):
             try:
@@ -426,7 +441,7 @@ class QuantizedLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _gemm(self, x2: Tensor) -> Tensor:
-        dt = _gemm_dtype()
+        dt = prefill_gemm_dtype()
         n, k = self.out_features, self.in_features
         xc = x2.to(dt).contiguous()
         step = max(1, min(n, _CHUNK_BYTES // (k * dt.itemsize)))

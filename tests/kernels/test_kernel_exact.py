@@ -2,7 +2,9 @@
 written in plain torch (kernel_reference.py): int8 and int4, one row, a few, and batches (the
 AMX tiles where the variant has them), so the variants (AVX2 maddubs, VNNI dpbusd, AMX) also
 agree with each other, and a row's result does not depend on the rows that share its call.
-The prefill path (dequantize + torch's GEMM) is the same in every variant too, "none" included."""
+Where a CPU has no native bf16, prefill takes the kernels too, so a prompt's rows get the bits
+they would get one at a time. The other prefill path (dequantize + torch's GEMM) gives the same
+bits in every variant that multiplies in the same dtype, "none" included."""
 
 from __future__ import annotations
 
@@ -83,17 +85,42 @@ def test_variants_agree_with_each_other() -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_prefill_is_the_same_in_every_variant(mode: str) -> None:
-    """Prefill dequantizes (to what quant.dequantize_weight gives, in every variant) and runs
-    torch's GEMM: the same bits with or without the kernels. Not bit-exact with the decode path:
-    that one rounds the activations to int8 (tests/test_quant.py bounds the difference)."""
+def test_dequantize_gemm_is_the_same_in_every_variant(mode: str) -> None:
+    """Dequantize + GEMM: the weights dequantize to what quant.dequantize_weight gives in every
+    variant, and torch multiplies them in bf16 where bf16 is native for the variant, float32
+    elsewhere: the same bits as without the kernels, per GEMM dtype."""
     q = layer(1536, 576, mode)
     x = activations(40, 576)
-    with kernels.use(kernels.NONE):
-        expected = q.forward_prefill(x)
     for variant in VARIANTS:
         with kernels.use(variant):
-            assert torch.equal(q.forward_prefill(x), expected), variant
+            dt = quant.prefill_gemm_dtype()
+            got = q.forward_prefill(x)
+        expected = torch.nn.functional.linear(x.to(dt), q.dequantize(dt)).float()
+        if q.bias is not None:
+            expected += q.bias
+        assert torch.equal(got, expected), variant
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_without_native_bf16_is_decode_bit_for_bit(mode: str) -> None:
+    """Where bf16 is emulated (AVX2 variants stand for such CPUs), a float32 GEMM is slower than
+    the int8 kernels at any batch size, so a long prompt takes the kernels: its 600 rows give
+    the bits each row gets alone, as in decode."""
+    q = layer(256, 576, mode)
+    x = activations(600, 576)
+    ran = 0
+    for variant in VARIANTS:
+        with kernels.use(variant):
+            if quant.native_bf16():
+                continue
+            ran += 1
+            assert quant.kernel_max_rows(mode) >= 600
+            batch = q(x)
+            alone = torch.cat([q(x[i : i + 1]) for i in range(0, 600, 37)])
+            assert torch.equal(batch[::37], alone), variant
+            assert torch.equal(batch, reference(q, x)), variant
+    if not ran:
+        pytest.skip("every variant here has native bf16")
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -127,9 +154,20 @@ def test_reference_activation_rounding() -> None:
     assert xq.tolist() == [[64.0, -127.0, 32.0, 16.0, 0.0, 0.0, 0.0, 0.0]]
 
 
-def test_decode_rows_limit_follows_the_variant() -> None:
-    """int8 batches go through the decode kernel further where AMX tiles serve them."""
+def test_kernel_rows_limit_follows_the_variant() -> None:
+    """int8 batches take AMX tiles up to AMX_INT8_KERNEL_MAX_ROWS; without native bf16 every
+    batch takes the kernels; with it, batches past the crossover dequantize + GEMM in bf16."""
+    flags = kernels.cpu_flags()
     for variant in VARIANTS:
         with kernels.use(variant):
-            amx = variant == "amx"
-            assert quant.decode_max_rows("int8") == (quant.AMX_INT8_DECODE_MAX_ROWS if amx else quant.DECODE_MAX_ROWS["int8"])
+            bf16 = quant.native_bf16()
+            assert bf16 == (variant not in ("avx2", "avxvnni") and bool(flags & {"amx_bf16", "avx512_bf16"}))
+            assert quant.prefill_gemm_dtype() == (torch.bfloat16 if bf16 else torch.float32)
+            for mode in ("int8", "int4"):
+                limit = quant.kernel_max_rows(mode)
+                if variant == "amx" and mode == "int8":
+                    assert limit == quant.AMX_INT8_KERNEL_MAX_ROWS
+                elif not bf16:
+                    assert limit > 1 << 30
+                else:
+                    assert 16 <= limit <= 256

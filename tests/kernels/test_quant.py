@@ -110,7 +110,9 @@ def test_dispatch_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(q, "forward_decode", lambda x: calls.append("decode") or x)
     monkeypatch.setattr(q, "forward_prefill", lambda x: calls.append("prefill") or x)
-    limit = quant.decode_max_rows("int8")
+    monkeypatch.setenv("GPTJ_QUANT_DECODE_MAX_ROWS", "8")
+    limit = quant.kernel_max_rows("int8")
+    assert limit == 8
     q(torch.randn(1, limit, 256))
     q(torch.randn(limit + 1, 256))
     assert calls == ["decode", "prefill"]
