@@ -1,19 +1,10 @@
-"""The one generation engine behind the CLI, the Python API and the server.
+"""The one generation engine behind the CLI, the Python API and the server: requests join and
+leave a running batch at every step (continuous batching), each from submit() to its Completion.
 
-One thread at a time drives the model and the KV cache, a step at a time. Without a server,
-whoever waits for a result drives: `model.generate()` steps the engine in the caller's own
-thread. A server has a driver that runs for as long as it serves (`gptj serve`: the main
-thread; an app made in Python: a background thread). Why not always a worker thread: torch's
-OpenMP runtime keeps a thread pool per thread that runs parallel ops, and with two pools on a
-small machine it sleeps between ops instead of spinning, so every op pays a wake-up. Loading,
-stepping and `model.logits()` in one thread keep one pool.
-
-Requests join and leave a running batch at every step (continuous batching): a newcomer's
-prompt is prefilled in chunks between decode steps, so it does not stall the others for long.
-Each cache row keeps the tokens it holds after its request ends; a new request takes the free
-row that shares the longest prefix with its prompt and skips prefilling that prefix (prefix
-caching, least recently used row first when nothing matches). What a taken row held moves to
-a bounded store (gptj.runtime.prefix_cache) when its prompt was one that recurs.
+A newcomer's prompt is prefilled in chunks between decode steps, so it does not stall the others
+for long. Which cache row it takes, and how much of its prompt is already there, is the row
+table's choice (gptj.runtime.rows); who steps, and in which thread, is driving's
+(gptj.runtime.driving).
 """
 
 from __future__ import annotations
@@ -25,7 +16,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -33,10 +23,12 @@ import torch
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
 from gptj.runtime import runner
+from gptj.runtime.driving import Driving
 from gptj.runtime.kv_cache import KVCache
 from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
-from gptj.runtime.prefix_cache import MIN_STORED_TOKENS, PrefixStore, common_prefix
+from gptj.runtime.prefix_cache import PrefixStore
 from gptj.runtime.request import Completion, RequestHandle, StreamEvent, TokenInfo, _Request
+from gptj.runtime.rows import Rows
 from gptj.runtime.sampling import SamplingParams, apply_penalties, choose_token
 from gptj.runtime.stops import StopMatcher
 from gptj.tokenizer import StreamDecoder, Tokenizer
@@ -67,27 +59,23 @@ class Engine:
         self.banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long)
         self.eos_ids = {tokenizer.eos_token_id, *eos_token_ids}
         self.cache: KVCache | None = None  # allocated on first use
-        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each row holds
-        self.row_last_used = [0.0] * max_batch
-        self.row_recurs = [False] * max_batch  # its request's prompt began like an earlier one
-        self.row_scope: list[str | None] = [None] * max_batch  # the cache scope of what each row holds
         # Prefix caching: rows keep their tokens for later requests (when enabled), and what a
         # row held moves to the store when another request takes the row.
-        self.prefix_cache = prefix_cache
-        self.prefix_store = PrefixStore(prefix_cache_bytes) if prefix_cache and prefix_cache_bytes > 0 else None
+        store = PrefixStore(prefix_cache_bytes) if prefix_cache and prefix_cache_bytes > 0 else None
+        self.rows = Rows(max_batch, reuse=prefix_cache, store=store)
         self.active: list[_Request] = []
         self.waiting: queue.Queue[_Request] = queue.Queue()
-        self.lock = threading.Lock()
-        self.drive_lock = threading.Lock()  # held for each step: one thread drives at a time
-        self.driver: threading.Thread | None = None  # a thread in run(): it alone drives
-        self.thread: threading.Thread | None = None  # the background driver, when started
-        self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()  # for call()
-        self.stopping = False
+        self.lock = threading.Lock()  # for in_flight and draining
+        self.driving = Driving(self)
         self.draining = False  # shutting down: new requests are refused
         self.in_flight = 0  # submitted and not finished (the batch plus the queue), under `lock`
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0}
         self.finish_reasons: dict[str, int] = {}  # finished requests by finish_reason
         self.token_times: deque[float] = deque(maxlen=200_000)  # when recent tokens were sampled
+
+    @property
+    def prefix_store(self) -> PrefixStore | None:
+        return self.rows.store
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -169,115 +157,62 @@ class Engine:
                     time.sleep(0.02)
             self.stop()  # a driver in run() ends what is left and lets go of the engine
             end = time.monotonic() + 30
-            while self._driven_elsewhere() and time.monotonic() < end:
+            while self.driving.elsewhere() and time.monotonic() < end:
                 time.sleep(0.01)
-            if not self._driven_elsewhere():
-                with self.drive_lock:
-                    self._end_all("shutdown")
+            if not self.driving.elsewhere():
+                with self.driving.step_lock:
+                    self.end_all("shutdown")
         finally:
             with self.lock:
                 self.draining = False
-                self.stopping = False
+                self.driving.stopping = False
 
-    # ---- driving ------------------------------------------------------------------------------
-
-    def _driven_elsewhere(self) -> bool:
-        driver = self.driver
-        return driver is not None and driver.is_alive() and driver is not threading.current_thread()
+    # ---- driving (gptj.runtime.driving) -------------------------------------------------------
 
     def drive_once(self) -> bool:
         """One step in the calling thread, unless a driver thread runs or another thread is
         stepping (then False: the caller waits for its events instead)."""
-        if self._driven_elsewhere():
-            return False
-        if not self.drive_lock.acquire(blocking=False):
-            return False
-        try:
-            with torch.no_grad():
-                self._run_calls()
-                self._admit(block=False)
-                self._step_safely()
-        finally:
-            self.drive_lock.release()
-        return True
+        return self.driving.once()
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Drives the engine in this thread until shutdown() (or stop()): `gptj serve` runs it in
         the main thread, start_background() in a thread of its own. `on_ready` is called once
         this thread is the driver (e.g. to start the web server that submits requests)."""
-        with self.lock:
-            if self._driven_elsewhere():
-                raise RuntimeError("the engine already has a driver thread")
-            self.driver = threading.current_thread()
-        try:
-            if on_ready is not None:
-                on_ready()
-            with torch.no_grad():
-                while not self.stopping:
-                    with self.drive_lock:
-                        self._run_calls()
-                        self._admit(block=not self.active)
-                        if self.stopping:
-                            break
-                        self._step_safely()
-                with self.drive_lock:
-                    self._end_all("shutdown")
-        finally:
-            with self.lock:
-                self.driver = None
+        self.driving.run(on_ready)
 
     def start_background(self) -> None:
         """Starts a thread that drives the engine (for servers made in Python), unless one runs."""
-        with self.lock:
-            if self.driver is not None and self.driver.is_alive():
-                return
-            self.stopping = False
-            self.thread = threading.Thread(target=self.run, name="gptj-engine", daemon=True)
-            # set here, not in run(): a submit right after this call must not drive too
-            self.driver = self.thread
-            self.thread.start()
+        if self.driving.start_background():
             # Stop the thread before the interpreter tears torch down: a thread killed inside
             # torch at exit aborts the process ("terminate called ...").
             atexit.register(_stop_at_exit, weakref.ref(self))
 
     def stop(self) -> None:
         """Makes run() return after its current step (running requests end with "shutdown")."""
-        self.stopping = True
-        self.waiting.put(None)  # type: ignore[arg-type]
+        self.driving.stop()
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` (a forward pass outside generation, e.g. Model.logits) in the driving
         thread between steps, so that torch work stays in one thread; returns its result."""
-        if not self._driven_elsewhere():
-            with self.drive_lock, torch.no_grad():
-                return fn()
-        future: Future = Future()
-        self.calls.put((fn, future))
-        self.waiting.put(None)  # type: ignore[arg-type]  # wakes a driver waiting for requests
-        return future.result()
+        return self.driving.call(fn)
 
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, future = self.calls.get_nowait()
-            except queue.Empty:
-                return
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # the caller gets it
-                    future.set_exception(exc)
+    def wake(self) -> None:
+        """Ends a driver's wait for requests in admit()."""
+        self.waiting.put(None)  # type: ignore[arg-type]
 
-    def _step_safely(self) -> None:
+    # ---- admitting and stepping ----------------------------------------------------------------
+
+    def step(self) -> None:
+        """One step of the batch; an error fails the batch, never the driver."""
         try:
             self._step()
         except Exception as exc:  # never let one bad step kill the server: fail the batch
             for r in self.active:
-                self.row_tokens[r.row] = []  # what the row's cache holds is unknown now
+                self.rows.forget(r.row)
                 self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
             self.active.clear()
 
-    def _end_all(self, reason: str) -> None:
+    def end_all(self, reason: str) -> None:
         """Ends every running and waiting request, so that no client waits for ever."""
         for r in list(self.active):
             self._retire(r, "cancelled" if r.cancelled else reason)
@@ -300,7 +235,8 @@ class Engine:
         for r in gone:
             self._finish(r, "cancelled" if r.cancelled else "timeout")
 
-    def _admit(self, block: bool) -> None:
+    def admit(self, block: bool) -> None:
+        """Moves waiting requests into the batch while it has room; `block`: waits for one."""
         while len(self.active) < self.max_batch:
             try:
                 request = self.waiting.get(block=block)
@@ -337,48 +273,12 @@ class Engine:
 
     def _assign_row(self, r: _Request) -> None:
         self.allocate_cache()
-        busy = {a.row for a in self.active}
-        free = [i for i in range(self.max_batch) if i not in busy]
-        prompt, scope = r.prompt_ids, r.cache_scope
         if r.params.prompt_logprobs is not None:
-            r.prompt_infos = [TokenInfo(prompt[0])]
-        if not self.prefix_cache:
-            row = min(free, key=lambda i: self.row_last_used[i])
-            r.row, r.prefilled, r.cached, self.row_tokens[row] = row, 0, 0, []
-            self._prompt_done(r)
-            return
-
-        def shared_with(i: int) -> int:
-            return common_prefix(self.row_tokens[i], prompt) if self.row_scope[i] == scope else 0
-
-        row = max(free, key=lambda i: (shared_with(i), -self.row_last_used[i]))
-        shared = shared_with(row)
-        store = self.prefix_store
-        store_key, store_shared = store.best(prompt, scope) if store is not None else (None, 0)
-        held = self.row_tokens[row]
-        if store is not None and len(held) - max(shared, store_shared) >= MIN_STORED_TOKENS:
-            # This request overwrites what the row holds: keep it for a later request when its
-            # prompt was a recurring one (a conversation, a regenerate), else its fingerprint.
-            if self.row_recurs[row]:
-                n = len(held)
-                store.put(held, self.cache.k[:, row, :, :n].clone(), self.cache.v[:, row, :, :n].clone(),
-                          self.row_scope[row])
-            else:
-                store.remember(held, self.row_scope[row])
-        seen = store.seen(prompt, scope) if store is not None else 0
-        self.row_recurs[row] = max(shared, store_shared, seen) >= MIN_STORED_TOKENS
-        self.row_scope[row] = scope
-        if r.prompt_infos is not None:  # every prompt position's logits are wanted: compute them all
-            shared = store_shared = 0
-        if store_key is not None and store_shared > shared:
-            k, v = store.get(store_key)
-            self.cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]
-            self.cache.v[:, row, :, :store_shared] = v[:, :, :store_shared]
-            shared = store_shared
-        # The last prompt token is always recomputed: its logits pick the first new token.
-        reuse = min(shared, len(prompt) - 1)
+            r.prompt_infos = [TokenInfo(r.prompt_ids[0])]
+        # with the prompt's logprobs, every prompt position's logits are wanted: computed anew
+        row, reuse = self.rows.take({a.row for a in self.active}, r.prompt_ids, r.cache_scope, self.cache,
+                                    full_prefill=r.prompt_infos is not None)
         r.row, r.prefilled, r.cached = row, reuse, reuse
-        self.row_tokens[row] = prompt[:reuse]
         self.stats["cached_prompt_tokens"] += reuse
         self._prompt_done(r)
 
@@ -408,7 +308,7 @@ class Engine:
         if logits is not None:
             self._add_prompt_logprobs(r, logits[0].cpu(), start)
         r.prefilled += len(chunk)
-        self.row_tokens[r.row].extend(chunk)
+        self.rows.tokens[r.row].extend(chunk)
         self._prompt_done(r)
         if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
             self._retire(r, "length")
@@ -444,22 +344,19 @@ class Engine:
         for row in range(lo, hi):
             r = by_row.get(row)
             if r is None:  # a free row: write past the prefix it keeps for later requests
-                held = self.row_tokens[row]
-                if len(held) >= self.context_length:
-                    del held[-1]
-                positions[row - lo, 0] = len(held)
+                positions[row - lo, 0] = self.rows.spare_position(row, self.context_length)
                 continue
             # A decoding row feeds its last token (the prompt's last, then each generated one)
             # at the next free position; rows that are not decoding write a throwaway key
             # there, which their own next write overwrites.
-            positions[row - lo, 0] = len(self.row_tokens[row])
+            positions[row - lo, 0] = len(self.rows.tokens[row])
             if r in batch:
                 ids[row - lo, 0] = r.next_input
         # sampling runs on the CPU (a no-op there): same seed, same draws on any device
         logits = runner.forward(self.model, ids.to(self.device), positions.to(self.device), self.cache,
                                 slice(lo, hi)).cpu()
         for r in batch:
-            self.row_tokens[r.row].append(r.next_input)
+            self.rows.tokens[r.row].append(r.next_input)
             if not r.generated:  # the prompt's last token is in the cache now
                 r.prefilled += 1
             self._accept(r, logits[r.row - lo, -1])
@@ -526,9 +423,9 @@ class Engine:
             self._emit(r, text)
         if r in self.active:
             self.active.remove(r)
-        # row_tokens keeps what the row's cache holds (prompt and all but the last generated
-        # token) for later requests that share the prefix.
-        self.row_last_used[r.row] = time.monotonic()
+        # the row keeps what its cache holds (prompt and all but the last generated token) for
+        # later requests that share the prefix
+        self.rows.release(r.row)
         self._finish(r, reason, error)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
@@ -556,9 +453,10 @@ class Engine:
 
 def _stop_at_exit(ref: weakref.ref) -> None:
     engine = ref()
-    if engine is None or engine.thread is None or not engine.thread.is_alive():
+    thread = engine.driving.thread if engine is not None else None
+    if thread is None or not thread.is_alive():
         return
     for r in list(engine.active):
         r.cancelled = True
     engine.stop()
-    engine.thread.join(timeout=5)
+    thread.join(timeout=5)
