@@ -2,7 +2,8 @@
 
 At batch 1 a small model spends far more time dispatching small torch ops (RMSNorm, rotary,
 views, cache writes, SDPA, residual adds, silu * mul: ~100 per layer) than in its GEMVs. Here
-one call (gptj/kernels/decode.cpp) runs, for each layer and each of the B rows (T = 1):
+one call (gptj/kernels/decode.cpp) runs, for each layer and each of the B rows' T tokens
+(T = 1 in decode; a few drafted tokens to verify in speculative decoding):
 
     Llama: h = rms_norm(x) -> qkv GEMV -> rotary on q, k (halves) -> k, v into the cache at the
     row's position -> attention over positions 0..pos (GQA, softmax in float32) -> o GEMV ->
@@ -223,18 +224,20 @@ def serves(model: nn.Module) -> bool:
 def decode_blocks(
     model: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache, rows: slice
 ) -> bool:
-    """Runs every block of `model` (a Llama or a GPT-J) on x [B, 1, hidden] in place for one
-    decode step, writing keys and values into `cache` as the torch path does. cos/sin: the
-    model's rotary tables in float32. False (nothing changed) where this path does not serve:
-    the caller then runs the blocks in torch."""
-    if x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu" or not enabled():
+    """Runs every block of `model` (a Llama or a GPT-J) on x [B, T, hidden] in place: row b's T
+    tokens at positions [B, T] (consecutive, causal among themselves), writing keys and values
+    into `cache` as the torch path does. cos/sin: the model's rotary tables in float32. A token's
+    results are the same bits whatever T and B are (decode.h). False (nothing changed) where this
+    path does not serve: the caller then runs the blocks in torch."""
+    if x.dim() != 3 or x.device.type != "cpu" or not enabled():
         return False
     if x.requires_grad or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     plan = _plan(model)
     if plan is None:
         return False
-    batch = x.shape[0]
+    batch, tokens = x.shape[0], x.shape[1]
+    entries = batch * tokens
     k, v = cache.k, cache.v
     shape = (plan.n_layers, cache.n_rows, plan.n_kv, cache.max_len, plan.head_dim)
     if k.dtype not in plan.cache_dtypes or v.dtype != k.dtype or k.device.type != "cpu" or k.shape != shape:
@@ -243,25 +246,26 @@ def decode_blocks(
         return False
     start, stop, step = rows.indices(cache.n_rows)
     limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", MAX_ROWS))
-    if step != 1 or stop - start != batch or batch > limit:
+    if step != 1 or stop - start != batch or entries > limit or entries == 0:
         return False
     pos = positions.reshape(-1)
-    if pos.numel() != batch or pos.device.type != "cpu":
+    if pos.numel() != entries or pos.device.type != "cpu":
         return False
     pos = pos.to(torch.int64).contiguous()
+    row_of = torch.arange(start, stop, dtype=torch.int64).repeat_interleave(tokens)
     hd = plan.head_dim
     for t in (cos, sin):
-        if t.numel() != batch * hd or t.dtype != torch.float32 or not t.is_contiguous():
+        if t.numel() != entries * hd or t.dtype != torch.float32 or not t.is_contiguous():
             return False
     if isinstance(plan, _GptjPlan):
         plan.set_dims(cache_bf16=int(k.dtype == torch.bfloat16))
     # the residual stream runs in float32 here (a bf16 model's is rounded back afterwards)
     xf = x if x.dtype == torch.float32 else x.float()
     threads = torch.get_num_threads()
-    scratch = plan.scratch(batch, cache.max_len, threads)
+    scratch = plan.scratch(entries, cache.max_len, threads)
     rc = plan.step(
-        plan.layers_ptr, plan.dims_ptr, xf.data_ptr(), batch, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        k.data_ptr(), v.data_ptr(), cache.n_rows, start, cache.max_len, scratch, threads,
+        plan.layers_ptr, plan.dims_ptr, xf.data_ptr(), entries, pos.data_ptr(), row_of.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), k.data_ptr(), v.data_ptr(), cache.n_rows, cache.max_len, scratch, threads,
     )  # fmt: skip
     if rc == 0 and xf is not x:
         x.copy_(xf)

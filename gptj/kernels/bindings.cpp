@@ -57,9 +57,9 @@ int64_t gq_llama_decode_scratch(const LlamaDims* d, int64_t B, int64_t max_len, 
 }
 
 int gq_llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t B, const int64_t* pos,
-                    const float* cos_t, const float* sin_t, float* kc, float* vc, int64_t cache_rows,
-                    int64_t row0, int64_t max_len, void* scratch, int nthreads) {
-    return llama_decode(layers, d, x, B, pos, cos_t, sin_t, kc, vc, cache_rows, row0, max_len, scratch,
+                    const int64_t* rows, const float* cos_t, const float* sin_t, float* kc, float* vc,
+                    int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
+    return llama_decode(layers, d, x, B, pos, rows, cos_t, sin_t, kc, vc, cache_rows, max_len, scratch,
                         nthreads);
 }
 
@@ -68,9 +68,9 @@ int64_t gq_gptj_decode_scratch(const GptjDims* d, int64_t B, int64_t max_len, in
 }
 
 int gq_gptj_decode(const GptjLayer* layers, const GptjDims* d, float* x, int64_t B, const int64_t* pos,
-                   const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t cache_rows,
-                   int64_t row0, int64_t max_len, void* scratch, int nthreads) {
-    return gptj_decode(layers, d, x, B, pos, cos_t, sin_t, kc, vc, cache_rows, row0, max_len, scratch,
+                   const int64_t* rows, const float* cos_t, const float* sin_t, void* kc, void* vc,
+                   int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
+    return gptj_decode(layers, d, x, B, pos, rows, cos_t, sin_t, kc, vc, cache_rows, max_len, scratch,
                        nthreads);
 }
 

@@ -1,7 +1,7 @@
-// The decode step of decode.h: for each layer and each of the B rows (one new token each), in
-// one call, as llama.cpp does (at batch 1 a small model spends more time dispatching small torch
-// ops than in its GEMVs). Attention runs in parallel with OpenMP over (row, kv head with its
-// query heads, chunk of keys), reading a float32 or (GPT-J) bfloat16 cache.
+// The decode step of decode.h: for each layer and each of the B entries (a token of a cache row),
+// in one call, as llama.cpp does (at batch 1 a small model spends more time dispatching small
+// torch ops than in its GEMVs). Attention runs in parallel with OpenMP over (entry, kv head with
+// its query heads, chunk of keys), reading a float32 or (GPT-J) bfloat16 cache.
 #include "decode.h"
 
 #include <math.h>
@@ -214,96 +214,87 @@ static void attend_chunk(const float* q, int G, int64_t hd, const CT* K, const C
 
 static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
-#define ATT_G 4            // query heads per task, at most
-#define ATT_MIN_CHUNK 256  // keys: shorter chunks cost more to combine than they save
+#define ATT_G 4        // query heads per task, at most
+#define ATT_CHUNK 256  // keys per chunk: an entry of n keys has ceil(n / ATT_CHUNK) chunks
 
-// chunks per (row, kv head) at most: enough tasks for 4 per thread
-static int64_t max_chunks(int64_t B, int64_t nkv, int nthreads) {
-    const int64_t c = (4 * nthreads + B * nkv - 1) / (B * nkv);
-    return c > 1 ? c : 1;
-}
+// Chunks per (entry, kv head): a function of the entry's own key count only, so that its
+// attention is the same float operations whatever else is in the step and however many threads
+// run it (a token's logits do not depend on its batch, nor on how many tokens a step takes).
+static inline int64_t n_chunks(int64_t n) { return (n + ATT_CHUNK - 1) / ATT_CHUNK; }
 
-// The largest of the B rows' positions, or -1 where a row or a position lies outside the cache.
-static int64_t max_position(const int64_t* pos, int64_t B, int64_t row0, int64_t cache_rows,
+// The largest of the B entries' positions, or -1 where an entry's row or position lies outside
+// the cache.
+static int64_t max_position(const int64_t* pos, const int64_t* rows, int64_t B, int64_t cache_rows,
                             int64_t max_len) {
-    if (row0 < 0 || row0 + B > cache_rows) return -1;
     int64_t maxpos = 0;
     for (int64_t b = 0; b < B; ++b) {
-        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+        if (rows[b] < 0 || rows[b] >= cache_rows || pos[b] < 0 || pos[b] >= max_len) return -1;
         maxpos = pos[b] > maxpos ? pos[b] : maxpos;
     }
     return maxpos;
 }
 
-// Attention's scratch (scores: ATT_G * align64(max_len) per thread; po, pm, pl: per part, B * nh
-// * max_chunks parts) from `at` on, then the GEMV kernel's.
+// Attention's scratch (scores: ATT_G * ATT_CHUNK per thread; po, pm, pl: per part, B * nh *
+// n_chunks(max_len) parts) from `at` on, then the GEMV kernel's.
 struct AttnScratch {
     float *scores, *po, *pm, *pl;
     void* gemv;
 };
-static AttnScratch attn_scratch(float* at, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len,
-                                int nthreads) {
-    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
+static AttnScratch attn_scratch(float* at, int64_t B, int64_t nh, int64_t hd, int64_t max_len, int nthreads) {
+    const int64_t parts = B * nh * n_chunks(max_len);
     AttnScratch a;
     a.scores = at;
-    a.po = a.scores + ATT_G * align64(max_len) * nthreads;
+    a.po = a.scores + ATT_G * ATT_CHUNK * nthreads;
     a.pm = a.po + align64(parts * hd);
     a.pl = a.pm + align64(parts);
     a.gemv = a.pl + align64(parts);
     return a;
 }
 // bytes: attention's floats, the GEMV kernel's scratch for B rows of up to kmax inputs, alignment
-static int64_t attn_gemv_scratch_bytes(int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t max_len,
-                                       int64_t kmax, int nthreads) {
-    const int64_t parts = B * nh * max_chunks(B, nkv, nthreads);
-    const int64_t floats = ATT_G * align64(max_len) * nthreads + align64(parts * hd) + 2 * align64(parts);
+static int64_t attn_gemv_scratch_bytes(int64_t B, int64_t nh, int64_t hd, int64_t max_len, int64_t kmax,
+                                       int nthreads) {
+    const int64_t parts = B * nh * n_chunks(max_len);
+    const int64_t floats = ATT_G * ATT_CHUNK * nthreads + align64(parts * hd) + 2 * align64(parts);
     return floats * 4 + align64(linear_scratch_bytes(B, kmax)) + 64;
 }
 
-// Attention of B rows (one new token each) over their cache rows. q: row b's query heads at
-// q + b * q_stride; kl, vl: one layer's cache [cache_rows, nkv, max_len, hd]; att [B, nh * hd].
+// Attention of B entries (one token each) over their cache rows: entry b is a query at position
+// pos[b] of cache row rows[b], over keys 0..pos[b] (entries of one row at later positions see
+// the keys the earlier ones wrote). q: entry b's query heads at q + b * q_stride; kl, vl: one
+// layer's cache [cache_rows, nkv, max_len, hd]; att [B, nh * hd].
 template <typename CT>
 static void attention_step(const float* q, int64_t q_stride, const CT* kl, const CT* vl, int64_t B,
-                           const int64_t* pos, int64_t row0, int64_t nh, int64_t nkv, int64_t hd,
+                           const int64_t* pos, const int64_t* rows, int64_t nh, int64_t nkv, int64_t hd,
                            int64_t max_len, int64_t maxpos, const AttnScratch& sc, float* att, int nthreads) {
     float *scores = sc.scores, *po = sc.po, *pm = sc.pm, *pl = sc.pl;
     const int64_t group = nh / nkv, row_stride = nkv * max_len * hd;
     const float scale = 1.f / sqrtf((float)hd);
-    // in parallel only where it outweighs waking the threads; keys in C chunks of `chunk` per
-    // (row, kv head) where that gives the threads more tasks
+    // in parallel only where it outweighs waking the threads (the results are the same)
     const bool par = B * nh * (maxpos + 1) * hd >= 32768;
-    int64_t C = par ? max_chunks(B, nkv, nthreads) : 1;
-    C = C < (maxpos + 1) / ATT_MIN_CHUNK   ? C
-        : (maxpos + 1) / ATT_MIN_CHUNK > 1 ? (maxpos + 1) / ATT_MIN_CHUNK
-                                           : 1;
-    const int64_t chunk = (maxpos + 1 + C - 1) / C, hg = (group + ATT_G - 1) / ATT_G;
-    // tasks: (row, kv head, batch of up to ATT_G of its query heads, chunk of keys)
+    const int64_t C = n_chunks(maxpos + 1), hg = (group + ATT_G - 1) / ATT_G;
+    // tasks: (entry, kv head, batch of up to ATT_G of its query heads, chunk of keys)
 #pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
     for (int64_t task = 0; task < B * nkv * hg * C; ++task) {
         const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv,
                       b = task / (C * hg * nkv);
         const int64_t h0 = kvh * group + hb * ATT_G, n = pos[b] + 1;
         const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
-        const int64_t j0 = c * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
+        const int64_t j0 = c * ATT_CHUNK, j1 = j0 + ATT_CHUNK < n ? j0 + ATT_CHUNK : n;
         const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
-        if (j1 <= j0) {                            // this row has no keys in this chunk
-            for (int t = 0; t < G; ++t) pm[pi + t * C] = -INFINITY;
-            continue;
-        }
-        const int64_t at = (row0 + b) * row_stride + (kvh * max_len + j0) * hd;
+        if (j1 <= j0) continue;                    // past this entry's keys
+        const int64_t at = rows[b] * row_stride + (kvh * max_len + j0) * hd;
         attend_chunk(q + b * q_stride + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale,
-                     scores + ATT_G * align64(max_len) * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
+                     scores + ATT_G * ATT_CHUNK * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
                      pl + pi, C);
     }
-    for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the chunks: softmax over all keys
-        const int64_t pi = bh * C;
+    for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the entry's chunks: softmax over all its keys
+        const int64_t pi = bh * C, Cb = n_chunks(pos[bh / nh] + 1);
         float M = -INFINITY, sum = 0.f;
-        for (int64_t c = 0; c < C; ++c) M = pm[pi + c] > M ? pm[pi + c] : M;
-        float* out = att + bh * hd;  // att [B, nh * hd]: row b, head h at bh * hd
+        for (int64_t c = 0; c < Cb; ++c) M = pm[pi + c] > M ? pm[pi + c] : M;
+        float* out = att + bh * hd;  // att [B, nh * hd]: entry b, head h at bh * hd
         for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
-        for (int64_t c = 0; c < C; ++c) {
-            if (pm[pi + c] == -INFINITY) continue;
-            const float w = C == 1 ? 1.f : expf(pm[pi + c] - M);
+        for (int64_t c = 0; c < Cb; ++c) {
+            const float w = Cb == 1 ? 1.f : expf(pm[pi + c] - M);
             const float* o = po + (pi + c) * hd;
             sum += w * pl[pi + c];
 #pragma omp simd
@@ -323,13 +314,13 @@ int64_t llama_decode_scratch(const LlamaDims* d, int64_t B, int64_t max_len, int
     kmax = kmax > d->inter ? kmax : d->inter;
     const int64_t f = align64(B * d->hidden) * 2 + align64(B * qkv) + align64(B * att) +
                       align64(B * 2 * d->inter) + align64(B * d->inter);
-    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->n_kv, d->head_dim, max_len, kmax, nthreads);
+    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->head_dim, max_len, kmax, nthreads);
 }
 
 int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t B, const int64_t* pos,
-                 const float* cos_t, const float* sin_t, float* kc, float* vc, int64_t cache_rows,
-                 int64_t row0, int64_t max_len, void* scratch, int nthreads) {
-    const int64_t maxpos = max_position(pos, B, row0, cache_rows, max_len);
+                 const int64_t* rows, const float* cos_t, const float* sin_t, float* kc, float* vc,
+                 int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
+    const int64_t maxpos = max_position(pos, rows, B, cache_rows, max_len);
     if (maxpos < 0) return -1;
     const int64_t H = d->hidden, nh = d->n_head, nkv = d->n_kv, hd = d->head_dim, I = d->inter;
     const int64_t qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
@@ -339,7 +330,7 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
     float* att = qkv + align64(B * qkv_w);
     float* gu = att + align64(B * att_w);
     float* act = gu + align64(B * 2 * I);
-    const AttnScratch sc = attn_scratch(act + align64(B * I), B, nh, nkv, hd, max_len, nthreads);
+    const AttnScratch sc = attn_scratch(act + align64(B * I), B, nh, hd, max_len, nthreads);
     void* gemv = sc.gemv;
     const int64_t row_stride = nkv * max_len * hd, layer_stride = cache_rows * row_stride;
     for (int64_t l = 0; l < d->n_layers; ++l) {
@@ -353,12 +344,12 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
             const float *c = cos_t + b * hd, *s = sin_t + b * hd;
             for (int64_t j = 0; j < nh + nkv; ++j) rotary(r + j * hd, c, s, hd);  // q heads, then k heads
             for (int64_t j = 0; j < nkv; ++j) {
-                const int64_t at = (row0 + b) * row_stride + (j * max_len + pos[b]) * hd;
+                const int64_t at = rows[b] * row_stride + (j * max_len + pos[b]) * hd;
                 memcpy(kl + at, r + (nh + j) * hd, hd * sizeof(float));
                 memcpy(vl + at, r + (nh + nkv + j) * hd, hd * sizeof(float));
             }
         }
-        attention_step(qkv, qkv_w, kl, vl, B, pos, row0, nh, nkv, hd, max_len, maxpos, sc, att, nthreads);
+        attention_step(qkv, qkv_w, kl, vl, B, pos, rows, nh, nkv, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.o, att, B, t, gemv, nthreads);
         for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
         rms_norm_rows(x, L.ln2, B, H, d->eps, h);
@@ -419,13 +410,13 @@ static void gelu_tanh(float* a, int64_t n, float* e) {
 int64_t gptj_decode_scratch(const GptjDims* d, int64_t B, int64_t max_len, int nthreads) {
     const int64_t H = d->hidden, I = d->inner, kmax = H > I ? H : I;
     const int64_t f = align64(B * H) * 4 + align64(B * 3 * H) + 2 * align64(B * I);
-    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->n_head, d->head_dim, max_len, kmax, nthreads);
+    return f * 4 + attn_gemv_scratch_bytes(B, d->n_head, d->head_dim, max_len, kmax, nthreads);
 }
 
 template <typename CT>
 static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, int64_t B, const int64_t* pos,
-                        int64_t maxpos, const float* cos_t, const float* sin_t, CT* kc, CT* vc,
-                        int64_t cache_rows, int64_t row0, int64_t max_len, void* scratch, int nthreads) {
+                        const int64_t* rows, int64_t maxpos, const float* cos_t, const float* sin_t, CT* kc,
+                        CT* vc, int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
     const int64_t H = d->hidden, nh = d->n_head, hd = d->head_dim, I = d->inner;
     float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float* att = h + align64(B * H);
@@ -434,7 +425,7 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
     float* qkv = t2 + align64(B * H);
     float* f = qkv + align64(B * 3 * H);
     float* ef = f + align64(B * I);
-    const AttnScratch sc = attn_scratch(ef + align64(B * I), B, nh, nh, hd, max_len, nthreads);
+    const AttnScratch sc = attn_scratch(ef + align64(B * I), B, nh, hd, max_len, nthreads);
     void* gemv = sc.gemv;
     const int64_t row_stride = nh * max_len * hd, layer_stride = cache_rows * row_stride;
     for (int64_t l = 0; l < d->n_layers; ++l) {
@@ -458,12 +449,12 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
             for (int64_t j = 0; j < nh; ++j) {
                 rotary_pairs(q + j * hd, c, s, d->rotary_dim);
                 rotary_pairs(q + ko + j * hd, c, s, d->rotary_dim);
-                const int64_t at = (row0 + b) * row_stride + (j * max_len + pos[b]) * hd;
+                const int64_t at = rows[b] * row_stride + (j * max_len + pos[b]) * hd;
                 kv_put(kl + at, q + ko + j * hd, hd);
                 kv_put(vl + at, q + vo + j * hd, hd);
             }
         }
-        attention_step(qkv, stride, kl, vl, B, pos, row0, nh, nh, hd, max_len, maxpos, sc, att, nthreads);
+        attention_step(qkv, stride, kl, vl, B, pos, rows, nh, nh, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.out, att, B, t1, gemv, nthreads);
         run_linear(L.fc_in, h, B, f, gemv, nthreads);
         gelu_tanh(f, B * I, ef);
@@ -473,15 +464,15 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
 }
 
 int gptj_decode(const GptjLayer* layers, const GptjDims* d, float* x, int64_t B, const int64_t* pos,
-                const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t cache_rows, int64_t row0,
-                int64_t max_len, void* scratch, int nthreads) {
-    const int64_t maxpos = max_position(pos, B, row0, cache_rows, max_len);
+                const int64_t* rows, const float* cos_t, const float* sin_t, void* kc, void* vc,
+                int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
+    const int64_t maxpos = max_position(pos, rows, B, cache_rows, max_len);
     if (maxpos < 0) return -1;
     if (d->cache_bf16)
-        gptj_layers(layers, d, x, B, pos, maxpos, cos_t, sin_t, (uint16_t*)kc, (uint16_t*)vc, cache_rows,
-                    row0, max_len, scratch, nthreads);
+        gptj_layers(layers, d, x, B, pos, rows, maxpos, cos_t, sin_t, (uint16_t*)kc, (uint16_t*)vc,
+                    cache_rows, max_len, scratch, nthreads);
     else
-        gptj_layers(layers, d, x, B, pos, maxpos, cos_t, sin_t, (float*)kc, (float*)vc, cache_rows, row0,
+        gptj_layers(layers, d, x, B, pos, rows, maxpos, cos_t, sin_t, (float*)kc, (float*)vc, cache_rows,
                     max_len, scratch, nthreads);
     return 0;
 }

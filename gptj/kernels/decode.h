@@ -76,19 +76,23 @@ struct GptjDims {
     GQ_GPTJ_DIMS_FIELDS(GQ_DECLARE_FIELD)
 };
 
-// Bytes of scratch one step of B rows needs.
+// Bytes of scratch one step of B entries needs.
 int64_t llama_decode_scratch(const LlamaDims* d, int64_t B, int64_t max_len, int nthreads);
 int64_t gptj_decode_scratch(const GptjDims* d, int64_t B, int64_t max_len, int nthreads);
 
-// One decode step of all layers for B rows; x [B, hidden] float32 in place. Row b is cache row
-// row0 + b at position pos[b]; cos/sin [B, head_dim] (GPT-J: pairs repeated); kc/vc [n_layers,
-// cache_rows, n_kv, max_len, head_dim], float32 (GPT-J: or bfloat16, as d->cache_bf16 says).
-// Returns 0, or -1 (having changed nothing) where a row or a position is outside the cache.
+// One step of all layers for B entries; x [B, hidden] float32 in place. Entry b is a token of
+// cache row rows[b] at position pos[b]: it writes its keys and values there and attends to keys
+// 0..pos[b] of that row, so entries of one row at consecutive positions (drafted tokens to verify,
+// a prompt's chunk) see each other causally. Each entry's results are the same float operations
+// whatever the other entries are: a token's logits do not depend on its step's company.
+// cos/sin [B, head_dim] (GPT-J: pairs repeated); kc/vc [n_layers, cache_rows, n_kv, max_len,
+// head_dim], float32 (GPT-J: or bfloat16, as d->cache_bf16 says). Returns 0, or -1 (having
+// changed nothing) where an entry's row or position is outside the cache.
 int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t B, const int64_t* pos,
-                 const float* cos_t, const float* sin_t, float* kc, float* vc, int64_t cache_rows,
-                 int64_t row0, int64_t max_len, void* scratch, int nthreads);
+                 const int64_t* rows, const float* cos_t, const float* sin_t, float* kc, float* vc,
+                 int64_t cache_rows, int64_t max_len, void* scratch, int nthreads);
 int gptj_decode(const GptjLayer* layers, const GptjDims* d, float* x, int64_t B, const int64_t* pos,
-                const float* cos_t, const float* sin_t, void* kc, void* vc, int64_t cache_rows, int64_t row0,
-                int64_t max_len, void* scratch, int nthreads);
+                const int64_t* rows, const float* cos_t, const float* sin_t, void* kc, void* vc,
+                int64_t cache_rows, int64_t max_len, void* scratch, int nthreads);
 
 }  // namespace gq

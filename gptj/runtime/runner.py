@@ -1,5 +1,6 @@
-"""Runs a model for the engine: one CPU decode step through the fused C++ step where it serves
-(gptj.cpu_decode), anything else through the model's own torch forward.
+"""Runs a model for the engine: a CPU step of a few tokens per row (decode, drafted tokens to
+verify, a short prompt) through the fused C++ step where it serves (gptj.cpu_decode), anything
+else through the model's own torch forward.
 
 The models (gptj/models) know nothing of the kernels: they expose `embed`, `rotary` (float32
 tables), `blocks` and `head`, and the runner puts the C++ step in place of `blocks`."""
@@ -25,7 +26,6 @@ def forward(
     if (
         cache is None
         or positions is None
-        or input_ids.shape[1] != 1
         or input_ids.device.type != "cpu"
         or not cpu_decode.enabled()
         or not hasattr(model, "blocks")

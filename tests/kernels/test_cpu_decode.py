@@ -326,7 +326,7 @@ def test_bf16_llama_takes_the_fast_path(mode: str, monkeypatch: pytest.MonkeyPat
     for name, m, fast in (("fast", model, True), ("torch", model, False), ("float32", twin, False)):
         cache = cache_for(m, 1)
         with torch.no_grad():
-            runner.forward(m, ids[:, :6], torch.arange(6)[None], cache)  # prefill: the torch path
+            m(ids[:, :6], torch.arange(6)[None], cache)  # prefill: the torch path
         steps = [decode(m, ids[:, i : i + 1], torch.tensor([[i]]), cache, slice(0, 1), fast, monkeypatch)
                  for i in range(6, 10)]  # fmt: skip
         logits[name] = torch.cat(steps).float()
@@ -345,3 +345,48 @@ def test_models_do_not_import_the_kernels() -> None:
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in imported if m and m.startswith(("gptj.cpu_decode", "gptj.kernels", "gptj.quant"))}, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_a_tokens_logits_do_not_depend_on_its_step(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What speculative decoding and batching rely on: a token's logits are the same bits whether
+    its step takes it alone, with the drafted tokens after it (T tokens of one row, causal among
+    themselves), beside other rows, or on one thread or two; also past 512 keys, where its
+    attention splits into chunks."""
+    if arch == "llama":
+        model = tiny_llama(CONFIGS["gqa"], "int8", seed=5)
+    else:
+        model = tiny_gptj(GPTJ_CONFIGS["hd32-rot16"], "int4", fused=True, seed=5)
+    monkeypatch.setenv("GPTJ_FAST_DECODE", "1")
+    torch.manual_seed(5)
+    start, T = 600, 6
+    ids = torch.randint(0, 101, (3, start + T))
+
+    def fresh_cache() -> KVCache:
+        cache = cache_for(model, 3, max_len=start + T + 2)
+        with torch.no_grad():  # the prompts: the torch path, the same in every case
+            for r in range(3):
+                model(ids[r : r + 1, :start], torch.arange(start)[None], cache, slice(r, r + 1), logits=False)
+        return cache
+
+    def run(rows: slice, tokens: torch.Tensor, first: int) -> torch.Tensor:
+        positions = torch.arange(first, first + tokens.shape[1]).expand(tokens.shape[0], -1)
+        with torch.no_grad():
+            return runner.forward(model, tokens, positions, cache, rows)
+
+    cache = fresh_cache()
+    alone = torch.cat([run(slice(1, 2), ids[1:2, t : t + 1], t) for t in range(start, start + T)], dim=1)
+    cache = fresh_cache()
+    drafted = run(slice(1, 2), ids[1:2, start:], start)
+    assert torch.equal(drafted, alone)
+    cache = fresh_cache()
+    batch = run(slice(0, 3), ids[:, start:], start)
+    assert torch.equal(batch[1:2], alone)
+    cache = fresh_cache()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = run(slice(1, 2), ids[1:2, start:], start)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, alone)
