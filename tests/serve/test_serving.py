@@ -23,8 +23,6 @@ import pytest
 from servers import free_port, running
 
 import gptj
-from gptj.runtime.engine import QueueFull, ShuttingDown
-from gptj.runtime.sampling import SamplingParams
 from gptj.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,16 +100,6 @@ def idle(engine) -> bool:  # noqa: ANN001
 def url(bundled_model) -> Iterator[str]:  # noqa: ANN001
     with running(create_app(bundled_model)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def one_row(bundled_model) -> Iterator[gptj.Model]:  # noqa: ANN001
-    """The bundled weights behind an engine with one batch row and a queue of one."""
-    model = gptj.Model(bundled_model.module, bundled_model.tokenizer, bundled_model.info, max_batch=1,
-                       context_length=1024)
-    model.engine.max_queue = 1
-    yield model
-    model.engine.shutdown(grace=0)
 
 
 # ---- continuous batching through HTTP -----------------------------------------------------------
@@ -272,46 +260,6 @@ def test_queue_limit_503_with_retry_after(one_row: gptj.Model) -> None:
         assert metrics(c)['gptj_requests_total{path="other"}'] >= 1  # unknown paths share one label
 
 
-def test_queue_limit_counts_exactly_under_concurrent_submits(one_row: gptj.Model) -> None:
-    engine = one_row.engine
-    engine.max_queue = 3
-    ids = one_row.tokenizer.encode("Hello")
-    blocker = engine.submit(ids, SamplingParams(max_new_tokens=1000, ignore_eos=True, temperature=0))
-    try:
-        next(iter(blocker))  # it is in the batch
-        accepted, refused = [], []
-        barrier = threading.Barrier(12)
-
-        def submit() -> None:
-            barrier.wait()
-            try:
-                accepted.append(engine.submit(ids, SamplingParams(max_new_tokens=1, temperature=0)))
-            except QueueFull:
-                refused.append(1)
-
-        threads = [threading.Thread(target=submit) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert (len(accepted), len(refused)) == (3, 9)
-        assert engine.queue_depth == 3
-        # Cancelled waiting requests give their places back at the next step.
-        for h in accepted:
-            h.cancel()
-        wait_for(lambda: engine.queue_depth == 0 and engine.in_flight == 1, "the cancelled ones left")
-        assert all(h.result().finish_reason == "cancelled" for h in accepted)
-        again = [engine.submit(ids, SamplingParams(max_new_tokens=1, temperature=0)) for _ in range(3)]
-        with pytest.raises(QueueFull):
-            engine.submit(ids, SamplingParams(max_new_tokens=1, temperature=0))
-    finally:
-        blocker.cancel()
-        engine.max_queue = 1
-    assert blocker.result().finish_reason == "cancelled"
-    assert all(h.result().finish_reason == "length" for h in again)
-    wait_for(lambda: idle(engine), "the engine is idle")
-
-
 # ---- time limits -------------------------------------------------------------------------------
 
 
@@ -333,45 +281,6 @@ def test_request_timeout(bundled_model) -> None:  # noqa: ANN001
         assert chat.choices[0].finish_reason == "timeout"
         assert metrics(c)['gptj_generations_total{finish_reason="timeout"}'] >= 3
     wait_for(lambda: idle(bundled_model.engine), "the engine is idle")
-
-
-def test_timeout_while_queued(one_row: gptj.Model) -> None:
-    engine = one_row.engine
-    ids = one_row.tokenizer.encode("Hello")
-    blocker = engine.submit(ids, SamplingParams(max_new_tokens=1000, ignore_eos=True, temperature=0))
-    try:
-        next(iter(blocker))
-        queued = engine.submit(ids, SamplingParams(max_new_tokens=4, temperature=0), timeout=0.3)
-        result = queued.result()  # ends while the blocker still holds the batch
-        assert result.finish_reason == "timeout" and result.tokens == []
-        assert not blocker.done
-    finally:
-        blocker.cancel()
-    blocker.result()
-    wait_for(lambda: idle(engine), "the engine is idle")
-
-
-# ---- shutdown of the engine --------------------------------------------------------------------
-
-
-def test_engine_shutdown_ends_every_request_with_a_reason(one_row: gptj.Model) -> None:
-    engine = one_row.engine
-    ids = one_row.tokenizer.encode("Hello")
-    running_one = engine.submit(ids, SamplingParams(max_new_tokens=1000, ignore_eos=True, temperature=0))
-    next(iter(running_one))
-    queued = engine.submit(ids, SamplingParams(max_new_tokens=4, temperature=0))
-    stopper = threading.Thread(target=engine.shutdown, kwargs={"grace": 3.0})
-    stopper.start()
-    wait_for(lambda: engine.draining, "the shutdown began")
-    with pytest.raises(ShuttingDown, match="shutting down"):  # during the grace period: refused
-        engine.submit(ids, SamplingParams(max_new_tokens=1))
-    stopper.join()
-    first, second = running_one.result(), queued.result()
-    assert first.finish_reason == "shutdown" and 0 < len(first.tokens) < LONG["max_tokens"]
-    assert second.finish_reason == "shutdown"
-    assert engine.in_flight == 0
-    # The engine starts again on the next request.
-    assert one_row.generate("Hello", max_new_tokens=2, temperature=0, ignore_eos=True).finish_reason == "length"
 
 
 # ---- API keys and CORS -------------------------------------------------------------------------

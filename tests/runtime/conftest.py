@@ -1,0 +1,18 @@
+"""Fixtures of the engine tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import gptj
+
+
+@pytest.fixture
+def driver_thread(one_row: gptj.Model) -> Iterator[None]:
+    """A driver thread on one_row's engine, as a server gives it: requests advance while a test
+    waits without iterating them."""
+    one_row.engine.start_background()
+    yield
+    one_row.engine.shutdown(grace=0)
