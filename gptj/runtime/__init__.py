@@ -1,2 +1,3 @@
 """Generation: requests and their streams, the sampler, the KV cache and the prefix store, the
-runner that picks the fused CPU step, and the engine that batches them continuously."""
+runner that picks the fused CPU step, the row table that reuses prefixes, and the engine that
+batches requests continuously, driven by whoever waits or by a thread of its own."""
