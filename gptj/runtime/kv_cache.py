@@ -3,10 +3,15 @@
 The cache holds `n_rows` independent sequences ("rows"). A forward pass works on a
 contiguous range of rows so that reading the cache is a view, never a gather: a gather
 would copy the whole cache of every layer at every decode step.
+
+On the CPU its memory comes from an anonymous mapping: zeros that take no memory until a
+position is written, so a process holds the cache of the tokens it has seen, not of the whole
+context (6B, bf16: 0.47 MB a token, 0.94 GB for 2048).
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +32,7 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layers, n_rows, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
         self.max_len = max_len
         self.n_rows = n_rows
 
@@ -62,6 +66,18 @@ class KVCache:
         """Reuse the first `length` positions of one row in another (prefix caching)."""
         self.k[:, dst_row, :, :length] = self.k[:, src_row, :, :length]
         self.v[:, dst_row, :, :length] = self.v[:, src_row, :, :length]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor; on the CPU, over an anonymous mapping whose pages the kernel provides (zeroed)
+    only when first touched. torch.zeros would write, and so hold, every page at once."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
 
 
 def check_kv_cache_fits(
