@@ -23,6 +23,7 @@ import torch
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
 from gptj.runtime import runner
+from gptj.runtime import speculative as speculation
 from gptj.runtime.driving import Driving
 from gptj.runtime.kv_cache import KVCache
 from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
@@ -49,7 +50,13 @@ class Engine:
         max_queue: int = 64,
         prefix_cache: bool = True,
         prefix_cache_bytes: int = PREFIX_STORE_BYTES,
+        speculative: str = "ngram",
+        speculative_tokens: int = speculation.DEFAULT_TOKENS,
     ) -> None:
+        if speculative not in speculation.MODES:
+            raise ValueError(f"speculative: {speculative!r}; expected one of {', '.join(speculation.MODES)}")
+        if not 1 <= speculative_tokens <= speculation.MAX_TOKENS:
+            raise ValueError(f"speculative_tokens: {speculative_tokens}; expected 1..{speculation.MAX_TOKENS}")
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.context_length = min(context_length or cfg.context_length, cfg.context_length)
@@ -69,7 +76,12 @@ class Engine:
         self.driving = Driving(self)
         self.draining = False  # shutting down: new requests are refused
         self.in_flight = 0  # submitted and not finished (the batch plus the queue), under `lock`
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0}
+        # Speculative decoding (gptj.runtime.speculative): a lone decoding request drafts tokens
+        # by prompt lookup and one pass checks them, where that pass gives every token the bits
+        # of a one-token step (runner.exact_multi_token), so the text is the same with it off.
+        self.speculative, self.speculative_tokens = speculative, speculative_tokens
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0,
+                      "drafted_tokens": 0, "accepted_tokens": 0}
         self.finish_reasons: dict[str, int] = {}  # finished requests by finish_reason
         self.token_times: deque[float] = deque(maxlen=200_000)  # when recent tokens were sampled
 
@@ -336,6 +348,8 @@ class Engine:
             r.send(StreamEvent("", [], prompt_logprobs=r.prompt_infos))
 
     def _decode(self, batch: list[_Request]) -> None:
+        if len(batch) == 1 and self._speculate(batch[0]):
+            return
         lo = min(r.row for r in batch)
         hi = max(r.row for r in batch) + 1
         by_row = {r.row: r for r in self.active}
@@ -360,6 +374,45 @@ class Engine:
             if not r.generated:  # the prompt's last token is in the cache now
                 r.prefilled += 1
             self._accept(r, logits[r.row - lo, -1])
+
+    def _speculate(self, r: _Request) -> bool:
+        """One pass over the request's next input and the tokens drafted after it; each position's
+        token is sampled as a one-token step would sample it, in order, until one differs from the
+        draft (the first differing token is kept: it is what decoding alone gives there). False
+        (nothing done) where there is no draft or the pass would not be exact."""
+        if self.speculative == "none" or self.device.type != "cpu":
+            return False
+        room = min(r.params.max_new_tokens - len(r.generated), self.context_length - r.length) - 1
+        if room < 1 or not runner.exact_multi_token(self.model):
+            return False
+        if r.drafter is None:
+            r.drafter = speculation.NgramDrafter(r.prompt_ids + r.generated, self.speculative_tokens)
+        draft = r.drafter.propose(room)
+        if not draft:
+            return False
+        start = len(self.rows.tokens[r.row])
+        inputs = [r.next_input, *draft]
+        ids = torch.tensor([inputs])
+        positions = torch.arange(start, start + len(inputs))[None]
+        logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1))[0]
+        accepted = 0
+        for j, token in enumerate(inputs):
+            self.rows.tokens[r.row].append(token)
+            if j == 0 and not r.generated:  # the prompt's last token is in the cache now
+                r.prefilled += 1
+            produced = len(r.generated)
+            self._accept(r, logits[j])
+            if r not in self.active or j == len(draft) or len(r.generated) == produced:
+                break
+            if r.generated[-1] != draft[j]:
+                break
+            accepted += 1
+        r.drafted += len(draft)
+        r.accepted += accepted
+        self.stats["drafted_tokens"] += len(draft)
+        self.stats["accepted_tokens"] += accepted
+        r.drafter.accepted(len(draft), accepted)
+        return True
 
     def _accept(self, r: _Request, logits: torch.Tensor) -> None:
         """Samples the next token of `r` from its float32 logits and streams what it completes."""
@@ -396,6 +449,8 @@ class Engine:
             self._retire(r, "stop")
             return
         r.generated.append(token)
+        if r.drafter is not None:
+            r.drafter.extend((token,))
         r.infos.append(info)
         r.pending_infos.append(info)
         piece = r.decoder.push(token)
@@ -447,6 +502,8 @@ class Engine:
                 time_to_first_token=ttft,
                 error=error,
                 prompt_logprobs=r.prompt_infos,
+                drafted_tokens=r.drafted,
+                accepted_tokens=r.accepted,
             )
         )
 

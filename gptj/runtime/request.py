@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from gptj.runtime.sampling import SamplingParams
+from gptj.runtime.speculative import NgramDrafter
 from gptj.runtime.stops import StopMatcher
 from gptj.tokenizer import StreamDecoder
 
@@ -53,6 +54,9 @@ class Completion:
     error: str | None = None
     # with `prompt_logprobs`: one per prompt token, the first without a logprob (nothing precedes it)
     prompt_logprobs: list[TokenInfo] | None = None
+    # speculative decoding: tokens drafted for this request, and how many of them the model kept
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -148,6 +152,9 @@ class _Request:
     generator: torch.Generator | None = None
     decoder: StreamDecoder | None = None
     stops: StopMatcher | None = None
+    drafter: NgramDrafter | None = None  # speculative decoding, made at its first draft
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def length(self) -> int:

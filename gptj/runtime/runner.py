@@ -36,3 +36,9 @@ def forward(
     if not cpu_decode.decode_blocks(model, x, cos, sin, positions, cache, rows):
         x = model.blocks(x, cos, sin, positions, cache, rows)
     return model.head(x, last_only) if logits else None
+
+
+def exact_multi_token(model: torch.nn.Module) -> bool:
+    """Whether a step of several tokens per row gives each token the bits of a one-token step
+    (the fused C++ step: decode.h), which speculative decoding needs to keep the text unchanged."""
+    return hasattr(model, "blocks") and cpu_decode.enabled() and cpu_decode.serves(model)

@@ -1,0 +1,100 @@
+"""Speculative decoding (prompt lookup) changes the speed, never the text: greedy and seeded
+sampling give the same tokens, logprobs and finish with it on and off, on the bundled Llama and
+on a GPT-J, because a pass over drafted tokens gives each the bits of a one-token step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import gptj
+from gptj.loading.random_checkpoint import make_random_checkpoint
+from gptj.runtime import runner
+
+CODE = """def add(a, b):
+    return a + b
+
+
+def sub(a, b):
+    return a - b
+
+# The same two functions again, with type hints:
+def add(a: int, b: int) -> int:
+"""
+
+
+@pytest.fixture(scope="module")
+def int8_model() -> Iterator[gptj.Model]:
+    model = gptj.load(quantize="int8")
+    yield model
+    model.engine.shutdown(grace=0)
+
+
+@pytest.fixture(scope="module")
+def gptj_int4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[gptj.Model]:
+    path = Path(tmp_path_factory.mktemp("gptj")) / "tiny"
+    make_random_checkpoint(path, dict(n_embd=128, n_head=4, n_layer=2, rotary_dim=16), "safetensors")
+    model = gptj.load(str(path), quantize="int4")
+    yield model
+    model.engine.shutdown(grace=0)
+
+
+def generate(model: gptj.Model, mode: str, prompt: str | list[int], **settings: object) -> gptj.Completion:
+    model.engine.speculative = mode
+    try:
+        return model.generate(prompt, **settings)
+    finally:
+        model.engine.speculative = "ngram"
+
+
+def same_output(a: gptj.Completion, b: gptj.Completion) -> None:
+    assert a.tokens == b.tokens and a.text == b.text and a.finish_reason == b.finish_reason
+    assert [(t.id, t.logprob, t.top_logprobs) for t in a.token_infos] == [
+        (t.id, t.logprob, t.top_logprobs) for t in b.token_infos
+    ]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0),
+    dict(temperature=1.0, seed=3),
+    dict(temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7),
+], ids=["greedy", "sampled", "penalties"])  # fmt: skip
+def test_same_tokens_with_and_without_drafts(int8_model: gptj.Model, settings: dict) -> None:
+    assert runner.exact_multi_token(int8_model.module)
+    off = generate(int8_model, "none", CODE, max_new_tokens=48, ignore_eos=True, logprobs=3, **settings)
+    on = generate(int8_model, "ngram", CODE, max_new_tokens=48, ignore_eos=True, logprobs=3, **settings)
+    same_output(on, off)
+    assert off.drafted_tokens == 0
+    assert on.drafted_tokens > 0 and on.accepted_tokens <= on.drafted_tokens
+    if settings["temperature"] == 0:  # the greedy copy follows its prompt: drafts are kept
+        assert on.accepted_tokens > 0
+
+
+def test_drafts_that_run_past_a_stop_or_the_length_limit(int8_model: gptj.Model) -> None:
+    """A stop sequence or max_new_tokens inside an accepted draft ends the text where decoding
+    alone ends it."""
+    for settings in (dict(stop=["b:"]), dict(max_new_tokens=7), dict(max_new_tokens=1)):
+        settings = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True, **settings}
+        off, on = generate(int8_model, "none", CODE, **settings), generate(int8_model, "ngram", CODE, **settings)
+        same_output(on, off)
+        assert len(on.tokens) <= settings["max_new_tokens"]
+
+
+def test_gptj_same_tokens(gptj_int4: gptj.Model) -> None:
+    prompt = list(range(300, 340)) * 3  # a repeated run: drafts keep coming
+    for settings in (dict(temperature=0), dict(temperature=1.0, seed=11)):
+        off = generate(gptj_int4, "none", prompt, max_new_tokens=40, ignore_eos=True, **settings)
+        on = generate(gptj_int4, "ngram", prompt, max_new_tokens=40, ignore_eos=True, **settings)
+        same_output(on, off)
+        assert on.drafted_tokens > 0
+
+
+def test_no_drafts_where_a_pass_would_not_be_exact(int8_model: gptj.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the fused step (the torch path), a pass of several tokens may round differently
+    from one-token steps: no speculation there, so the text cannot change."""
+    monkeypatch.setenv("GPTJ_FAST_DECODE", "0")
+    assert not runner.exact_multi_token(int8_model.module)
+    on = generate(int8_model, "ngram", CODE, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert on.drafted_tokens == 0
