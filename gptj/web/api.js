@@ -19,6 +19,14 @@ export function setApiKey(key) {
   store.save({ apiKey });
 }
 
+export const hasApiKey = () => !!apiKey;
+
+/** Every request tells the page whether the server answered: a "gptj:connection" event on
+ * window with {ok, message}. Any answer, an error status included, means it is reachable. */
+function connection(ok, message = "") {
+  window.dispatchEvent(new CustomEvent("gptj:connection", { detail: { ok, message } }));
+}
+
 function headers(extra = {}) {
   const h = { "Content-Type": "application/json", ...extra };
   if (apiKey) h.Authorization = `Bearer ${apiKey}`;
@@ -42,14 +50,19 @@ async function errorOf(res) {
   return new ApiError(message, res.status, param);
 }
 
+export const UNREACHABLE = "Cannot reach the server: is `gptj serve` still running?";
+
 async function send(url, options) {
   let res;
   try {
     res = await fetch(url, options);
   } catch (err) {
     if (err.name === "AbortError") throw err;
-    throw new ApiError("Cannot reach the server: is `gptj serve` still running?", 0);
+    const error = new ApiError(UNREACHABLE, 0);
+    connection(false, error.message);
+    throw error;
   }
+  connection(true);
   if (!res.ok) throw await errorOf(res);
   return res;
 }
@@ -78,7 +91,15 @@ export async function* streamEvents(url, body, signal) {
   let buffer = "";
   try {
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (err) {
+        if (err.name === "AbortError" || signal?.aborted) throw err;
+        connection(false, UNREACHABLE);
+        throw new ApiError(`The connection to the server broke off. ${UNREACHABLE}`, 0);
+      }
+      const { value, done } = chunk;
       if (done) break;
       buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
       let end;

@@ -1,8 +1,10 @@
 // GPT-J Studio's page: wires the header, tabs, settings, presets and the three views.
 // Plain ES modules, no build step, no network beyond this server.
 
-import { getJSON, setApiKey } from "./api.js";
+import { getJSON, setApiKey, UNREACHABLE } from "./api.js";
 import { Chat } from "./chat.js";
+import { path } from "./chatstore.js";
+import { CodeView } from "./codeview.js";
 import { Playground } from "./playground.js";
 import { Settings } from "./settings.js";
 import { TokenViewer } from "./tokens.js";
@@ -40,12 +42,13 @@ const remember = debounce(() => {
     tokensText: tokens.input.value,
     tokenizer: tokens.tokenizer,
     tab: currentTab,
+    view: { mono: playground.mono, probs: playground.probColors, next: playground.next.open, advanced: $("#advanced").open },
   });
 }, 400);
 
 const settings = new Settings({ onChange: remember });
 const playground = new Playground({ settings, banner, onTextChange: remember });
-const chat = new Chat({ settings, banner, onChange: remember });
+const chat = new Chat({ settings, banner, onChange: remember, initialSystem: saved.system || "" });
 const tokens = new TokenViewer({ banner, getPlaygroundText: () => playground.editor.text, onChange: remember });
 
 // ---- tabs ------------------------------------------------------------------------------------
@@ -103,12 +106,21 @@ document.addEventListener("keydown", (e) => {
 // ---- presets ---------------------------------------------------------------------------------
 
 let presets = [];
+let monoByPreset = false; // the code preset switched Monospace on: the next preset switches it off
 
 function applyPreset(name) {
   const p = presets.find((x) => x.name === name);
   if (!p) return;
   $("#preset-desc").textContent = p.description || "";
   settings.apply(p.settings || {}, p.stop || []);
+  const wantsMono = p.monospace === true || (p.monospace === undefined && p.name === "code");
+  if (wantsMono && !playground.mono) {
+    playground.mono = true;
+    monoByPreset = true;
+  } else if (!wantsMono && monoByPreset && p.kind !== "chat") {
+    playground.mono = false;
+    monoByPreset = false;
+  }
   if (p.kind === "chat") {
     chat.botName = p.bot_name || "Assistant";
     chat.setSystem(p.intro || "");
@@ -145,16 +157,52 @@ function renderInfo(info) {
   );
 }
 
+// The dot in the header follows every request (api.js tells): red as soon as one cannot reach
+// the server, green again with the next answer. While red, /health is asked every few seconds.
+let connected = null;
+let serverInfo = null;
+let healthTimer = null;
+
 function setConnected(ok, text) {
   const conn = $("#conn");
   conn.classList.toggle("ok", ok);
   conn.classList.toggle("bad", !ok);
   conn.title = text;
+  conn.dataset.state = ok ? "ok" : "bad";
+  conn.setAttribute("aria-label", text);
+  const was = connected;
+  connected = ok;
+  if (ok && was === false) {
+    if ($("#error-message").textContent.includes(UNREACHABLE)) banner.hide();
+    if (!serverInfo) loadServerData();
+  }
+  scheduleHealth();
 }
+
+function scheduleHealth() {
+  clearTimeout(healthTimer);
+  healthTimer = setTimeout(checkHealth, connected === false ? 2000 : 15000);
+}
+
+async function checkHealth() {
+  if (document.hidden && connected !== false) return scheduleHealth();
+  try {
+    await getJSON("health");
+  } catch {
+    /* the connection event has set the dot */
+  }
+  scheduleHealth();
+}
+
+window.addEventListener("gptj:connection", (e) => {
+  const { ok, message } = e.detail;
+  if (ok !== connected) setConnected(ok, ok ? (serverInfo ? `Connected: ${serverInfo.name}` : "Connected") : message);
+});
 
 async function loadServerData() {
   try {
     const info = await getJSON("api/info");
+    serverInfo = info;
     renderInfo(info);
     settings.setDefaults(info.defaults, info.context_length);
     playground.setContextLength(info.context_length);
@@ -162,7 +210,7 @@ async function loadServerData() {
     setConnected(true, `Connected: ${info.name}`);
   } catch (err) {
     $("#model-name").textContent = "Not connected";
-    setConnected(false, err.message);
+    if (err.status !== 0) setConnected(true, `The server answered: ${err.message}`);
     banner.show(err.message, err);
     return;
   }
@@ -188,11 +236,42 @@ const settingsRestored = !!saved.settings;
 settings.apply({}, []);
 if (saved.settings) settings.restore(saved.settings);
 if (saved.prompt) playground.editor.setText(saved.prompt);
-if (saved.system) chat.system.value = saved.system;
+if (saved.view) {
+  playground.mono = saved.view.mono;
+  playground.probColors = saved.view.probs;
+  $("#advanced").open = !!saved.view.advanced;
+}
 if (saved.tokenizer) tokens.tokenizer = saved.tokenizer;
 if (saved.tokensText) tokens.setText(saved.tokensText);
 showTab(saved.tab || "playground", { focus: false });
+if (saved.view && saved.view.next) playground.next.setOpen(true);
+$("#advanced").addEventListener("toggle", () => remember());
+window.addEventListener("pagehide", () => remember.flush()); // a reload right after a change keeps it
+$("#next-toggle").addEventListener("change", () => remember());
 loadServerData();
 
+// ---- view code -------------------------------------------------------------------------------
+
+const codeView = new CodeView({
+  getInfo: () => serverInfo,
+  current() {
+    if (currentTab === "chat") {
+      const messages = chat.messagesUpTo(path(chat.chat).at(-1));
+      const pending = chat.input.value.trim();
+      if (pending) messages.push({ role: "user", content: pending });
+      return {
+        kind: "chat",
+        body: { messages, ...settings.request({ withStops: false }) },
+        hint: "The conversation shown (with the message being written) and the current settings, as a request for the next reply.",
+      };
+    }
+    return {
+      kind: "completions",
+      body: { prompt: playground.editor.text, ...settings.request({ withStops: true }) },
+      hint: "The playground's text and the current settings, as a request for its continuation.",
+    };
+  },
+});
+
 // For debugging and tests.
-window.gptjStudio = { playground, chat, tokens, settings, showTab };
+window.gptjStudio = { playground, chat, tokens, settings, showTab, codeView };

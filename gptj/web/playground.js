@@ -2,6 +2,7 @@
 
 import { isAbort, postJSON, streamEvents } from "./api.js";
 import { Editor } from "./editor.js";
+import { NextTokens } from "./nexttoken.js";
 import { ProbPopover } from "./probs.js";
 import { $, debounce, formatInt } from "./util.js";
 
@@ -28,6 +29,7 @@ export class Playground {
         this.countTokens(text);
         this.onTextChange(text);
         if (!this.busy) this.popover.close();
+        this.next?.textChanged();
       },
       onTokenClick: (mark, span) => (mark ? this.popover.show(mark, span) : this.popover.close()),
     });
@@ -47,9 +49,56 @@ export class Playground {
     this.countSeq = 0;
     this.countTokens = debounce((text) => this.fetchCount(text), 300);
 
-    $("#prob-colors").addEventListener("change", (e) => $("#editor-box").classList.toggle("probs", e.target.checked));
-    $("#mono").addEventListener("change", (e) => $("#editor-box").classList.toggle("mono", e.target.checked));
+    this.next = new NextTokens({
+      getText: () => this.editor.text,
+      insert: (token) => this.insertAtEnd(token),
+      isBusy: () => this.busy,
+    });
+
+    $("#prob-colors").addEventListener("change", (e) => {
+      $("#editor-box").classList.toggle("probs", e.target.checked);
+      this.onTextChange();
+    });
+    $("#mono").addEventListener("change", (e) => {
+      $("#editor-box").classList.toggle("mono", e.target.checked);
+      this.onTextChange();
+    });
     this.updateButtons();
+  }
+
+  get mono() {
+    return $("#mono").checked;
+  }
+
+  set mono(on) {
+    $("#mono").checked = !!on;
+    $("#editor-box").classList.toggle("mono", !!on);
+  }
+
+  get probColors() {
+    return $("#prob-colors").checked;
+  }
+
+  set probColors(on) {
+    $("#prob-colors").checked = !!on;
+    $("#editor-box").classList.toggle("probs", !!on);
+  }
+
+  /** Adds text at the end (a token picked in the next-token view); Undo takes it back. */
+  insertAtEnd(text) {
+    if (this.busy) return;
+    this.pushUndo("edit");
+    const snap = this.editor.snapshot();
+    this.editor.setText(snap.text + text, snap.marks);
+    this.editor.scrollToBottom();
+    this.updateButtons();
+  }
+
+  setStatus(text, { live = false, finish = undefined } = {}) {
+    this.status.textContent = text;
+    this.status.title = text;
+    this.status.className = live ? "status gen-status live" : "status gen-status";
+    if (finish !== undefined) this.status.dataset.finish = finish;
   }
 
   get busy() {
@@ -115,8 +164,7 @@ export class Playground {
     if (this.busy || !this.undoStack.length) return;
     this.popover.close();
     this.editor.restore(this.undoStack.pop().snap);
-    this.status.textContent = "";
-    this.status.dataset.finish = "";
+    this.setStatus("", { finish: "" });
     this.updateButtons();
     this.editor.textarea.focus();
   }
@@ -145,14 +193,14 @@ export class Playground {
     this.updateButtons();
     this.editor.beginGeneration();
     this.editor.scrollToBottom(); // the continuation appears at the end
-    const body = { prompt, logprobs: 5, ...this.settings.request({ withStops: true }) };
+    // stream_options: the usage comes in a last chunk (as OpenAI's), only when asked for
+    const body = { prompt, logprobs: 5, stream_options: { include_usage: true }, ...this.settings.request({ withStops: true }) };
     const t0 = performance.now();
     let tokens = 0;
     let chars = 0;
     let finish = null;
     let usage = null;
-    this.status.textContent = "Generating…";
-    this.status.className = "status live";
+    this.setStatus("Generating…", { live: true });
     try {
       for await (const chunk of streamEvents("v1/completions", body, controller.signal)) {
         if (controller.signal.aborted) break; // events already buffered when Stop was pressed
@@ -164,7 +212,7 @@ export class Playground {
         tokens += toks ? toks.length : 0;
         chars += (choice.text || "").length;
         if (choice.finish_reason) finish = choice.finish_reason;
-        this.status.textContent = `Generating… ${tokens || ""}${tokens ? " tokens · " : ""}${rate(tokens, t0)}`;
+        this.setStatus(`Generating… ${tokens || ""}${tokens ? " tokens · " : ""}${rate(tokens, t0)}`, { live: true });
       }
       if (controller.signal.aborted) finish = "stopped";
     } catch (err) {
@@ -181,13 +229,9 @@ export class Playground {
       this.updateButtons();
     }
     const n = usage ? usage.completion_tokens : tokens;
-    this.status.className = "status";
-    this.status.dataset.finish = finish || "";
-    if (finish !== "error") {
-      this.status.textContent = `${formatInt(n)} tokens · ${rate(n, t0)} · ${FINISH[finish] || finish || "done"}`;
-    } else {
-      this.status.textContent = "";
-    }
+    const summary = `${FINISH[finish] || finish || "done"}: ${formatInt(n)} new token${n === 1 ? "" : "s"} · ${rate(n, t0)}`;
+    this.setStatus(finish === "error" ? "" : summary, { finish: finish || "" });
+    this.next.textChanged();
   }
 }
 

@@ -3,7 +3,8 @@
 
 import { $, clamp, el, formatStops, parseStops, visibleToken } from "./util.js";
 
-// name: the server's setting; the request field is `request` (OpenAI's names).
+// name: the server's setting; the request field is `request` (OpenAI's names). The advanced ones
+// sit in a fold and go into a request only when they do something (`neutral`: they do nothing).
 export const SLIDERS = [
   { name: "max_new_tokens", request: "max_tokens", label: "Max new tokens", min: 1, max: 2048, step: 1, int: true,
     hint: "Length of the continuation, in tokens." },
@@ -13,19 +14,27 @@ export const SLIDERS = [
     hint: "Sample from the smallest set of tokens holding this much probability." },
   { name: "top_k", request: "top_k", label: "Top-k", min: 0, max: 200, step: 1, int: true,
     hint: "Sample from the k most likely tokens; 0 turns it off." },
+  { name: "min_p", request: "min_p", label: "Min-p", min: 0, max: 1, step: 0.01, advanced: true, neutral: 0,
+    hint: "Drop tokens less likely than this fraction of the most likely one; 0 turns it off." },
   { name: "repetition_penalty", request: "repetition_penalty", label: "Repetition penalty", min: 1, max: 2, step: 0.01,
-    inputMin: 0.01, inputMax: 10, hint: "Above 1 makes tokens already in the text less likely." },
+    inputMin: 0.01, inputMax: 10, advanced: true, neutral: 1,
+    hint: "Above 1 makes tokens already in the text less likely (divides their score)." },
+  { name: "presence_penalty", request: "presence_penalty", label: "Presence penalty", min: -2, max: 2, step: 0.01,
+    advanced: true, neutral: 0, hint: "Subtracted once from every token already in the text: above 0, new topics." },
+  { name: "frequency_penalty", request: "frequency_penalty", label: "Frequency penalty", min: -2, max: 2, step: 0.01,
+    advanced: true, neutral: 0, hint: "Subtracted for each time a token already appeared: above 0, fewer repeats." },
 ];
 
-const FALLBACK = { max_new_tokens: 128, temperature: 0.8, top_p: 0.95, top_k: 40, repetition_penalty: 1.0 };
+const FALLBACK = { max_new_tokens: 128, temperature: 0.8, top_p: 0.95, top_k: 40, min_p: 0, repetition_penalty: 1.0,
+  presence_penalty: 0, frequency_penalty: 0 };
 
 export class Settings {
   constructor({ onChange = () => {} } = {}) {
     this.onChange = onChange;
     this.defaults = { ...FALLBACK };
     this.inputs = {};
-    const box = $("#sliders");
     for (const spec of SLIDERS) {
+      const box = $(spec.advanced ? "#sliders-advanced" : "#sliders");
       const num = el("input", {
         type: "number", id: `set-${spec.name}`, "data-testid": `setting-${spec.name}`,
         min: spec.inputMin ?? spec.min, max: spec.inputMax ?? spec.max, step: spec.step, inputMode: spec.int ? "numeric" : "decimal",
@@ -98,6 +107,12 @@ export class Settings {
       this.stopInput.value = formatStops(stop);
       this.renderStops();
     }
+    this.renderCount();
+  }
+
+  renderCount() {
+    const n = this.changedAdvanced().length;
+    $("#advanced-count").textContent = n ? `· ${n} on` : "";
   }
 
   renderStops() {
@@ -124,11 +139,17 @@ export class Settings {
     return out;
   }
 
+  /** The advanced settings that do something (not at their neutral value). */
+  changedAdvanced() {
+    const v = this.values();
+    return SLIDERS.filter((s) => s.advanced && v[s.name] !== s.neutral);
+  }
+
   /** The OpenAI-style request fields; `withStops` for the playground only. */
   request({ withStops = true } = {}) {
     const v = this.values();
     const body = {};
-    for (const spec of SLIDERS) body[spec.request] = v[spec.name];
+    for (const spec of SLIDERS) if (!spec.advanced || v[spec.name] !== spec.neutral) body[spec.request] = v[spec.name];
     if (withStops) {
       const stop = this.stops;
       if (stop.length) body.stop = stop;
@@ -152,6 +173,7 @@ export class Settings {
   }
 
   changed() {
+    this.renderCount();
     this.onChange(this.state());
   }
 }
