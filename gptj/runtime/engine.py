@@ -22,7 +22,7 @@ import torch
 
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
-from gptj.runtime import runner
+from gptj.runtime import healing, runner
 from gptj.runtime import speculative as speculation
 from gptj.runtime.driving import Driving
 from gptj.runtime.kv_cache import KVCache
@@ -123,7 +123,11 @@ class Engine:
         while `shutdown()` runs."""
         params.validate()
         ids, truncated = self.prepare_prompt(prompt_ids, params)
+        heal = healing.plan(self.tokenizer, ids, params)
+        if heal is not None:  # the first token brings the removed text back (gptj.runtime.healing)
+            ids = ids[:-1]
         request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated, cache_scope)
+        request.heal = heal
         if params.seed is not None:
             try:
                 request.generator = torch.Generator().manual_seed(params.seed)
@@ -249,6 +253,7 @@ class Engine:
 
     def admit(self, block: bool) -> None:
         """Moves waiting requests into the batch while it has room; `block`: waits for one."""
+        self._retire_ended()  # a cancelled request's row is free (and its prefix reusable) at once
         while len(self.active) < self.max_batch:
             try:
                 request = self.waiting.get(block=block)
@@ -294,14 +299,18 @@ class Engine:
         self.stats["cached_prompt_tokens"] += reuse
         self._prompt_done(r)
 
-    def _step(self) -> None:
-        self._purge_waiting()
+    def _retire_ended(self) -> None:
+        """Retires running requests that were cancelled or ran out of time."""
         now = time.monotonic()
         for r in list(self.active):
             if r.cancelled:
                 self._retire(r, "cancelled")
             elif r.deadline is not None and now > r.deadline:
                 self._retire(r, "timeout")
+
+    def _step(self) -> None:
+        self._purge_waiting()
+        self._retire_ended()
         prefilling = [r for r in self.active if r.prefilled < r.prefill_target]
         if prefilling:
             self._prefill_chunk(prefilling[0])
@@ -418,6 +427,9 @@ class Engine:
         """Samples the next token of `r` from its float32 logits and streams what it completes."""
         if self.banned.numel():
             logits[self.banned] = float("-inf")  # ids beyond the tokenizer (GPT-J's 143 padding rows)
+        heal = r.heal
+        if heal is not None:  # token healing: the first token begins with the prompt's removed text
+            heal.mask(logits)
         info_logprobs = r.params.logprobs is not None
         if info_logprobs:
             logprobs = logits.log_softmax(-1)
@@ -433,12 +445,24 @@ class Engine:
             # Settings at the edge of float32 (a temperature of 1e-309, a repetition penalty of
             # 1e-300) leave no distribution to sample: take their limit, the most likely token.
             token = int(torch.argmax(torch.nan_to_num(scores, nan=float("-inf"))))
-        info = TokenInfo(token)
+        if heal is not None:
+            r.heal = None
+            if not heal.allows(token):  # every allowed token banned (logit_bias): keep the prompt as sent
+                token = heal.token
+            if token == heal.token:  # the prompt's own last token: the prompt stands as it was sent
+                r.prompt_ids.append(token)
+                if r.drafter is not None:
+                    r.drafter.extend((token,))
+                return
+            r.healed = heal.text
+        info = TokenInfo(token, healed=heal.text if heal is not None else "")
         if info_logprobs:
             info.logprob = float(logprobs[token])
             if r.params.logprobs:
                 top = torch.topk(logprobs, r.params.logprobs)
-                info.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+                # (a healed first step allows few tokens: the others' -inf are left out)
+                info.top_logprobs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)
+                                     if v > float("-inf")]
         now = time.monotonic()
         if r.first_token_at is None:
             r.first_token_at = now
@@ -453,7 +477,7 @@ class Engine:
             r.drafter.extend((token,))
         r.infos.append(info)
         r.pending_infos.append(info)
-        piece = r.decoder.push(token)
+        piece = r.decoder.push(token, skip=len(heal.prefix) if heal is not None else 0)
         text, hit = r.stops.push(piece)
         if hit:
             self._emit(r, text)
@@ -488,14 +512,14 @@ class Engine:
             self.in_flight -= 1
         self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
         self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(r.prompt_ids)
+        self.stats["prompt_tokens"] += r.prompt_tokens
         ttft = r.first_token_at - r.started if r.first_token_at else None
         r.send(
             Completion(
                 text=r.text,
                 tokens=list(r.generated),
                 finish_reason=reason,
-                prompt_tokens=len(r.prompt_ids),
+                prompt_tokens=r.prompt_tokens,
                 token_infos=r.infos,
                 truncated_prompt_tokens=r.truncated,
                 cached_prompt_tokens=r.cached,
@@ -504,6 +528,7 @@ class Engine:
                 prompt_logprobs=r.prompt_infos,
                 drafted_tokens=r.drafted,
                 accepted_tokens=r.accepted,
+                healed=r.healed,
             )
         )
 

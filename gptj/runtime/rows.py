@@ -18,7 +18,8 @@ class Rows:
     cache scope that shares the longest prefix with its prompt (the least recently used one when
     none does) and skips prefilling that prefix. When the row held something else worth keeping,
     that moves to the store first if its prompt was one that recurs (else only its fingerprint
-    is kept), and a longer prefix found in the store is copied into the row."""
+    is kept), and a longer prefix found in the store, or in a busy row (a request still running
+    whose prompt or text this one continues), is copied into the row."""
 
     def __init__(self, n: int, reuse: bool = True, store: PrefixStore | None = None) -> None:
         self.reuse, self.store = reuse, store
@@ -68,7 +69,14 @@ class Rows:
         self.scope[row] = scope
         if full_prefill:
             shared = store_shared = 0
-        if store_key is not None and store_shared > shared:
+        busy_row, busy_shared = max(((i, shared_with(i)) for i in busy), key=lambda p: p[1], default=(-1, 0))
+        if full_prefill:
+            busy_shared = 0
+        if busy_shared > max(shared, store_shared):
+            # a running request holds more of this prompt: its keys and values up to there are final
+            cache.copy_prefix(busy_row, row, busy_shared)
+            shared = busy_shared
+        elif store_key is not None and store_shared > shared:
             k, v = store.get(store_key)
             cache.k[:, row, :, :store_shared] = k[:, :, :store_shared]
             cache.v[:, row, :, :store_shared] = v[:, :, :store_shared]

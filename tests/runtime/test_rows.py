@@ -69,7 +69,8 @@ def test_a_busy_row_is_never_taken() -> None:
     rows, cache = table(2)
     finish(rows, cache, 0, A)
     finish(rows, cache, 1, B)
-    assert rows.take({0}, A + C, None, cache) == (1, 0)  # row 0 shares all of A, but is running
+    row, _ = rows.take({0}, A + C, None, cache)  # row 0 shares all of A, but is running
+    assert row == 1
     off, _ = table(2, reuse=False)
     finish(off, cache, 1, [9])  # row 0, never used, is the least recently used
     assert off.take({0}, [9], None, cache) == (1, 0)
@@ -94,3 +95,20 @@ def test_a_recurring_prompt_displaced_from_its_row_comes_back_from_the_store() -
     assert store.hits == 1
     assert torch.equal(cache.k[:, 0, :, : len(A + C)], torch.full_like(cache.k[:, 0, :, : len(A + C)], 3.0))
     assert torch.equal(cache.v[:, 0, :, : len(A + C)], torch.full_like(cache.v[:, 0, :, : len(A + C)], 3.0))
+
+
+def test_a_prefix_held_by_a_busy_row_is_copied_not_recomputed() -> None:
+    """The next turn of a chat sent while the last one still runs (or before its cancellation
+    reached the engine), or two users of one few-shot preset: the running row's keys and values
+    for the shared prefix are final, and are copied into the new request's row."""
+    rows, cache = table(3)
+    finish(rows, cache, 0, A + B, tag=7.0)  # now running: its request continues A + B
+    finish(rows, cache, 1, A[:5], tag=1.0)
+    row, skipped = rows.take({0}, A + B + C, None, cache)
+    assert row != 0 and skipped == len(A + B)
+    assert torch.equal(cache.k[:, row, :, :skipped], cache.k[:, 0, :, :skipped])
+    assert torch.equal(cache.v[:, row, :, :skipped], cache.v[:, 0, :, :skipped])
+    assert rows.tokens[row] == A + B
+    assert rows.take({0, row}, A + C, "bob", cache)[1] == 0  # never across scopes
+    finish(rows, cache, 2, [])
+    assert rows.take({0}, A + B + C, None, cache, full_prefill=True)[1] == 0
