@@ -216,6 +216,11 @@ def _plan(model: nn.Module) -> _Plan | None:
     return plan
 
 
+def max_entries() -> int:
+    """Most tokens (rows x tokens per row) one fused step takes."""
+    return int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", MAX_ROWS))
+
+
 def serves(model: nn.Module) -> bool:
     """Whether the fused step can run `model`'s blocks (its layers and the kernels in use)."""
     return _plan(model) is not None
@@ -245,8 +250,7 @@ def decode_blocks(
     if v.shape != shape or not (k.is_contiguous() and v.is_contiguous()):
         return False
     start, stop, step = rows.indices(cache.n_rows)
-    limit = int(os.environ.get("GPTJ_QUANT_DECODE_MAX_ROWS", MAX_ROWS))
-    if step != 1 or stop - start != batch or entries > limit or entries == 0:
+    if step != 1 or stop - start != batch or entries > max_entries() or entries == 0:
         return False
     pos = positions.reshape(-1)
     if pos.numel() != entries or pos.device.type != "cpu":

@@ -27,8 +27,8 @@ def forward(
         cache is None
         or positions is None
         or input_ids.device.type != "cpu"
-        or not cpu_decode.enabled()
-        or not hasattr(model, "blocks")
+        or input_ids.numel() > cpu_decode.max_entries()
+        or not exact_multi_token(model)
     ):
         return model(input_ids, positions, cache, rows, last_only=last_only, logits=logits)
     x = model.embed(input_ids)
