@@ -46,8 +46,9 @@ from gptj import kernels, quant
 from gptj.quant import QuantizedLinear
 from gptj.runtime.kv_cache import KVCache
 
-# Most rows one fused step takes (a decode batch; GPTJ_QUANT_DECODE_MAX_ROWS overrides).
-MAX_ROWS = 32
+# Most tokens one fused step takes: a decode batch, drafted tokens, a prompt chunk of the engine's
+# (512) with the batch's decode tokens beside it. GPTJ_QUANT_DECODE_MAX_ROWS overrides.
+MAX_ROWS = 640
 
 
 def native_library() -> kernels.Library | None:
@@ -227,13 +228,15 @@ def serves(model: nn.Module) -> bool:
 
 
 def decode_blocks(
-    model: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache, rows: slice
+    model: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: KVCache, rows: slice | Tensor
 ) -> bool:
     """Runs every block of `model` (a Llama or a GPT-J) on x [B, T, hidden] in place: row b's T
     tokens at positions [B, T] (consecutive, causal among themselves), writing keys and values
-    into `cache` as the torch path does. cos/sin: the model's rotary tables in float32. A token's
-    results are the same bits whatever T and B are (decode.h). False (nothing changed) where this
-    path does not serve: the caller then runs the blocks in torch."""
+    into `cache` as the torch path does. `rows`: the B consecutive cache rows, or (ragged, B = 1)
+    a tensor of each token's own cache row [T]: tokens of several rows at their own positions in
+    one step. cos/sin: the model's rotary tables in float32. A token's results are the same bits
+    whatever else its step holds (decode.h). False (nothing changed) where this path does not
+    serve: the caller then runs the blocks in torch."""
     if x.dim() != 3 or x.device.type != "cpu" or not enabled():
         return False
     if x.requires_grad or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
@@ -249,14 +252,21 @@ def decode_blocks(
         return False
     if v.shape != shape or not (k.is_contiguous() and v.is_contiguous()):
         return False
-    start, stop, step = rows.indices(cache.n_rows)
-    if step != 1 or stop - start != batch or entries > max_entries() or entries == 0:
+    if entries > max_entries() or entries == 0:
         return False
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(cache.n_rows)
+        if step != 1 or stop - start != batch:
+            return False
+        row_of = torch.arange(start, stop, dtype=torch.int64).repeat_interleave(tokens)
+    else:
+        row_of = rows.reshape(-1).to(torch.int64).contiguous()
+        if batch != 1 or row_of.numel() != entries or row_of.device.type != "cpu":
+            return False
     pos = positions.reshape(-1)
     if pos.numel() != entries or pos.device.type != "cpu":
         return False
     pos = pos.to(torch.int64).contiguous()
-    row_of = torch.arange(start, stop, dtype=torch.int64).repeat_interleave(tokens)
     hd = plan.head_dim
     for t in (cos, sin):
         if t.numel() != entries * hd or t.dtype != torch.float32 or not t.is_contiguous():

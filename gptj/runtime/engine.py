@@ -312,11 +312,41 @@ class Engine:
         self._purge_waiting()
         self._retire_ended()
         prefilling = [r for r in self.active if r.prefilled < r.prefill_target]
+        decoding = [r for r in self.active if r.prefilled >= r.prefill_target]
+        if prefilling and self._ragged_step(prefilling[0], decoding):
+            return
         if prefilling:
             self._prefill_chunk(prefilling[0])
         decoding = [r for r in self.active if r.prefilled >= r.prefill_target]
         if decoding:
             self._decode(decoding)
+
+    def _ragged_step(self, r: _Request, decoding: list[_Request]) -> bool:
+        """One pass for the batch's decode tokens and a chunk of a newcomer's prompt beside them
+        (each token at its own row and position): the weights are read once, not once for the
+        chunk and again for the batch. False (nothing done) where the fused step does not serve
+        or the chunk's own logits are wanted (the prompt's logprobs)."""
+        if r.prompt_infos is not None or self.device.type != "cpu":
+            return False
+        chunk = r.prompt_ids[r.prefilled : min(r.prefilled + self.prefill_chunk, r.prefill_target)]
+        ids = [d.next_input for d in decoding] + chunk
+        positions = [len(self.rows.tokens[d.row]) for d in decoding] + list(range(r.prefilled, r.prefilled + len(chunk)))
+        rows = [d.row for d in decoding] + [r.row] * len(chunk)
+        logits = runner.forward_ragged(self.model, torch.tensor(ids), torch.tensor(positions), torch.tensor(rows),
+                                       self.cache, torch.arange(len(decoding)))  # fmt: skip
+        if logits is None:
+            return False
+        r.prefilled += len(chunk)
+        self.rows.tokens[r.row].extend(chunk)
+        self._prompt_done(r)
+        if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
+            self._retire(r, "length")
+        for i, d in enumerate(decoding):
+            self.rows.tokens[d.row].append(d.next_input)
+            if not d.generated:  # the prompt's last token is in the cache now
+                d.prefilled += 1
+            self._accept(d, logits[i])
+        return True
 
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled

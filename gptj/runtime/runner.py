@@ -38,6 +38,24 @@ def forward(
     return model.head(x, last_only) if logits else None
 
 
+def forward_ragged(
+    model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: KVCache,
+    wanted: torch.Tensor,
+) -> torch.Tensor | None:
+    """One fused step over tokens of several cache rows, each at its own position (input_ids,
+    positions, rows: [N]; a row's tokens consecutive and in order), so a batch's decode tokens
+    and a newcomer's prompt chunk share one pass over the weights. Returns the float32 logits of
+    the tokens at indices `wanted` [W, vocab], or None (nothing done) where the fused step does
+    not serve: the caller then steps as before."""
+    if input_ids.device.type != "cpu" or input_ids.numel() > cpu_decode.max_entries() or not exact_multi_token(model):
+        return None
+    x = model.embed(input_ids[None])
+    cos, sin = model.rotary(positions[None])
+    if not cpu_decode.decode_blocks(model, x, cos, sin, positions[None], cache, rows):
+        return None
+    return model.head(x[:, wanted])[0] if wanted.numel() else x.new_empty(0)
+
+
 def exact_multi_token(model: torch.nn.Module) -> bool:
     """Whether a step of several tokens per row gives each token the bits of a one-token step
     (the fused C++ step: decode.h), which speculative decoding needs to keep the text unchanged."""
