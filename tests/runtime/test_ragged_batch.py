@@ -28,7 +28,7 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(
     batched: gptj.Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = [dict(temperature=0), dict(temperature=1.0, seed=5), dict(temperature=0.7, top_p=0.9, seed=9)]
-    alone = [batched.generate(p, max_new_tokens=24, ignore_eos=True, **s).tokens for p, s in zip(PROMPTS, settings)]
+    alone = [batched.generate(p, max_new_tokens=24, ignore_eos=True, **s).tokens for p, s in zip(PROMPTS, settings, strict=True)]
     ragged: list[int] = []
     real = runner.forward_ragged
 
@@ -40,7 +40,7 @@ def test_requests_joining_a_running_batch_get_their_tokens_alone(
 
     monkeypatch.setattr(runner, "forward_ragged", counting)
     handles = []
-    for p, s in zip(PROMPTS, settings):  # each arrives while the ones before it decode
+    for p, s in zip(PROMPTS, settings, strict=True):  # each arrives while the ones before it decode
         handles.append(batched.submit(p, max_new_tokens=24, ignore_eos=True, **s))
         events = iter(handles[-1])
         next(events)  # its first token: it decodes now
