@@ -165,7 +165,7 @@ def decode_candidates(n: int, k: int) -> dict[str, tuple[str, int, Callable[[], 
     g = 32 if k % 128 else 128  # torch's int4 op: our group size where it has one, else its usual 128
     lib = quant.native_kernel()
     layers = {mode: random_quantized(n, k, mode) for mode in ("int8", "int4")}
-    path = {mode: "kernel" if lib is not None and q._kernel_fits() else "torch op" for mode, q in layers.items()}
+    path = {mode: "kernel" if lib is not None and q.kernel_fits() else "torch op" for mode, q in layers.items()}
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     s8 = torch.rand(n, dtype=torch.bfloat16)
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)

@@ -85,7 +85,7 @@ class _Plan:
     def _linear(self, m: nn.Module | None, k: int, n: int) -> dict[str, Any]:
         if not isinstance(m, QuantizedLinear) or (m.in_features, m.out_features) != (k, n):
             raise _Unsupported
-        if m.qweight.device.type != "cpu" or not m._kernel_fits():
+        if m.qweight.device.type != "cpu" or not m.kernel_fits():
             raise _Unsupported
         mins = m.mins if m.mode == "int4" else None
         self.tensors += [t for t in (m.qweight, m.scales, mins) if t is not None]

@@ -376,7 +376,8 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(dt)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _kernel_fits(self) -> bool:
+    def kernel_fits(self) -> bool:
+        """Whether the C++ kernels take this layer (in_features a multiple of 32, int4 groups of 32)."""
         ok = self.in_features % _KB == 0 and self.qweight.is_contiguous() and self.scales.is_contiguous()
         return ok and (self.mode == "int8" or (self.group_size == GROUP_SIZE and self.mins.is_contiguous()))
 
@@ -384,7 +385,7 @@ class QuantizedLinear(nn.Module):
         """The GEMV path: our kernel, or torch's int8/int4 op without it."""
         x2 = x.reshape(-1, self.in_features)
         lib = native_kernel()
-        if lib is not None and self._kernel_fits():
+        if lib is not None and self.kernel_fits():
             y = self._native_gemv(lib, x2)
         elif self.mode == "int8":
             # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here,
@@ -446,7 +447,7 @@ class QuantizedLinear(nn.Module):
         xc = x2.to(dt).contiguous()
         step = max(1, min(n, _CHUNK_BYTES // (k * dt.itemsize)))
         buf = _buffer(step * k, dt)
-        lib = native_kernel() if self._kernel_fits() else None
+        lib = native_kernel() if self.kernel_fits() else None
         out = torch.empty(x2.shape[0], n, dtype=dt) if step < n else None
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)

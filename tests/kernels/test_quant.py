@@ -89,7 +89,7 @@ def test_each_variant_against_float(variant: str) -> None:
         for k in (96, 576, 1024):
             for mode in ("int8", "int4"):  # int8: activation blocks of 128 and a shorter last one
                 q = quantize_linear(linear(k, 70), mode)
-                assert q._kernel_fits()
+                assert q.kernel_fits()
                 for rows in (1, 5):
                     x = torch.randn(rows, k)
                     exact = F.linear(x, q.dequantize(), q.bias)
@@ -138,7 +138,7 @@ def test_smollm2_width_uses_the_kernel(mode: str) -> None:
     # takes; 7 output rows leave a partial tile
     lin = linear(576, 7)
     q = quantize_linear(lin, mode)
-    assert q._kernel_fits() == (quant.native_kernel() is not None)
+    assert q.kernel_fits() == (quant.native_kernel() is not None)
     if mode == "int4":
         assert q.group_size == 32
     x = torch.randn(2, 3, 576)
@@ -155,7 +155,7 @@ def test_shapes_the_kernel_does_not_take_use_torch_ops() -> None:
               QuantizedLinear.from_weight(torch.randn(48, 256) * 0.02, None, "int4", group_size=128)]  # fmt: skip
     assert layers[1].group_size == 128
     for q in layers:
-        assert not q._kernel_fits()
+        assert not q.kernel_fits()
         x = torch.randn(3, q.in_features)
         exact = F.linear(x, q.dequantize(), q.bias)
         assert rel(q.forward_decode(x), exact) < 0.015
@@ -275,7 +275,7 @@ def test_older_int4_buffers_are_converted(g: int) -> None:
     layers[1].load_state_dict({**old, "bias": bias})
     for q in layers:
         assert q.group_size == 32 and set(q.state_dict()) == {"qweight", "scales", "mins", "bias"}
-        assert q._kernel_fits() == (quant.native_kernel() is not None)
+        assert q.kernel_fits() == (quant.native_kernel() is not None)
         # m = -s * z is rounded to fp16: off by at most half its last place, 15 * s * 2^-11
         assert ((q.dequantize() - expected).abs() <= step * 15 / 2048).all()
         x = torch.randn(3, 384)
