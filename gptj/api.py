@@ -10,6 +10,7 @@ import torch
 from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model
 from gptj.memory import parse_size
+from gptj.runtime import speculative as speculation
 from gptj.runtime.engine import Completion, Engine, RequestHandle
 from gptj.runtime.prefix_cache import DEFAULT_BYTES as PREFIX_STORE_BYTES
 from gptj.runtime.sampling import SamplingParams
@@ -33,10 +34,18 @@ def sampling_params(**settings: object) -> SamplingParams:
     return SamplingParams(**clean).validate()
 
 
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias may name only rows the model has (0..vocab_size-1)."""
+    bad = next((t for t in params.logit_bias if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("logit_bias", f"token id {bad} is outside 0..{vocab_size - 1}")
+
+
 class Model:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo, max_batch: int = 1,
                  context_length: int | None = None, prefix_cache: bool = True,
-                 prefix_cache_bytes: int = PREFIX_STORE_BYTES) -> None:
+                 prefix_cache_bytes: int = PREFIX_STORE_BYTES, speculative: str = "ngram",
+                 speculative_tokens: int | None = None) -> None:
         self.module = model
         self.tokenizer = tokenizer
         self.info = info
@@ -55,6 +64,8 @@ class Model:
             eos_token_ids=tokenizer.end_ids,
             prefix_cache=prefix_cache,
             prefix_cache_bytes=prefix_cache_bytes,
+            speculative=speculative,
+            speculative_tokens=speculative_tokens or speculation.DEFAULT_TOKENS,
         )
 
     @property
@@ -82,12 +93,17 @@ class Model:
             from gptj.presets import apply_preset
 
             prompt, settings = apply_preset(preset, str(prompt), settings)
-        return self.engine.submit(self.encode_prompt(prompt), sampling_params(**settings))
+        params = sampling_params(**settings)
+        check_logit_bias(params, self.config.vocab_size)
+        return self.engine.submit(self.encode_prompt(prompt), params)
 
     def generate(self, prompt: str | Sequence[int], **settings: object) -> Completion:
         """Generate a continuation. Settings: max_new_tokens, temperature, top_p, top_k, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, stop_token_ids, seed,
-        ignore_eos, logprobs, truncate_prompt; `preset="translation"` (see gptj.presets) puts the
+        ignore_eos, logprobs, truncate_prompt, logit_bias ({token id: -100..100}, -100 bans),
+        token_healing (True: a prompt ending in a space or newline is continued as if the model
+        had written it, see gptj.runtime.healing; False turns it off);
+        `preset="translation"` (see gptj.presets) puts the
         prompt into that preset's template and takes its settings where none are given."""
         return self.submit(prompt, **settings).result()
 
@@ -129,6 +145,8 @@ def load(
     device: str | torch.device | None = None,
     prefix_cache: bool = True,
     prefix_cache_bytes: int | str = PREFIX_STORE_BYTES,
+    speculative: str = "ngram",
+    speculative_tokens: int | None = None,
 ) -> Model:
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
@@ -137,9 +155,16 @@ def load(
     `device`: "cpu" (None), "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU); weights and
     the KV cache go there. `prefix_cache` reuses the
     keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond
-    the cache rows in use (e.g. "1GB")."""
+    the cache rows in use (e.g. "1GB"). `speculative`: "ngram" (prompt-lookup drafts checked in
+    one pass, where that pass is exact: the text never changes) or "none"; `speculative_tokens`:
+    the most drafted tokens a pass checks."""
+    if speculative not in speculation.MODES:
+        raise InvalidRequest("speculative", f"{speculative!r}; expected one of {', '.join(speculation.MODES)}")
+    if speculative_tokens is not None and not 1 <= speculative_tokens <= speculation.MAX_TOKENS:
+        raise InvalidRequest("speculative_tokens", f"{speculative_tokens}; expected 1..{speculation.MAX_TOKENS}")
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
     if info.parameters < FUSE_BELOW_PARAMETERS:
         module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)
     return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length,
-                 prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0)
+                 prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0,
+                 speculative=speculative, speculative_tokens=speculative_tokens)

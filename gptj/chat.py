@@ -153,7 +153,9 @@ class ChatSession:
 
         kept, dropped = fit_messages(messages, count, budget, self.keep_first)
         stops = list(dict.fromkeys(list(settings.get("stop") or []) + self.stops()))
-        return rendered[len(kept)], {**settings, "stop": stops}, dropped
+        # no token healing: the prompt ends in the template's generation prompt or the script's
+        # "Name:", a boundary the model knows exactly as it stands (gptj.runtime.healing)
+        return rendered[len(kept)], {**settings, "stop": stops, "token_healing": False}, dropped
 
     def reply(self, messages: list[Message], **settings: object) -> ChatReply:
         prompt, settings, dropped = self.prepare(messages, settings)

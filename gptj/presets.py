@@ -158,5 +158,6 @@ def apply_preset(name: str, text: str, settings: dict) -> tuple[str, dict]:
         from gptj.chat import PlayScript
 
         script = PlayScript(intro=preset.intro, user_name=preset.user_name, bot_name=preset.bot_name)
-        return script.prompt([("user", text)]), {**merged, "stop": merged["stop"] + script.stops()}
+        # a chat prompt is not healed (see gptj.chat.ChatSession.prepare)
+        return script.prompt([("user", text)]), {**merged, "stop": merged["stop"] + script.stops(), "token_healing": False}
     return preset.render(text), merged

@@ -1,8 +1,16 @@
-"""Byte-level BPE tokenizers (GPT-2 / GPT-J, GGUF 'gpt2' vocabularies) and a streaming detokenizer.
+"""Tokenizers (GPT-2 / GPT-J byte-level BPE; GGUF vocabularies: 'gpt2' BPE with its
+pre-tokenizers, SentencePiece 'llama' (Llama 2, TinyLlama, Mistral); legacy GGML vocabs) and a
+streaming detokenizer.
 
 The BPE itself runs in the HF `tokenizers` Rust library (fast and exact). Special tokens are split off
 here, in Python, so that `allow_special` works like tiktoken's: special-token text in user input is
 ordinary text unless the caller opts in (chat templates do).
+
+GGUF vocabularies become `tokenizers` models the way llama.cpp tokenizes them (and transformers'
+GGUF converters build them): a SentencePiece vocab is a BPE whose merges are every split of a
+piece into two pieces, ranked by the merged piece's score, over text whose spaces are "▁" (one put
+first), with byte fallback; 'llama-bpe' (Llama 3) is byte-level BPE after Llama 3's split regex,
+taking a whole pre-token that is in the vocab as it is (ignore_merges).
 """
 
 from __future__ import annotations
@@ -16,20 +24,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
-from tokenizers import decoders, models, pre_tokenizers
 
 from gptj.errors import InvalidRequest
 
 PADDING_TOKEN = re.compile(r"<\|extratoken_\d+\|>")
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>")
 GPTJ_EXTRA_TOKENS = 143  # <|extratoken_1|>..<|extratoken_143|>: pads GPT-J's embedding to 50400 rows
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
+_GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_UNUSED, _GGUF_BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp pre-tokenizer names -> our split. 'digits' = every \p{N} char on its own, then GPT-2's
-# regex (llama.cpp groups starcoder/refact/command-r/smollm/codeshell/exaone under this one).
+# regex (llama.cpp groups starcoder/refact/command-r/smollm/codeshell/exaone under this one);
+# 'llama3' = Llama 3's regex (llama.cpp's LLAMA3 pre-type), merges ignored for whole words.
 _GGUF_PRE = {"default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2"} | dict.fromkeys(
     ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], "digits"
-)
+) | dict.fromkeys(["llama-bpe", "llama3", "llama-v3"], "llama3")
+# llama.cpp's regex for LLAMA3 (the same splits as Llama 3's tokenizer.json, without (?i:)).
+LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPM_SPACE = "\u2581"  # SentencePiece's "▁"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @functools.cache
@@ -84,8 +98,13 @@ class Tokenizer:
 
     def __init__(self, name: str, backend: _Backend, pieces: list[bytes], special_tokens: Mapping[str, int],
                  *, eos_token_id: int, bos_token_id: int | None = None, pad_token_id: int | None = None,
-                 chat_template: str | None = None, always_split: Mapping[str, int] | None = None) -> None:
+                 chat_template: str | None = None, always_split: Mapping[str, int] | None = None,
+                 add_bos_token: bool = False, space_prefix: bool = False) -> None:
         self.name = name
+        # Whether the model expects BOS before a prompt (GGUF tokenizer.ggml.add_bos_token; llama.cpp
+        # puts it there), and whether encode puts a "▁" before text (SentencePiece), which decode
+        # takes off the first token again, as transformers' Llama tokenizer does.
+        self.add_bos_token, self.space_prefix = add_bos_token, space_prefix
         self._backend = backend
         self._pieces = pieces
         self.vocab_size = len(pieces)
@@ -139,7 +158,10 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text for `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        data = b"".join(self.token_bytes(i) for i in ids if not (skip_special and i in self._special_ids))
+        kept = [i for i in ids if not (skip_special and i in self._special_ids)]
+        data = b"".join(self.token_bytes(i) for i in kept)
+        if self.space_prefix and kept and kept[0] not in self._special_ids and data.startswith(b" "):
+            data = data[1:]  # the "▁" encode put before the text
         return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -165,33 +187,64 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], name: str | None = None) -> Tokenizer:
-        """Build from GGUF key/values (plain Python values, as `GGUFReader` field contents give)."""
+        """Build from GGUF key/values (plain Python values, as `GGUFReader` field contents give):
+        tokenizer.ggml.model 'gpt2' (byte-level BPE; pre-tokenizers in _GGUF_PRE) or 'llama'
+        (SentencePiece)."""
         model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-        if model != "gpt2":
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}: only byte-level BPE ('gpt2') works")
-        if pre not in _GGUF_PRE:
+        if model not in ("gpt2", "llama"):
+            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}: 'gpt2' (byte-level BPE) and 'llama' "
+                             "(SentencePiece) work")
+        if model == "gpt2" and pre not in _GGUF_PRE:
             raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r}; known: {', '.join(sorted(_GGUF_PRE))}")
         tokens = [t if isinstance(t, str) else bytes(t).decode("utf-8") for t in meta["tokenizer.ggml.tokens"]]
-        types = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
-        merges = [tuple(str(m).split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        specials = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == _GGUF_CONTROL}
+        types = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)]
+        if len(types) != len(tokens):
+            raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        specials = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+                    if k == _GGUF_CONTROL or (k == _GGUF_UNKNOWN and model == "llama")}
         user = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == _GGUF_USER_DEFINED}
-        pieces = [t.encode("utf-8") if k in (_GGUF_CONTROL, _GGUF_USER_DEFINED) else _piece_bytes(t)
-                  for t, k in zip(tokens, types, strict=True)]
 
         def token_id(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
             return None if value is None else int(value)
+
+        if model == "llama":
+            scores = meta.get("tokenizer.ggml.scores")
+            scores = [float(x) for x in scores] if scores is not None else [0.0] * len(tokens)
+            if len(scores) != len(tokens):
+                raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+            space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            unk = token_id("unknown_token_id")
+            backend = _spm_backend(tokens, scores, types, None if unk is None else tokens[unk], space_prefix)
+            pieces = [_spm_piece(t, k) for t, k in zip(tokens, types, strict=True)]
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        else:
+            merges = [tuple(str(m).split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+            backend = _bpe_backend(tokens, merges, _GGUF_PRE[pre])
+            pieces = [t.encode("utf-8") if k in (_GGUF_CONTROL, _GGUF_USER_DEFINED) else
+                      b"" if k == _GGUF_UNUSED else _piece_bytes(t) for t, k in zip(tokens, types, strict=True)]
+            space_prefix = False
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", _GGUF_PRE[pre] == "llama3"))
 
         eos = token_id("eos_token_id")
         if eos is None:
             eos = specials.get("<|endoftext|>", specials.get("</s>"))
         if eos is None:
             raise ValueError("GGUF metadata has no tokenizer.ggml.eos_token_id and no known EOS token")
-        return cls(name or str(meta.get("general.name") or "gguf"), _bpe_backend(tokens, merges, _GGUF_PRE[pre]),
-                   pieces, specials, eos_token_id=eos, bos_token_id=token_id("bos_token_id"),
-                   pad_token_id=token_id("padding_token_id"), chat_template=meta.get("tokenizer.chat_template"),
-                   always_split=user)
+        bos = token_id("bos_token_id")
+        return cls(name or str(meta.get("general.name") or "gguf"), backend, pieces, specials, eos_token_id=eos,
+                   bos_token_id=bos, pad_token_id=token_id("padding_token_id"),
+                   chat_template=meta.get("tokenizer.chat_template"), always_split=user,
+                   add_bos_token=add_bos and bos is not None, space_prefix=space_prefix)
+
+    @classmethod
+    def from_ggml_vocab(cls, pieces: Sequence[bytes], name: str = "ggml") -> Tokenizer:
+        """The tokenizer of a legacy GGML file's vocab (raw bytes per id, no merges): GPT-J's own
+        when the vocab is GPT-J's (ids the file leaves empty allowed), else a byte-level BPE whose
+        merges are recovered from the ids as ranks (ggml_vocab_metadata)."""
+        if is_gptj_vocab(pieces):
+            return cls.gptj()
+        return cls.from_gguf_metadata(ggml_vocab_metadata(pieces), name=name)
 
     @classmethod
     def from_gguf_file(cls, path: str | Path) -> Tokenizer:
@@ -206,12 +259,135 @@ def _bpe_backend(tokens: Sequence[str], merges: Sequence[tuple[str, ...]], split
     for i, token in enumerate(tokens):
         key = token if all(c in alphabet for c in token) else "".join(spell[b] for b in token.encode())
         vocab.setdefault(key, i)
+    if split == "llama3":  # Llama 3's tokenizer.json: its regex, then bytes; whole words in the vocab kept
+        backend = _Backend(models.BPE(vocab, list(merges), fuse_unk=False, ignore_merges=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        return backend
     backend = _Backend(models.BPE(vocab, list(merges), fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     # 'digits' = SmolLM2's tokenizer.json: Digits(individual_digits) before the GPT-2 regex.
     digits = pre_tokenizers.Digits(individual_digits=True)
     backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split == "digits" else byte_level
     return backend
+
+
+def is_gptj_vocab(pieces: Sequence[bytes]) -> bool:
+    """Whether a GGML file's vocab is GPT-J's (GPT-2's 50257 tokens, then its padding ones), ids it
+    leaves empty allowed."""
+    gptj = Tokenizer.gptj()
+    return (len(pieces) <= gptj.vocab_size and sum(1 for p in pieces if p) >= 50257
+            and all(not p or p == gptj._pieces[i] for i, p in enumerate(pieces)))
+
+
+def ggml_vocab_metadata(pieces: Sequence[bytes]) -> dict[str, Any]:
+    """GGUF-style tokenizer metadata ('gpt2' BPE) for a vocab of raw bytes per id with no merges
+    (a legacy GGML file's): GPT-2 style vocabs number their pieces in merge order, so the merges
+    are recovered from the ids as ranks; <|...|> pieces are control tokens, empty ids unused."""
+    ranks: dict[bytes, int] = {}
+    for i, p in enumerate(pieces):
+        if p:
+            ranks.setdefault(p, i)
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if len(missing) > 128:
+        raise ValueError(f"the vocab lacks {len(missing)} of the 256 single bytes; not a byte-level BPE vocab")
+    spell = _byte_to_unicode()
+    tokens, types = [], []
+    for i, p in enumerate(pieces):
+        if not p:
+            tokens.append(f"[PAD{i}]")
+            types.append(_GGUF_UNUSED)
+        elif re.fullmatch(rb"<\|[^|]{1,40}\|>|</?s>", p):
+            tokens.append(p.decode("utf-8", "replace"))
+            types.append(_GGUF_CONTROL)
+        else:
+            tokens.append("".join(spell[b] for b in p))
+            types.append(_GGUF_NORMAL)
+    specials = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == _GGUF_CONTROL}
+    eos = specials.get("<|endoftext|>", specials.get("</s>"))
+    if eos is None:
+        raise ValueError("no <|endoftext|> or </s> token to end a reply with")
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.eos_token_id": eos,
+            "tokenizer.ggml.merges": [f"{a} {b}" for a, b in _merges_from_ranks(ranks)]}
+
+
+def _spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's (and llama.cpp's) rule "join the neighbouring pair
+    whose join is the best-scored piece": every split of a normal piece into two pieces of the
+    vocab, ranked by the joined piece's score, then by the parts' scores (as transformers'
+    GGUF converter ranks them)."""
+    score: dict[str, float] = {}
+    for t, sc, k in zip(tokens, scores, types, strict=True):
+        if k in (_GGUF_NORMAL, _GGUF_USER_DEFINED) and t not in score:
+            score[t] = sc
+    ranked: list[tuple[float, float, float, str, str]] = []
+    for t, k in zip(tokens, types, strict=True):
+        if k != _GGUF_NORMAL or len(t) < 2:
+            continue
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in score and right in score:
+                ranked.append((-score[t], -score[left], -score[right], left, right))
+    ranked.sort(key=lambda r: r[:3])
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _spm_backend(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int], unk: str | None,
+                 space_prefix: bool) -> _Backend:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    bpe = models.BPE(vocab, _spm_merges(tokens, scores, types), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    backend = _Backend(bpe)
+    # llama.cpp: " " + text for the first fragment and after every special token (we encode each
+    # fragment between specials on its own), spaces escaped to "▁", no pre-splitting.
+    replace = normalizers.Replace(" ", SPM_SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE), replace]) if space_prefix else replace
+    return backend
+
+
+def _spm_piece(token: str, kind: int) -> bytes:
+    """The raw bytes a SentencePiece token stands for: "▁" is a space, <0xAB> one byte."""
+    if kind == _GGUF_BYTE and (m := _BYTE_PIECE.fullmatch(token)):
+        return bytes([int(m.group(1), 16)])
+    if kind in (_GGUF_CONTROL, _GGUF_UNKNOWN, _GGUF_USER_DEFINED):
+        return token.encode("utf-8")
+    if kind == _GGUF_UNUSED:
+        return b""
+    return token.replace(SPM_SPACE, " ").encode("utf-8")
+
+
+def _merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[str, str]]:
+    """Byte-level BPE merges of a vocab whose ids are merge ranks (GPT-2's, tiktoken's): each
+    multi-byte piece is rebuilt from its bytes by the ranks below its own; the last join is its
+    merge (what transformers' TikTokenConverter does)."""
+    spell = _byte_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(spell[x] for x in b)
+
+    merges: list[tuple[int, str, str]] = []
+    for piece, rank in ranks.items():
+        if len(piece) < 2:
+            continue
+        parts = [bytes([b]) for b in piece]
+        while len(parts) > 2:
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2 and parts[0] in ranks and parts[1] in ranks:
+            merges.append((rank, text(parts[0]), text(parts[1])))
+    merges.sort()
+    return [(a, b) for _, a, b in merges]
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:
@@ -341,11 +517,12 @@ class StreamDecoder:
         # Works on bytes: a character split over several tokens comes out once its last byte arrives.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def push(self, token_id: int) -> str:
-        """Text that became complete with this token ('' while a character is still incomplete)."""
+    def push(self, token_id: int, skip: int = 0) -> str:
+        """Text that became complete with this token ('' while a character is still incomplete).
+        `skip`: leading bytes of the token to leave out (token healing: the prompt holds them)."""
         if self.skip_special and self.tokenizer.is_special(token_id):
             return ""
-        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id)[skip:])
 
     def flush(self) -> str:
         """Whatever is left at the end of the stream (an incomplete character becomes U+FFFD)."""

@@ -11,7 +11,7 @@ DEFAULTS = SamplingParams()
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="folder, .gguf file or repo id (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", "-m", default=None, help="folder, .gguf file, legacy GGML .bin, repo id or owner/name:QUANT (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--quantize", "-q", choices=["none", "bf16", "int8", "int4"], default=None,
                    help="weight quantization (default: none)")
     p.add_argument("--revision", default=None, help="revision of a cached Hugging Face repo (e.g. float16)")
@@ -19,6 +19,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, default=None, help="cap the context window (tokens)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
                    help="where the model runs (default auto: a CUDA GPU when torch sees one, else the CPU)")
+    p.add_argument("--speculative", choices=["ngram", "none"], default="ngram",
+                   help="speculative decoding by prompt lookup (default ngram: same text, faster where the "
+                        "output repeats its input; used where a pass is exact, the quantized CPU path)")
+    p.add_argument("--speculative-tokens", type=int, default=None, metavar="K",
+                   help="most drafted tokens one pass checks (default 6)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +37,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument("--no-token-healing", dest="token_healing", action="store_false",
+                   help="continue the prompt's last token as it stands (default: a prompt ending in a space, a newline "
+                        "or punctuation lets the first token begin with it, e.g. a newline and an indent; "
+                        "chat prompts are never healed)")
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
@@ -39,6 +48,8 @@ def sampling_settings(args: argparse.Namespace) -> dict:
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "truncate", False):
         settings["truncate_prompt"] = True
+    if getattr(args, "token_healing", True) is False:
+        settings["token_healing"] = False
     return settings
 
 
@@ -55,6 +66,8 @@ def model_from_args(args: argparse.Namespace, max_batch: int = 1):  # noqa: ANN2
         max_batch=max_batch,
         device=getattr(args, "device", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", PREFIX_STORE_BYTES),
+        speculative=getattr(args, "speculative", "ngram"),
+        speculative_tokens=getattr(args, "speculative_tokens", None),
     )
     model.engine.allocate_cache()
     return model

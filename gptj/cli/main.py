@@ -102,9 +102,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gptj.loading.quantized import write_quantized
+    fmt = args.format or ("gguf" if args.dst.lower().endswith(".gguf") else "safetensors")
+    if fmt == "gguf":
+        from gptj.loading.export import write_gguf
 
-    out = write_quantized(args.src, args.dst, args.bits)
+        out = write_gguf(args.src, args.dst, args.bits, progress=sys.stderr.isatty())
+    else:
+        from gptj.loading.quantized import write_quantized
+
+        out = write_quantized(args.src, args.dst, args.bits)
     print(f"wrote {out}")
     return 0
 
@@ -123,7 +129,7 @@ def cmd_make_random(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from gptj.loading.hub import pull
 
-    path = pull(args.repo, revision=args.revision)
+    path = pull(args.repo, revision=args.revision, gguf=args.gguf)
     print(path)
     return 0
 
@@ -157,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="requests decoded together (continuous batching)")
     p.add_argument("--prefix-cache", default="1GB", help="memory for keys/values of earlier prompts that later ones share (0 turns it off)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; past it: 503")
+    p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="names /v1/models lists for the model besides its own (repeatable, or several after one flag "
+                        "as in vLLM); the first is the one responses name. Any name is answered: one model is served")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' (or set GPTJ_API_KEY); repeat for one key per tenant: "
                         "tenants never share cached prompts")
@@ -190,15 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("quantize", help="write an int8/int4 checkpoint that loads by memory map")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p = sub.add_parser("quantize", help="write an int8/int4 checkpoint that loads by memory map, or a GGUF file")
+    p.add_argument("src", help="a model folder, .gguf, legacy GGML .bin or repo id")
+    p.add_argument("dst", help="the folder to write (safetensors), or a .gguf file")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: int8 / Q8_0; 4: int4 / Q4_1")
+    p.add_argument("--format", choices=["safetensors", "gguf"], default=None,
+                   help="safetensors (a folder gptj loads by memory map) or gguf (also for llama.cpp); "
+                        "default: gguf when DST ends in .gguf")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("pull", help="download a model into the Hugging Face cache")
-    p.add_argument("repo", help="e.g. EleutherAI/gpt-j-6b")
+    p.add_argument("repo", help="e.g. EleutherAI/gpt-j-6b, or a GGUF repo with its quantization: owner/name:Q4_K_M")
     p.add_argument("--revision", default=None, help="e.g. float16")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="the .gguf file of the repo to download")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("make-random-checkpoint", help="write a random GPT-J in the Hugging Face layout")

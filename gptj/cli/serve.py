@@ -35,10 +35,13 @@ def serve(args) -> int:  # noqa: ANN001
     model = model_from_args(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
     cache = model.engine.allocate_cache()
+    names = getattr(args, "served_model_name", None) or []  # --served-model-name: more names for the model
     app = create_app(model, api_key=api_keys, cors_origins=args.cors, request_timeout=getattr(args, "request_timeout", None),
-                     allowed_hosts=allowed_hosts(args.host, args.allowed_hosts or ()))
+                     allowed_hosts=allowed_hosts(args.host, args.allowed_hosts or ()),
+                     served_model_names=names)
     url = f"http://{args.host}:{args.port}/"
-    print(f"gptj: serving {model.name} ({model.info.architecture}, {model.info.quantization}) at {url}; "
+    aliases = f" as {', '.join(names)}" if names else ""
+    print(f"gptj: serving {model.name}{aliases} ({model.info.architecture}, {model.info.quantization}) at {url}; "
           f"KV cache {cache.nbytes / 2**20:.0f} MiB for {cache.n_rows} x {cache.max_len} tokens", flush=True)
     if args.open:
         import webbrowser
@@ -94,6 +97,9 @@ def serve_upstream(args) -> int:  # noqa: ANN001
     """`gptj serve --upstream URL [--upstream-key K]`: the front, with no local model."""
     import uvicorn
 
+    if getattr(args, "served_model_name", None):
+        raise SystemExit("gptj serve: --served-model-name names the local model; with --upstream, give the names "
+                         "to the upstream (vLLM has the same flag)")
     api_keys = server_api_keys(args)
     check_bind(args.host, api_keys, args.insecure)
     key = args.upstream_key or os.environ.get("GPTJ_UPSTREAM_KEY")

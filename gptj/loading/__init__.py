@@ -1,5 +1,6 @@
 """Finding and loading checkpoints: Hugging Face folders (pytorch_model.bin, safetensors,
-sharded), repo ids from the local Hugging Face cache, and GGUF files.
+sharded), repo ids from the local Hugging Face cache (`owner/name:Q4_K_M` for a pulled GGUF), GGUF
+files of any ggml type (gptj/loading/gguf.py) and legacy GGML GPT-J files (gptj/loading/ggml.py).
 
 Weights stream tensor by tensor into a model built on the meta device: no full float32 copy
 is ever made, safetensors and zip pickles are memory-mapped, and a weight that is to be
@@ -20,7 +21,7 @@ from torch import nn
 from gptj.device import free_memory, resolve_device
 from gptj.errors import ModelLoadError
 from gptj.loading.config import ARCHITECTURES, read_config, validate_config
-from gptj.loading.resolve import DEFAULT_MODEL, INCOMPLETE_MARKER, hf_cache_dir, resolve
+from gptj.loading.resolve import DEFAULT_MODEL, INCOMPLETE_MARKER, hf_cache_dir, model_name, resolve
 from gptj.loading.weights import (
     fill,
     install_quantized_layers,
@@ -96,10 +97,14 @@ def load_model(
     if limit is None:
         limit = free_memory(device)  # on a GPU its free memory; on the CPU the host's (check_memory)
     display = str(name_or_path or DEFAULT_MODEL)
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, display, quantize, dtype, limit, device)
     if path.is_file():
-        raise ModelLoadError(f"{path} is a file; give the model folder that holds config.json, or a .gguf file")
+        kind = file_kind(path)
+        if kind == "gguf":
+            return _load_gguf(path, display, quantize, dtype, limit, device)
+        if kind == "ggml":
+            return _load_ggml(path, display, quantize, dtype, limit, device)
+        raise ModelLoadError(f"{path} is a file but not a GGUF or GGML model; give the model folder that holds "
+                             "config.json, a .gguf file or a legacy GGML GPT-J .bin file")
     files, fmt = weight_files(path)
     config = read_config(path / "config.json")
     arch = config.get("model_type", "?")
@@ -136,7 +141,7 @@ def load_model(
     else:
         tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
     info = ModelInfo(
-        name=display,
+        name=model_name(name_or_path),
         architecture=arch,
         path=str(path),
         parameters=n_params,
@@ -150,30 +155,65 @@ def load_model(
     return model, tokenizer, info
 
 
+def file_kind(path: Path) -> str | None:
+    """'gguf' or 'ggml' (the legacy format of ggml's gpt-j example) by the file's magic, else None."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if head == b"GGUF" or (path.suffix == ".gguf" and len(head) < 4):  # a short .gguf: the GGUF reader says why
+        return "gguf"
+    from gptj.loading.ggml import LEGACY_MAGICS
+
+    if len(head) == 4 and int.from_bytes(head, "little") in LEGACY_MAGICS:
+        return "ggml"
+    return "gguf" if path.suffix == ".gguf" else None
+
+
 def _load_gguf(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None,
                device: torch.device | str = "cpu"):
-    from gptj.loading.gguf import GGUF_KEYS, read_gguf
+    from gptj.loading.gguf import open_gguf
 
-    meta, config, tensors = read_gguf(path)  # ModelLoadErrors that name the file
+    gg = open_gguf(path)  # metadata, config and tensor table checked; no weight read yet
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(gg.meta)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise ModelLoadError(f"{path}: unusable tokenizer metadata ({type(exc).__name__}: {exc})") from None
+    return _load_streamed(path, display, gg.config, gg.keys, gg.tensors, tokenizer, "gguf", quantize, dtype, limit,
+                          device)
+
+
+def _load_ggml(path: Path, display: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None,
+               device: torch.device | str = "cpu"):
+    from gptj.loading.ggml import open_ggml
+
+    gm = open_ggml(path)  # header, vocab and tensor table checked; no weight read yet
+    return _load_streamed(path, display, gm.config, gm.keys, gm.tensors, gm.tokenizer(), "ggml", quantize, dtype,
+                          limit, device)
+
+
+def _load_streamed(path: Path, display: str, config: dict, keys: Mapping[str, str], tensors, tokenizer: Tokenizer,  # noqa: ANN001
+                   fmt: str, quantize: str | None, dtype: torch.dtype | None, limit: int | None,
+                   device: torch.device | str = "cpu"):
+    """A single-file model (GGUF, GGML) whose weights `tensors(dtype, expected_shapes)` yields one
+    at a time: the memory check runs before the first one is read and dequantized."""
     arch = config.get("model_type", "?")
-    model, cfg = build(arch, config, path, GGUF_KEYS)
+    model, cfg = build(arch, config, path, keys)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = dtype or default_dtype(n_params)
     check_memory(display, model, quantize, dtype, limit)
-    fill(model, iter(tensors.items()), dtype, quantize, device=device)
-    try:
-        tokenizer = Tokenizer.from_gguf_metadata(meta)
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise ModelLoadError(f"{path}: unusable tokenizer metadata ({type(exc).__name__}: {exc})") from None
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    fill(model, tensors(dtype, expected), dtype, quantize, device=device)
     info = ModelInfo(
-        name="SmolLM2-135M-Instruct" if display == DEFAULT_MODEL else display,
+        name=model_name(display),
         architecture=arch,
         path=str(path),
         parameters=n_params,
         quantization=quantize or "none",
         dtype=str(dtype).removeprefix("torch."),
         context_length=cfg.context_length,
-        format="gguf",
+        format=fmt,
         vocab_size=cfg.vocab_size,
         device=str(device),
     )

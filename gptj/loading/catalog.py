@@ -20,6 +20,15 @@ def _arch_of(folder: Path) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
+def _is_ggml(path: Path) -> bool:
+    """A legacy GGML model file (magic 0x67676d6c), as gptj.load reads it."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == (0x67676D6C).to_bytes(4, "little")
+    except OSError:
+        return False
+
+
 def model_dirs() -> list[Path]:
     base = os.environ.get("GPTJ_MODELS") or os.path.expanduser("~/.local/share/gptj/models")
     return [Path(p) for p in base.split(os.pathsep) if p]
@@ -43,10 +52,14 @@ def list_models(extra_dirs: list[str] | None = None) -> list[dict]:
             if repo.repo_type != "model":
                 continue
             for rev in repo.revisions:
-                arch = _arch_of(Path(rev.snapshot_path))
-                if arch is None:
-                    continue
                 refs = ",".join(sorted(rev.refs)) or rev.commit_hash[:8]
+                arch = _arch_of(Path(rev.snapshot_path))
+                if arch is None:  # a GGUF repo (`gptj pull owner/name:QUANT`): its files, by quantization
+                    for f in sorted(rev.files, key=lambda f: f.file_name):
+                        if f.file_name.endswith(".gguf") and not f.file_name.startswith("mmproj"):
+                            rows.append({"name": f"{repo.repo_id}@{refs} {f.file_name}", "architecture": "gguf",
+                                         "size_bytes": f.size_on_disk, "source": "hf-cache", "path": str(f.file_path)})
+                    continue
                 rows.append({"name": f"{repo.repo_id}@{refs}", "architecture": arch, "size_bytes": rev.size_on_disk,
                              "source": "hf-cache", "path": str(rev.snapshot_path)})
     except Exception:  # no cache yet, or an unreadable one: nothing to list
@@ -61,5 +74,8 @@ def list_models(extra_dirs: list[str] | None = None) -> list[dict]:
                              "source": "local", "path": str(entry)})
             elif entry.suffix == ".gguf":
                 rows.append({"name": entry.stem, "architecture": "gguf", "size_bytes": entry.stat().st_size,
+                             "source": "local", "path": str(entry)})
+            elif entry.suffix == ".bin" and entry.is_file() and _is_ggml(entry):
+                rows.append({"name": entry.stem, "architecture": "ggml", "size_bytes": entry.stat().st_size,
                              "source": "local", "path": str(entry)})
     return rows

@@ -2,7 +2,10 @@
 
 Only what a model needs comes down: config.json, the tokenizer files and ONE weight layout
 (safetensors, sharded or not, before pytorch_model.bin; EleutherAI/gpt-j-6b's `float16`
-revision has only the .bin). The free disk space is checked first, against the sizes in the
+revision has only the .bin). From a repo of GGUF files (no config.json, or asked for) ONE .gguf
+comes down: named with `--gguf FILE`, or by its quantization as llama.cpp's `-hf` takes it
+(`owner/name:Q4_K_M`), or the repo's only one, or its Q4_K_M (llama.cpp's default); then
+`gptj.load("owner/name:Q4_K_M")` finds it offline. The free disk space is checked first, against the sizes in the
 repo's file listing. Afterwards `gptj.load("owner/name")` (or `"owner/name@revision"`) finds
 the files offline: the cache is the one `gptj.loading.resolve()` reads (HF_HUB_CACHE /
 HF_HOME, read when called).
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptj.errors import ModelLoadError
+from gptj.loading.ggufpick import choose_gguf, split_tag
 from gptj.loading.resolve import INCOMPLETE_MARKER, hf_cache_dir
 
 GB = 1e9
@@ -72,9 +76,20 @@ def split_repo(repo_id: str, revision: str | None) -> tuple[str, str | None]:
     return repo, revision or rev or None
 
 
-def select_files(files: list[RepoFile]) -> tuple[list[RepoFile], str]:
-    """The files a model needs: config, tokenizer and the preferred weight layout."""
+def select_files(files: list[RepoFile], *, gguf: str | None = None, tag: str | None = None,
+                 ) -> tuple[list[RepoFile], str]:
+    """The files a model needs: config, tokenizer and the preferred weight layout; or one GGUF
+    file (when asked for by `gguf` / `tag`, or when the repo has GGUF files and no HF weights)."""
     by_name = {f.name: f for f in files if "/" not in f.name}
+    has_ggufs = any(f.name.lower().endswith(".gguf") for f in files)
+    has_hf_weights = "config.json" in by_name and any(layout[1] in by_name for layout in LAYOUTS)
+    if gguf is not None or tag is not None or (has_ggufs and not has_hf_weights):
+        try:
+            name = choose_gguf([f.name for f in files], tag, gguf)
+        except ModelLoadError as exc:
+            raise HubError(str(exc)) from None
+        chosen = next(f for f in files if f.name == name)
+        return [chosen], f"GGUF {name}"
     if "config.json" not in by_name:
         listed = ", ".join(sorted(by_name)[:12]) or "no files"
         raise HubError(f"the repo has no config.json at its root (it has {listed}); not a model gptj can load")
@@ -133,18 +148,19 @@ def check_disk_space(needed: int, cache: Path) -> None:
 
 
 def plan(repo_id: str, revision: str | None = None, *, endpoint: str | None = None,
-         token: str | bool | None = None) -> tuple[str, str, list[RepoFile], str]:
+         token: str | bool | None = None, gguf: str | None = None) -> tuple[str, str, list[RepoFile], str]:
     """(repo, commit sha, files to download, layout) from the repo's file listing."""
     from huggingface_hub import HfApi
 
-    repo, rev = split_repo(repo_id, revision)
+    spec, tag = split_tag(repo_id)
+    repo, rev = split_repo(spec, revision)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(repo, revision=rev, files_metadata=True)
     except Exception as exc:
         raise _hub_error(exc, repo, rev) from None
     files = [RepoFile(s.rfilename, _size(s)) for s in info.siblings or []]
-    chosen, layout = select_files(files)
+    chosen, layout = select_files(files, gguf=gguf, tag=tag)
     return repo, info.sha or "", chosen, layout
 
 
@@ -155,14 +171,17 @@ def _size(sibling) -> int:  # noqa: ANN001
 
 
 def pull(repo_id: str, revision: str | None = None, progress: bool = True, *, endpoint: str | None = None,
-         token: str | bool | None = None) -> Path:
+         token: str | bool | None = None, gguf: str | None = None) -> Path:
     """Downloads a model repo (`EleutherAI/gpt-j-6b`, or `...@float16`) into the HF cache and
-    returns its snapshot folder. Refuses before downloading anything when the disk is too small.
-    `endpoint` overrides HF_ENDPOINT (a mirror); `token` overrides HF_TOKEN / `hf auth login`."""
+    returns its snapshot folder; for a GGUF (`owner/name:Q4_K_M`, `gguf="file.gguf"`, or a repo
+    of GGUF files) the path of the .gguf file. Refuses before downloading anything when the disk
+    is too small. `endpoint` overrides HF_ENDPOINT (a mirror); `token` overrides HF_TOKEN /
+    `hf auth login`."""
     from huggingface_hub import snapshot_download
 
-    repo, rev = split_repo(repo_id, revision)
-    _, sha, files, layout = plan(repo, rev, endpoint=endpoint, token=token)
+    spec, tag = split_tag(repo_id)
+    repo, rev = split_repo(spec, revision)
+    _, sha, files, layout = plan(repo + (f":{tag}" if tag else ""), rev, endpoint=endpoint, token=token, gguf=gguf)
     cache = cache_dir()
     missing = [f for f in files if not (sha and _cached(cache, repo, sha, f.name))]
     check_disk_space(sum(f.size for f in missing), cache)
@@ -173,7 +192,8 @@ def pull(repo_id: str, revision: str | None = None, progress: bool = True, *, en
     planned = _snapshot(cache, repo, sha) if sha and missing else None
     if planned:  # removed below once every file is there; a pull killed before leaves it
         planned.mkdir(parents=True, exist_ok=True)
-        (planned / INCOMPLETE_MARKER).write_text(repo + (f" --revision {rev}" if rev else "") + "\n")
+        again = repo + (f":{tag}" if tag else "") + (f" --gguf {gguf}" if gguf else "")
+        (planned / INCOMPLETE_MARKER).write_text(again + (f" --revision {rev}" if rev else "") + "\n")
     restore = _progress_bars(progress)
     try:
         folder = snapshot_download(
@@ -195,7 +215,10 @@ def pull(repo_id: str, revision: str | None = None, progress: bool = True, *, en
     for marked in (folder_path, planned):  # the same folder unless the revision moved meanwhile
         if marked is not None:
             (marked / INCOMPLETE_MARKER).unlink(missing_ok=True)
+    if layout.startswith("GGUF "):
+        return folder_path / files[0].name
     return folder_path
+
 
 
 def _progress_bars(enabled: bool):  # noqa: ANN202

@@ -93,6 +93,14 @@ def _write(out: Path, model: nn.Module, info: ModelInfo, source: Path, mode: str
         config = config_from_metadata(meta)
         tokenizer_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
         (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer_meta, ensure_ascii=False))
+    elif info.format == "ggml":  # a legacy GGML GPT-J file: its header's config; its vocab unless GPT-J's
+        from gptj.loading.ggml import open_ggml
+        from gptj.tokenizer import ggml_vocab_metadata, is_gptj_vocab
+
+        gm = open_ggml(source)
+        config = dict(gm.config)
+        if not is_gptj_vocab(gm.pieces):
+            (out / TOKENIZER_FILE).write_text(json.dumps(ggml_vocab_metadata(gm.pieces), ensure_ascii=False))
     else:
         config = json.loads((source / "config.json").read_text())
         for name in COPIED_FILES:

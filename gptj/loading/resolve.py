@@ -22,25 +22,64 @@ def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
         return bundled_gguf_path()
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            return model_in_folder(path)  # a folder of GGUF files: the one to load
         return path
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        repo, _, rev = name_or_path.partition("@")
+        from gptj.loading.ggufpick import split_tag
+
+        spec, tag = split_tag(name_or_path)  # owner/name[@rev][:QUANT], as llama.cpp's -hf
+        repo, _, rev = spec.partition("@")
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True,
-                                          cache_dir=hf_cache_dir()))
+            folder = Path(snapshot_download(repo, revision=revision or rev or None, local_files_only=True,
+                                            cache_dir=hf_cache_dir()))
         except Exception as exc:
             # `gptj pull` takes only the files a model needs; huggingface_hub calls such a
             # snapshot incomplete against the repo's full file listing, and names its folder.
             partial = getattr(exc, "snapshot_path", None)
-            if partial and (Path(partial) / "config.json").exists():
-                return Path(partial)
+            if partial and ((Path(partial) / "config.json").exists() or any(Path(partial).rglob("*.gguf"))):
+                return model_in_folder(Path(partial), tag, name_or_path)
             raise ModelLoadError(
                 f"model {name_or_path!r} is not in the local Hugging Face cache ({exc.__class__.__name__}); "
-                f"download it with: gptj pull {repo}" + (f" --revision {revision or rev}" if revision or rev else "")
+                f"download it with: gptj pull {repo}" + (f":{tag}" if tag else "")
+                + (f" --revision {revision or rev}" if revision or rev else "")
             ) from None
+        return model_in_folder(folder, tag, name_or_path)
     raise ModelLoadError(f"model {name_or_path!r} not found: not a file, a folder, or a repo id like EleutherAI/gpt-j-6b")
+
+
+def model_in_folder(folder: Path, tag: str | None = None, source: str | None = None) -> Path:
+    """What to load from a model folder (a snapshot): the folder itself when it is a Hugging Face
+    one, else (or when a quantization `tag` is asked for) the GGUF file in it that
+    gptj.loading.ggufpick.choose_gguf picks. A folder a `gptj pull` did not finish is refused."""
+    if tag is None and (folder / "config.json").exists():
+        return folder
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf") if p.is_file())
+    if not names and tag is None:
+        return folder  # the loader says what is missing
+    if (folder / INCOMPLETE_MARKER).exists():
+        with (folder / INCOMPLETE_MARKER).open(errors="replace") as f:
+            what = " ".join(f.read(300).split()) or "the model"
+        raise ModelLoadError(f"{folder} is an incomplete download: gptj pull {what} did not finish; run it again")
+    from gptj.loading.ggufpick import choose_gguf
+
+    return folder / choose_gguf(names, tag, where=source or str(folder))
+
+
+def model_name(name_or_path: str | None) -> str:
+    """The model's name in the APIs (`/v1/models`, `model` in responses) and the banner: the
+    bundled model's own name, a repo id as given, and for a folder or file on disk its own name
+    (`/models/gpt-j-6b/` -> `gpt-j-6b`, `x/smol.Q8_0.gguf` -> `smol.Q8_0`), not its whole path
+    (`ModelInfo.path` keeps that). `gptj serve --served-model-name` adds names."""
+    if name_or_path in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
+        return "SmolLM2-135M-Instruct"
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        path = path.resolve()
+        return (path.stem if path.is_file() else path.name) or str(path)
+    return name_or_path
 
 
 def hf_cache_dir() -> str | None:

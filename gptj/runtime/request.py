@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from gptj.runtime.healing import Healing
 from gptj.runtime.sampling import SamplingParams
 from gptj.runtime.speculative import NgramDrafter
 from gptj.runtime.stops import StopMatcher
@@ -29,6 +30,9 @@ class TokenInfo:
     id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    # token healing (gptj.runtime.healing): the prompt's last text, which this token (the first)
+    # begins with and the streamed text leaves out; '' for every other token
+    healed: str = ""
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Completion:
     # speculative decoding: tokens drafted for this request, and how many of them the model kept
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # token healing: the end of the prompt that the first token spelled anew (it begins with it;
+    # `text` leaves it out); '' when the prompt was not healed or its own last token came first
+    healed: str = ""
 
     @property
     def completion_tokens(self) -> int:
@@ -155,10 +162,17 @@ class _Request:
     drafter: NgramDrafter | None = None  # speculative decoding, made at its first draft
     drafted: int = 0
     accepted: int = 0
+    heal: Healing | None = None  # token healing, until the first token is sampled (prompt_ids lack its token)
+    healed: str = ""  # what Completion.healed says
 
     @property
     def length(self) -> int:
         return self.prefilled + len(self.generated)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens as sent (a healed prompt's last token was taken off prompt_ids)."""
+        return len(self.prompt_ids) + (1 if self.heal is not None or self.healed else 0)
 
     def send(self, item: StreamEvent | Completion) -> None:
         self.events.put(item)

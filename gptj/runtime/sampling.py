@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import torch
 
 from gptj.errors import InvalidRequest
 
-__all__ = ["InvalidRequest", "SamplingParams", "apply_penalties", "candidates", "choose_token"]
+__all__ = ["InvalidRequest", "SamplingParams", "apply_logit_bias", "apply_penalties", "candidates", "choose_token"]
+
+BAN = -100.0  # a logit_bias of -100 bans the token outright (OpenAI: "should result in a ban")
 
 
 @dataclass
@@ -30,6 +33,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
     prompt_logprobs: int | None = None  # the same for each prompt token (computed in its prefill chunks)
     truncate_prompt: bool = False  # left-truncate a prompt that does not fit instead of failing
+    # OpenAI's logit_bias: token id -> -100..100 added to its logit before sampling (-100 bans it);
+    # the ids must be below the model's vocabulary size (the Python API and the server check it)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # token healing (gptj.runtime.healing): back up over the prompt's last token when it may be the
+    # start of a longer one (a trailing space or newline), and let the first token begin with its text
+    token_healing: bool = True
 
     def validate(self) -> SamplingParams:
         def need(ok: bool, name: str, message: str) -> None:
@@ -49,7 +58,21 @@ class SamplingParams:
         need(all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop), "stop", "each stop sequence must be 1 to 256 characters")
         need(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
         need(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be between 0 and 20")
+        need(isinstance(self.token_healing, bool), "token_healing", "must be true or false")
+        need(isinstance(self.logit_bias, dict), "logit_bias", "must map token ids to numbers from -100 to 100")
+        for token, bias in self.logit_bias.items():
+            need(isinstance(token, int) and not isinstance(token, bool) and token >= 0, "logit_bias",
+                 f"keys must be token ids (integers >= 0), got {token!r}")
+            need(isinstance(bias, int | float) and not isinstance(bias, bool) and -100.0 <= bias <= 100.0, "logit_bias",
+                 f"the bias of token {token} must be a number from -100 to 100, got {bias!r}")
         return self
+
+    @cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, values), built once per request; a ban's value is -inf."""
+        ids = torch.tensor(list(self.logit_bias), dtype=torch.long)
+        values = torch.tensor([float("-inf") if b <= BAN else float(b) for b in self.logit_bias.values()])
+        return ids, values
 
     @property
     def greedy(self) -> bool:
@@ -75,12 +98,21 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: torch
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """OpenAI's logit_bias, in place: each listed token's logit plus its bias; -100 bans the
+    token (its logit becomes -inf), 100 all but forces it."""
+    if params.logit_bias:
+        ids, values = params.bias_tensors
+        logits[ids] += values.to(logits.dtype)
+    return logits
+
+
 def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens the settings keep and their probabilities: (ids, probs), most likely first
     (all ids in vocabulary order when nothing is filtered). Temperature, then top-k, top-p
     (the smallest set whose mass reaches top_p; the most likely token always stays) and min-p.
 
-    Found without sorting the vocabulary: torch.sort of 50k logits takes ~20 ms on a small CPU,
+    Found without sorting the vocabulary: torch.sort of 50k logits is slow on a small CPU,
     more than a forward pass of the bundled model. top-k takes the k best directly; top-p alone
     looks at the 256 most likely tokens first (the nucleus is almost always among them) and at
     more only when their mass falls short of top_p. Raises RuntimeError when the settings
@@ -118,11 +150,14 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from float32 logits [vocab] after penalties and masking."""
+    """One token id from float32 logits [vocab] after penalties and masking. Adds the
+    request's logit_bias to `logits` in place first (so a caller that falls back to the
+    argmax of the same tensor still respects its bans)."""
+    apply_logit_bias(logits, params)
     if params.greedy:
         return int(torch.argmax(logits))
     ids, probs = candidates(logits, params)
-    # Inverse CDF with one uniform draw (torch.multinomial takes ~20 ms over 50k ids here).
+    # Inverse CDF with one uniform draw (torch.multinomial is slow over 50k ids).
     cdf = probs.cumsum(-1)
     u = torch.rand((), generator=generator) * cdf[-1]
     i = min(int(torch.searchsorted(cdf, u, right=True)), len(ids) - 1)

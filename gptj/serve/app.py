@@ -1,4 +1,5 @@
-"""One app over a backend: the guard, the JSON errors, the page, and a router per API family.
+"""One app over a backend: the guard, the JSON errors, the page, and a router per API family
+(OpenAI's, Ollama's, KoboldAI's, EleutherAI's and llama.cpp's).
 `create_app` serves this machine's model; `create_upstream_app` fronts another server."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gptj.serve.backends.local import LocalBackend
 from gptj.serve.backends.upstream import Upstream, UpstreamBackend, UpstreamResponse, passthrough
 from gptj.serve.errors import install_error_handlers
 from gptj.serve.guard import LOOPBACK_NAMES, RequestCounts, api_key_list, install_guard
-from gptj.serve.routes import eleuther, forward, openai, page, tokenize
+from gptj.serve.routes import eleuther, forward, kobold, ollama, openai, page, tokenize
 
 
 def route_paths(routes: Sequence) -> set[str]:
@@ -55,20 +56,24 @@ def build_app(backend: Backend, counts: RequestCounts, routers: Sequence[APIRout
                            expose_headers=["Retry-After"])
     install_error_handlers(app)
     page.mount_page(app)
-    for router in (page.router(backend), tokenize.router(backend), *routers, eleuther.router(backend)):
+    # the other API families, over either backend (gptj.serve.backends.Backend.generate)
+    families = (ollama.router(backend), kobold.router(backend), eleuther.router(backend))
+    for router in (page.router(backend), tokenize.router(backend), *routers, *families):
         app.include_router(router)
     return app
 
 
 def create_app(model: Model, *, api_key: str | Sequence[str] | None = None, cors_origins: list[str] | None = None,
-               request_timeout: float | None = None, allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES) -> FastAPI:
+               request_timeout: float | None = None, allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES,
+               served_model_names: Sequence[str] = ()) -> FastAPI:
     """The app on this machine's model. `api_key`: one key or several (one per tenant: tenants
     never share cached prefixes). `allowed_hosts`: the Host names it answers (None: any).
     `request_timeout`: seconds (queueing included) after which a generation ends with
-    finish_reason "timeout"; None or 0: no limit."""
-    backend = LocalBackend(model, request_timeout)
+    finish_reason "timeout"; None or 0: no limit. `served_model_names`: more names /v1/models
+    lists for the model (the first is the one responses name; any name is answered)."""
+    backend = LocalBackend(model, request_timeout, served_model_names)
     app = build_app(backend, backend.metrics, [openai.router(backend)], title="GPT-J Studio",
-                    description="OpenAI- and EleutherAI-compatible APIs for GPT-J", api_key=api_key,
+                    description="OpenAI-, Ollama-, KoboldAI-, llama.cpp- and EleutherAI-compatible APIs for GPT-J", api_key=api_key,
                     cors_origins=cors_origins, allowed_hosts=allowed_hosts)
     app.state.model = model
     return app

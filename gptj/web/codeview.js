@@ -80,6 +80,7 @@ export function snippets({ kind, body, info = {}, base = baseUrl(), withKey = ha
   if (["bf16", "int8", "int4"].includes(info.quantization)) flags.push(["--quantize", info.quantization]);
   for (const [field, flag] of CLI_FLAGS) if (body[field] !== undefined) flags.push([flag, String(body[field])]);
   for (const stop of body.stop || []) flags.push(["--stop", shellQuote(stop, { ansi: true })]);
+  if (body.token_healing === false) flags.push(["--no-token-healing", ""]);
   const notes = [];
   const missing = ["presence_penalty", "frequency_penalty"].filter((k) => body[k] !== undefined);
   if (missing.length) notes.push(`# gptj ${kind === "chat" ? "chat" : "generate"} has no flag for ${missing.join(" or ")}: the Python API and the HTTP API take them`);
@@ -101,7 +102,7 @@ function flagLines(flags) {
   const lines = [];
   let line = [];
   for (const [flag, value] of flags) {
-    line.push(`${flag} ${value}`);
+    line.push(value === "" ? flag : `${flag} ${value}`);
     if (flag === "--model" || flag === "--system" || line.join(" ").length > 60) {
       lines.push(line.join(" "));
       line = [];

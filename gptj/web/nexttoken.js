@@ -72,10 +72,12 @@ export class NextTokens {
       if (seq !== this.seq) return;
       const lp = res.choices && res.choices[0] && res.choices[0].logprobs;
       const top = lp && lp.top_logprobs && lp.top_logprobs[0];
-      const rows = top ? Object.entries(top).sort((a, b) => b[1] - a[1]) : [];
+      // token healing (on by default): a text that ends in a space or newline is continued by tokens that
+      // begin with it, shown without it; "" is its own last token kept as it is, then something else
+      const rows = top ? Object.entries(top).filter(([t]) => t !== "").sort((a, b) => b[1] - a[1]) : [];
       this.render(rows);
       this.note.textContent = /[ \t]$/.test(text)
-        ? "The text ends with a space: most words' tokens begin with their space, so the likely ones may look odd."
+        ? "The text ends with a space: the tokens shown begin with it (token healing), so they are shown without it."
         : "";
       this.shownFor = text;
       this.panel.dataset.state = "ready";

@@ -67,6 +67,17 @@ export class Settings {
           el("small", { class: "hint" }, spec.hint)),
       );
     }
+    // Token healing (on, as on the server): off goes into a request as token_healing: false.
+    this.healingInput = el("input", { type: "checkbox", id: "set-token_healing", "data-testid": "setting-token_healing",
+      checked: true });
+    this.healingInput.addEventListener("change", () => this.changed());
+    $("#sliders-advanced").append(
+      el("div", { class: "field" },
+        el("label", { class: "check", htmlFor: this.healingInput.id }, this.healingInput, "Token healing"),
+        el("small", { class: "hint" },
+          "A prompt that ends in a space, a newline or punctuation goes on as the model would have written it " +
+          "(a newline and its indent are one token). Off: the prompt's last token stays as it is.")),
+    );
     this.stopInput = $("#stop-input");
     this.seedInput = $("#seed-input");
     this.stopInput.addEventListener("input", () => {
@@ -103,6 +114,7 @@ export class Settings {
   /** Fills the sliders from a settings object (defaults for the ones it lacks) and the stops. */
   apply(settings, stop) {
     for (const spec of SLIDERS) this.setOne(spec.name, settings?.[spec.name] ?? this.defaults[spec.name]);
+    this.healingInput.checked = typeof settings?.token_healing === "boolean" ? settings.token_healing : true;
     if (stop !== undefined) {
       this.stopInput.value = formatStops(stop);
       this.renderStops();
@@ -111,7 +123,7 @@ export class Settings {
   }
 
   renderCount() {
-    const n = this.changedAdvanced().length;
+    const n = this.changedAdvanced().length + (this.healingInput.checked ? 0 : 1);
     $("#advanced-count").textContent = n ? `· ${n} on` : "";
   }
 
@@ -136,6 +148,7 @@ export class Settings {
       const v = Number(num.value);
       out[spec.name] = num.value === "" || !isFinite(v) ? this.defaults[spec.name] : spec.int ? Math.round(v) : v;
     }
+    out.token_healing = this.healingInput.checked;
     return out;
   }
 
@@ -150,6 +163,7 @@ export class Settings {
     const v = this.values();
     const body = {};
     for (const spec of SLIDERS) if (!spec.advanced || v[spec.name] !== spec.neutral) body[spec.request] = v[spec.name];
+    if (!v.token_healing) body.token_healing = false;
     if (withStops) {
       const stop = this.stops;
       if (stop.length) body.stop = stop;

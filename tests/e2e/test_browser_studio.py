@@ -443,6 +443,44 @@ def test_advanced_settings_reach_the_request(page) -> None:
     expect(page.get_by_test_id("advanced-count")).to_have_text("")
 
 
+def test_token_healing_checkbox_reaches_the_request(page) -> None:
+    """On by default (not sent: the server heals by default); off, a request says
+    token_healing: false, the fold counts it, View code's CLI has --no-token-healing, a reload
+    remembers it and Reset turns it back on."""
+    from gptj.cli.main import build_parser
+
+    sent: list[dict] = []
+
+    def completions(route) -> None:  # noqa: ANN001
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, body=completion_stream(" done."), content_type="text/event-stream")
+
+    page.route("**/v1/completions", completions)
+    page.fill("#prompt", "def f(n):\n")
+    page.click("#generate-btn")
+    wait_idle(page)
+    assert "token_healing" not in sent[-1]
+    page.click("#advanced summary")
+    box = page.get_by_test_id("setting-token_healing")
+    expect(box).to_be_checked()
+    box.uncheck()
+    expect(page.get_by_test_id("advanced-count")).to_have_text("· 1 on")
+    page.click("#generate-btn")
+    wait_idle(page)
+    assert sent[-1]["token_healing"] is False
+    page.click("#view-code")
+    page.get_by_text("gptj CLI", exact=True).click()
+    cli = page.get_by_test_id("code-text").inner_text()
+    assert "--no-token-healing" in cli
+    assert build_parser().parse_args(["generate", *_bash_args(cli, "gptj")[1:]]).token_healing is False
+    page.keyboard.press("Escape")
+    reload(page)
+    expect(page.get_by_test_id("setting-token_healing")).not_to_be_checked()
+    page.click("#settings-reset")
+    expect(page.get_by_test_id("setting-token_healing")).to_be_checked()
+    expect(page.get_by_test_id("advanced-count")).to_have_text("")
+
+
 def _bash_args(script: str, command: str) -> list[str]:
     """The arguments bash would pass to `command` in `script` (it runs as a function that
     prints them): checks the quoting as a shell reads it."""

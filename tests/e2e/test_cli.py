@@ -74,3 +74,16 @@ def test_chat_reads_standard_input() -> None:
     out = run("chat", "--temperature", "0", "-n", "24", stdin="What is the capital of France?\n/quit\n")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_code_preset_heals_the_prompts_last_newline() -> None:
+    """The code preset's example ends in "\\n", which SmolLM2 writes together with the next line's
+    indent: token healing lets the first token be "\\n   ", and the body comes out indented.
+    --no-token-healing continues the lone "\\n" token, at column 0."""
+    code = "# Python 3\n# Return True if n is a prime number, else False.\ndef is_prime(n):\n"
+    out = run("generate", "-", "--preset", "code", "--seed", "1", "--json", stdin=code)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"].startswith("    if n <= 1:\n        return False")
+    out = run("generate", "-", "--preset", "code", "--seed", "1", "--json", "--no-token-healing", stdin=code)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"].startswith("if n <= 1:")

@@ -319,4 +319,7 @@ def test_select_files_prefers_safetensors_and_keeps_shards_together() -> None:
     chosen, layout = select_files([RepoFile(n, 1) for n in ("config.json", "pytorch_model.bin", "vocab.json", "merges.txt")])
     assert layout == "pytorch_model.bin" and [f.name for f in chosen] == ["config.json", "vocab.json", "merges.txt", "pytorch_model.bin"]
     with pytest.raises(HubError, match="no weights"):
-        select_files([RepoFile("config.json", 1), RepoFile("model.gguf", 1)])
+        select_files([RepoFile("config.json", 1), RepoFile("tf_model.h5", 1)])
+    # no Hugging Face weights but a GGUF: the GGUF (tests/loading/test_hub_gguf.py)
+    assert select_files([RepoFile("config.json", 1), RepoFile("model.gguf", 1)]) == ([RepoFile("model.gguf", 1)],
+                                                                                     "GGUF model.gguf")

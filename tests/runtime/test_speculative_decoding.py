@@ -26,13 +26,6 @@ def add(a: int, b: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def int8_model() -> Iterator[gptj.Model]:
-    model = gptj.load(quantize="int8")
-    yield model
-    model.engine.shutdown(grace=0)
-
-
-@pytest.fixture(scope="module")
 def gptj_int4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[gptj.Model]:
     path = Path(tmp_path_factory.mktemp("gptj")) / "tiny"
     make_random_checkpoint(path, dict(n_embd=128, n_head=4, n_layer=2, rotary_dim=16), "safetensors")
@@ -98,3 +91,31 @@ def test_no_drafts_where_a_pass_would_not_be_exact(int8_model: gptj.Model, monke
     assert not runner.exact_multi_token(int8_model.module)
     on = generate(int8_model, "ngram", CODE, max_new_tokens=12, temperature=0, ignore_eos=True)
     assert on.drafted_tokens == 0
+
+
+def test_load_and_serve_options(int8_model: gptj.Model) -> None:
+    """`gptj.load(speculative=..., speculative_tokens=...)` and `gptj serve --speculative` reach the
+    engine; bad values are refused by name; the server reports drafts in usage and /metrics."""
+    import httpx
+    from servers import running
+
+    from gptj.cli.main import build_parser
+    from gptj.errors import InvalidRequest
+    from gptj.serve.app import create_app
+
+    for bad in (dict(speculative="medusa"), dict(speculative_tokens=0), dict(speculative_tokens=99)):
+        with pytest.raises(InvalidRequest) as e:
+            gptj.load(**bad)
+        assert next(iter(bad)) in str(e.value)
+    args = build_parser().parse_args(["serve", "--speculative", "none", "--speculative-tokens", "3"])
+    assert (args.speculative, args.speculative_tokens) == ("none", 3)
+    with running(create_app(int8_model)) as base:
+        r = httpx.post(f"{base}/v1/completions", timeout=300,
+                       json={"prompt": CODE, "max_tokens": 32, "temperature": 0, "model": int8_model.name})
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    assert r.status_code == 200, r.text
+    details = r.json()["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0
+    assert details["rejected_prediction_tokens"] >= 0
+    drafted = [line for line in metrics.splitlines() if line.startswith("gptj_speculative_drafted_tokens_total")]
+    assert drafted and float(drafted[0].split()[1]) > 0

@@ -52,6 +52,13 @@ OPERATIONS = [
     "GET /health", "GET /api/info", "GET /api/presets", "GET /v1/models", "GET /metrics",
     "POST /tokenize", "POST /detokenize", "POST /v1/completions", "POST /v1/chat/completions",
     "POST /complete", "POST /completion",
+    # Ollama's
+    "GET /api/version", "GET /api/tags", "GET /api/ps", "POST /api/show", "POST /api/generate", "POST /api/chat",
+    # KoboldAI's (KoboldCpp's)
+    "GET /api/v1/model", "GET /api/v1/info/version", "GET /api/v1/config/max_length",
+    "GET /api/v1/config/max_context_length", "GET /api/extra/true_max_context_length", "GET /api/extra/version",
+    "POST /api/v1/generate", "POST /api/extra/generate/stream", "POST /api/extra/generate/check",
+    "POST /api/extra/abort", "POST /api/extra/tokencount",
 ]
 
 
@@ -69,6 +76,15 @@ VALID = {
     "POST /v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True},
     "POST /complete": {"context": "Once upon a time", "length": 4},
     "POST /completion": {"context": "Once upon a time", "response_length": 4},
+    "POST /api/show": {"model": "any"},
+    "POST /api/generate": {"model": "any", "prompt": "Once upon a time", "options": {"num_predict": 4}},
+    "POST /api/chat": {"model": "any", "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                       "options": {"num_predict": 4}},
+    "POST /api/v1/generate": {"prompt": "Once upon a time", "max_length": 4},
+    "POST /api/extra/generate/stream": {"prompt": "Once upon a time", "max_length": 4},
+    "POST /api/extra/generate/check": {"genkey": "KCPP1"},
+    "POST /api/extra/abort": {"genkey": "KCPP1"},
+    "POST /api/extra/tokencount": {"prompt": "Hello world"},
 }
 
 # Operations without parameters or a body have no invalid input to make.

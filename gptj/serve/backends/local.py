@@ -12,27 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request
 
 from gptj import quant
-from gptj.api import Model, sampling_params
+from gptj.api import Model, check_logit_bias, sampling_params
 from gptj.chat import ChatSession
 from gptj.errors import InvalidRequest
 from gptj.runtime.engine import Completion, RequestHandle, TokenInfo
+from gptj.serve.backends import Generated, Interruption
 from gptj.serve.guard import APIError, ClientDisconnected, cache_scope
 from gptj.serve.metrics import Metrics, engine_metrics
-from gptj.serve.protocol import DetokenizeBody, TokenizeBody, token_str, tokenize_json
+from gptj.serve.protocol import DetokenizeBody, TokenizeBody, is_batch, token_str, tokenize_json
 from gptj.tokenizer import Tokenizer, load_tokenizer
 
 INFO_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class LocalBackend:
-    def __init__(self, model: Model, request_timeout: float | None = None) -> None:
+    def __init__(self, model: Model, request_timeout: float | None = None, served_names: Sequence[str] = ()) -> None:
         self.model = model
+        # what /v1/models lists: `--served-model-name`s (the first is the one responses name), then the model's own
+        self.names = list(dict.fromkeys([*(n for n in served_names if n), model.name]))
         self.tokenizer = model.tokenizer
         self.chat = ChatSession(model)
         self.metrics = Metrics()
@@ -41,7 +44,7 @@ class LocalBackend:
 
     @property
     def name(self) -> str:
-        return self.model.name
+        return self.names[0]
 
     # ---- page and info ----
 
@@ -73,7 +76,7 @@ class LocalBackend:
     async def tokenize(self, body: TokenizeBody, text: str) -> dict:
         tok = self.pick_tokenizer(body.tokenizer)
         # a worker thread: a 1 MB text takes a while, and the event loop must stay free
-        return await asyncio.to_thread(tokenize_json, tok, text, body.add_special)
+        return await asyncio.to_thread(tokenize_json, tok, text, bool(body.parse_special), body.add_special)
 
     async def detokenize(self, body: DetokenizeBody) -> dict:
         tok = self.pick_tokenizer(body.tokenizer)
@@ -91,10 +94,11 @@ class LocalBackend:
 
     # ---- generation ----
 
-    def check_model(self, name: str | None) -> None:
-        model = self.model
-        if name and name not in (model.name, "default", model.info.path) and name.lower() not in ("gpt-j", "gptj"):
-            raise APIError(404, f"model: unknown model {name!r}; this server serves {model.name!r}", "model", "model_not_found")
+    def answering_name(self, requested: str | None) -> str:
+        """The `model` of a response. This server holds one model, and it answers to any name
+        (as llama.cpp's does): a response names it by the name asked for when that is one of
+        its names, else by its first."""
+        return requested if requested in self.names else self.name
 
     def submit_all(self, prompt_ids: list[int], settings: dict, n: int, logprobs: int | None, request: Request,
                    salt: str | None = None, prompt_logprobs: int | None = None) -> list[RequestHandle]:
@@ -115,7 +119,9 @@ class LocalBackend:
             if i == 0 and prompt_logprobs is not None:
                 s["prompt_logprobs"] = prompt_logprobs
             try:
-                handles.append(engine.submit(prompt_ids, sampling_params(**s), timeout=self.timeout, cache_scope=scope))
+                params = sampling_params(**s)
+                check_logit_bias(params, self.model.config.vocab_size)
+                handles.append(engine.submit(prompt_ids, params, timeout=self.timeout, cache_scope=scope))
             except Exception:
                 for h in handles:
                     h.cancel()
@@ -178,38 +184,70 @@ class LocalBackend:
             for h in handles:
                 h.cancel()
 
-    async def generate_text(self, request: Request, context: str, temp: float, top_p: float, length: int) -> str:
+    async def generate_text(self, request: Request, context: str, temp: float, top_p: float, length: int,
+                            token_healing: bool = True) -> str:
         """The continuation of `context` (the EleutherAI APIs), left-truncated to fit."""
         if not context:
             raise APIError(400, "context: must not be empty", "context")
         ids = await self.encode(context, "context")
         length = min(length, self.model.context_length - 1)
-        settings = dict(max_new_tokens=length, temperature=temp, top_p=top_p, top_k=0, truncate_prompt=True)
+        settings = dict(max_new_tokens=length, temperature=temp, top_p=top_p, top_k=0, truncate_prompt=True,
+                        token_healing=token_healing)
         (result,) = await self.wait_all(self.submit_all(ids, settings, 1, None, request), request)
         finish_reason(result)
         return result.text
 
     # ---- OpenAI's shapes ----
 
-    async def prompt_ids_of(self, prompt: str | list[str] | list[int]) -> tuple[list[int], str]:
+    async def prompts_of(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt: one for a string or a list of token ids, one per item
+        of a batch (a list of strings or of token-id lists), whose errors name `prompt.i`."""
+        batch = is_batch(prompt)
         vocab = self.model.config.vocab_size
-        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            ids = list(prompt)  # type: ignore[arg-type]
-            bad = [i for i in ids if not 0 <= i < vocab]
+        prompts = []
+        for i, item in enumerate(prompt if batch else [prompt]):  # type: ignore[union-attr]
+            field = f"prompt.{i}" if batch else "prompt"
+            if isinstance(item, str):
+                if not item:
+                    raise APIError(400, f"{field}: must not be empty", field)
+                prompts.append((await self.encode(item, field), item))
+                continue
+            bad = [t for t in item if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside 0..{vocab - 1}", "prompt")
-            return ids, self.tokenizer.decode(ids)
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: send one prompt per request (a list of exactly one string)", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt: must not be empty", "prompt")
-        return await self.encode(prompt, "prompt"), prompt
+                raise APIError(400, f"{field}: token id {bad[0]} is outside 0..{vocab - 1}", field)
+            prompts.append((list(item), self.tokenizer.decode(item)))
+        return prompts
+
+    def submit_batch(self, prompts: list[list[int]], settings: dict, n: int, logprobs: int | None, request: Request,
+                     salt: str | None, prompt_logprobs: int | None, batch: bool) -> list[list[RequestHandle]]:
+        """submit_all for each prompt of a request: n handles each, all or none queued. A batch
+        must fit what the engine takes at once (--parallel + --max-queue), else it could never run."""
+        engine = self.model.engine
+        capacity = engine.max_batch + engine.max_queue
+        if batch and len(prompts) * n > capacity:
+            raise APIError(400, f"prompt: {len(prompts)} prompts x {n} choices each are more than this server takes at "
+                           f"once ({capacity}: --parallel + --max-queue); send fewer prompts per request", "prompt")
+        groups: list[list[RequestHandle]] = []
+        try:
+            for i, ids in enumerate(prompts):
+                try:
+                    groups.append(self.submit_all(ids, settings, n, logprobs, request, salt, prompt_logprobs))
+                except InvalidRequest as exc:
+                    if batch and exc.field == "prompt":
+                        raise InvalidRequest(f"prompt.{i}", str(exc).partition(": ")[2]) from None
+                    raise
+        except BaseException:
+            for group in groups:
+                for h in group:
+                    h.cancel()
+            raise
+        return groups
 
     def completion_logprobs(self, tokens: list[TokenInfo], offset: int) -> dict:
+        # a healed first token (gptj.runtime.healing) shows its text past the prompt's end, so that
+        # the tokens add up to the text; its alternatives begin with the same prompt text
         ids = [t.id for t in tokens]
-        strs = [token_str(self.tokenizer, i) for i in ids]
+        strs = [token_str(self.tokenizer, t.id)[len(t.healed):] for t in tokens]
         offsets, pos = [], offset
         for s in strs:
             offsets.append(pos)
@@ -218,7 +256,8 @@ class LocalBackend:
             "tokens": strs,
             "token_ids": ids,
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{token_str(self.tokenizer, i): lp for i, lp in t.top_logprobs} for t in tokens],
+            "top_logprobs": [{token_str(self.tokenizer, i)[len(t.healed):]: lp for i, lp in t.top_logprobs}
+                             for t in tokens],
             "text_offset": offsets,
         }
 
@@ -238,16 +277,82 @@ class LocalBackend:
 
     def chat_logprobs(self, tokens: list[TokenInfo]) -> dict:
         tok = self.tokenizer
-        return {"content": [{"token": token_str(tok, t.id), "logprob": t.logprob, "bytes": list(tok.token_bytes(t.id)),
-                             "top_logprobs": [{"token": token_str(tok, i), "logprob": lp} for i, lp in t.top_logprobs]}
+        # a healed first token: its text past the prompt's end, as in completion_logprobs
+        return {"content": [{"token": token_str(tok, t.id)[len(t.healed):], "logprob": t.logprob,
+                             "bytes": list(tok.token_bytes(t.id)[len(t.healed.encode()):]),
+                             "top_logprobs": [{"token": token_str(tok, i)[len(t.healed):], "logprob": lp}
+                                              for i, lp in t.top_logprobs]}
                             for t in tokens]}
+
+    # ---- the other API families (Ollama, KoboldAI, llama.cpp): backend-neutral generation ----
+
+    def chat_template(self) -> bool:
+        return self.chat.template is not None
+
+    async def generate(self, request: Request, *, prompt: str | None = None, messages: list[dict] | None = None,
+                       settings: dict, abort: asyncio.Event | None = None) -> AsyncIterator[str | Generated]:
+        """Text deltas, then a Generated (see gptj.serve.backends.Backend.generate)."""
+        settings = dict(settings)
+        field = "messages" if messages is not None else "prompt"
+        if messages is not None:
+            if not messages:
+                raise APIError(400, "messages: must not be empty", "messages")
+            # templating and tokenizing a long conversation take a while: off the event loop
+            prompt, settings, _ = await asyncio.to_thread(self.chat.prepare, messages, settings)
+        if not prompt:
+            raise APIError(400, f"{field}: must not be empty", field)
+        ids = await self.encode(prompt, field)
+        if settings.get("max_new_tokens") is None:  # until the context window is full
+            settings["max_new_tokens"] = max(self.model.context_length - len(ids), 1)
+        handles = self.submit_all(ids, settings, 1, None, request)
+        interruption = Interruption(request, abort)
+
+        async def cancel_when_interrupted() -> None:
+            await interruption.event.wait()
+            for h in handles:
+                h.cancel()
+
+        canceller = asyncio.ensure_future(cancel_when_interrupted())
+        t0 = time.monotonic()
+        try:
+            yield ""
+            text, lstrip = "", messages is not None and not self.chat.template  # the play script's space after "Name:"
+            async for _, item in self.stream_all(handles):
+                if isinstance(item, Completion):
+                    if interruption.disconnected:
+                        raise ClientDisconnected
+                    stop_type = None
+                    if item.finish_reason == "stop":  # the end-of-text token is in token_infos, not in tokens
+                        stop_type = "eos" if len(item.token_infos) > len(item.tokens) else "word"
+                    yield Generated(text, item.finish_reason, item.prompt_tokens, item.completion_tokens,
+                                    item.cached_prompt_tokens, item.time_to_first_token, time.monotonic() - t0,
+                                    stop_type, item.error)
+                    return
+                piece = item.text
+                if lstrip:
+                    piece = piece.lstrip()
+                    lstrip = not piece
+                if piece:
+                    text += piece
+                    yield piece
+        finally:
+            canceller.cancel()
+            interruption.close()
+            for h in handles:
+                h.cancel()
 
 
 def usage(results: list[Completion]) -> dict:
+    """OpenAI's usage. Speculative decoding's drafts go where OpenAI reports predicted outputs:
+    accepted_prediction_tokens (kept) and rejected_prediction_tokens (checked and dropped)."""
     prompt = results[0].prompt_tokens if results else 0
     gen = sum(r.completion_tokens for r in results)
+    accepted = sum(r.accepted_tokens for r in results)
+    rejected = sum(r.drafted_tokens - r.accepted_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
-            "prompt_tokens_details": {"cached_tokens": results[0].cached_prompt_tokens if results else 0}}
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_prompt_tokens if results else 0},
+            "completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": rejected}}
 
 
 def finish_reason(c: Completion) -> str:

@@ -3,7 +3,14 @@ in front of any OpenAI-compatible server (vLLM, TGI, another `gptj serve`), with
 
 * `/v1/*` is forwarded as it is: streams pass through as server-sent events, errors with the
   upstream's status and body. A completion or chat request without `model` gets the upstream's
-  (its first in `/v1/models`), which vLLM and TGI want.
+  (its first in `/v1/models`), which vLLM and TGI want; one naming another model gets it too
+  when the upstream serves only one (which answers to any name, as `gptj serve` does; vLLM would
+  answer 404). What else the body asks for is the upstream's to do or refuse, not judged here:
+  vLLM does content parts, the developer role, prompt batches and token ids, logit_bias,
+  stream_options, response_format (structured output) and tools (with its tool-call flags);
+  it answers 400 for `suffix`, ignores `user` and `parallel_tool_calls`, and ignores unknown
+  fields with a warning in its log. `gptj serve` refuses what it does not do
+  (gptj.serve.protocol.REFUSED).
 * `/complete` and `/completion` (EleutherAI) become upstream `/v1/completions` calls.
 * `/api/info` describes the upstream model (from `/v1/models`) with architecture "remote".
 * `/tokenize` and `/detokenize` use a local tokenizer when the upstream model is known here
@@ -32,7 +39,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from gptj.api import sampling_params
-from gptj.serve.guard import APIError, RequestCounts
+from gptj.serve.backends import Generated, Interruption, until
+from gptj.serve.guard import APIError, ClientDisconnected, RequestCounts
 from gptj.serve.metrics import request_lines
 from gptj.serve.protocol import DetokenizeBody, TokenizeBody, tokenize_json
 from gptj.tokenizer import Tokenizer, load_tokenizer
@@ -207,10 +215,10 @@ class UpstreamBackend:
     async def tokenize(self, body: TokenizeBody, text: str) -> dict:
         tok = await self.local_tokenizer(body.tokenizer)
         if tok is not None:  # in a worker thread: the event loop stays free
-            return await asyncio.to_thread(tokenize_json, tok, text, body.add_special)
+            return await asyncio.to_thread(tokenize_json, tok, text, bool(body.parse_special), body.add_special)
         data = await self.upstream_tokenizer_call("tokenize", {
             "model": await self.upstream.model_id(), "prompt": text, "add_special_tokens": body.add_special,
-            "add_special": body.add_special, "return_token_strs": True,
+            "add_special": body.add_special, "parse_special": bool(body.parse_special), "return_token_strs": True,
         })
         ids = [int(i) for i in data.get("tokens", [])]
         pieces = data.get("pieces")
@@ -231,13 +239,24 @@ class UpstreamBackend:
         return {"text": data.get("text", data.get("prompt", ""))}
 
     async def with_model(self, raw: bytes) -> bytes:
-        """A completion/chat body without `model` gets the upstream's (vLLM and TGI want one)."""
+        """A completion/chat body without `model` gets the upstream's (vLLM and TGI want one);
+        one naming another model too when the upstream serves only one, which then answers to
+        any name, as `gptj serve` does (vLLM would answer 404). The rest passes as it is."""
         try:
             body = json.loads(raw)
         except ValueError:
             return raw  # the upstream says what is wrong with it
-        if isinstance(body, dict) and not body.get("model"):
+        if not isinstance(body, dict):
+            return raw
+        if not body.get("model"):
             body["model"] = await self.upstream.model_id()
+            return json.dumps(body).encode()
+        try:
+            ids = [m["id"] for m in await self.upstream.models()]
+        except (APIError, UpstreamResponse):
+            return raw  # the upstream answers the request itself
+        if len(ids) == 1 and body["model"] != ids[0]:
+            body["model"] = ids[0]
             return json.dumps(body).encode()
         return raw
 
@@ -271,8 +290,10 @@ class UpstreamBackend:
         headers = {"Cache-Control": "no-cache", **{k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}}
         return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream", headers=headers)
 
-    async def generate_text(self, request: Request, context: str, temp: float, top_p: float, length: int) -> str:
-        """The continuation of `context` (the EleutherAI APIs), from the upstream's /v1/completions."""
+    async def generate_text(self, request: Request, context: str, temp: float, top_p: float, length: int,
+                            token_healing: bool = True) -> str:
+        """The continuation of `context` (the EleutherAI APIs), from the upstream's /v1/completions
+        (`token_healing` is gptj's own setting: an upstream heals or not as it does)."""
         if not context:
             raise APIError(400, "context: must not be empty", "context")
         body = {"model": await self.upstream.model_id(), "prompt": context, "max_tokens": length,
@@ -285,3 +306,120 @@ class UpstreamBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             raise APIError(502, f"upstream {self.upstream.v1}/completions did not answer with a completion", None,
                            "upstream_error") from None
+
+    # ---- the other API families (Ollama, KoboldAI, llama.cpp): backend-neutral generation ----
+
+    def chat_template(self) -> bool:
+        return True  # the upstream's chat endpoint lays messages out (vLLM: its --chat-template)
+
+    async def generate(self, request: Request, *, prompt: str | None = None, messages: list[dict] | None = None,
+                       settings: dict, abort: asyncio.Event | None = None) -> AsyncIterator[str | Generated]:
+        """Text deltas, then a Generated, from the upstream's /v1/completions or
+        /v1/chat/completions streamed (see gptj.serve.backends.Backend.generate)."""
+        field = "messages" if messages is not None else "prompt"
+        if not (messages if messages is not None else prompt):
+            raise APIError(400, f"{field}: must not be empty", field)
+        body = openai_settings(settings)
+        body.update(model=await self.upstream.model_id(), stream=True, stream_options={"include_usage": True})
+        if messages is not None:
+            path, body["messages"] = "chat/completions", messages
+        else:
+            path, body["prompt"] = "completions", prompt
+        t0 = time.monotonic()
+        outgoing = self.upstream.client.build_request("POST", f"{self.upstream.v1}/{path}", json=body,
+                                                      headers=self.upstream.headers(accept="text/event-stream"))
+        response = await self.upstream.send(outgoing, stream=True)
+        interruption: Interruption | None = None
+        try:
+            if response.status_code >= 400:
+                raise upstream_error(response, await response.aread(), path)
+            interruption = Interruption(request, abort)
+            yield ""
+            text, finish, stop_type, usage, chunks, first = "", None, None, None, 0, None
+            try:
+                async for line in until(response.aiter_lines(), interruption.event):
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if not isinstance(chunk, dict):
+                        continue
+                    if chunk.get("error"):
+                        error = chunk["error"]
+                        message = error.get("message") if isinstance(error, dict) else str(error)
+                        yield Generated(text, "error", 0, chunks, error=f"upstream: {message}")
+                        return
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                            continue
+                        piece = (choice.get("delta") or {}).get("content") if messages is not None else choice.get("text")
+                        if isinstance(piece, str) and piece:
+                            first = first if first is not None else time.monotonic() - t0
+                            chunks += 1
+                            text += piece
+                            yield piece
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                            reason = choice.get("stop_reason")  # vLLM: the stop string or token id
+                            stop_type = "word" if isinstance(reason, str) else "eos" if finish == "stop" else None
+            except httpx.HTTPError as exc:  # the upstream went away mid-stream
+                yield Generated(text, "error", 0, chunks, error=f"upstream {self.upstream.v1} broke off the stream "
+                                                                f"({type(exc).__name__})")
+                return
+            if finish is None and interruption.disconnected:
+                raise ClientDisconnected
+            if finish is None and interruption.event.is_set():
+                finish = "cancelled"
+            usage = usage if isinstance(usage, dict) else {}
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            yield Generated(text, finish or "stop", int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or chunks), int(cached), first,
+                            time.monotonic() - t0, stop_type if finish == "stop" else None)
+        finally:  # also when our client goes away: closing the upstream stream cancels its generation
+            if interruption is not None:
+                interruption.close()
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+
+# gptj's sampling names -> OpenAI's (top_k, min_p and repetition_penalty are vLLM's extra fields)
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                "min_p": "min_p", "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
+
+
+def openai_settings(settings: dict) -> dict:
+    """An OpenAI request's sampling fields for gptj settings; `max_new_tokens: None` is sent as
+    `max_tokens: null` (vLLM: the rest of the context). truncate_prompt has no OpenAI name."""
+    body: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in OPENAI_NAMES:
+            continue
+        if value is None and name != "max_new_tokens":
+            continue
+        if name == "stop" and not value or name == "ignore_eos" and not value:
+            continue
+        body[OPENAI_NAMES[name]] = value
+    return body
+
+
+def upstream_error(response: httpx.Response, content: bytes, path: str) -> APIError:
+    """The upstream's error as one of ours (its message and field), for clients of APIs that
+    are not OpenAI's: they cannot read the upstream's body."""
+    message, param = content.decode("utf-8", "replace")[:500] or f"status {response.status_code}", None
+    try:
+        error = json.loads(content).get("error")
+        if isinstance(error, dict):
+            message, param = str(error.get("message") or message), error.get("param")
+        elif isinstance(error, str):
+            message = error
+    except (ValueError, AttributeError):
+        pass
+    kind = "upstream_error" if response.status_code >= 500 else "invalid_request_error"
+    return APIError(response.status_code, f"upstream {path}: {message}", param if isinstance(param, str) else None, kind)
