@@ -102,7 +102,7 @@ def one_request(client: httpx.Client, body: dict, level: Level) -> float:
                     first = time.monotonic() - t0
                 for choice in event["choices"]:
                     finished = finished or bool(choice["finish_reason"])
-                if "usage" in event:
+                if event.get("usage"):  # the last chunk (stream_options.include_usage)
                     tokens = event["usage"]["completion_tokens"]
     except (httpx.HTTPError, json.JSONDecodeError, KeyError):
         with level.lock:
@@ -140,7 +140,7 @@ def run_level(base: str, pid: int, concurrency: int, args: argparse.Namespace) -
             while time.monotonic() < end:
                 body = {"prompt": f"Client {i}, story {k}: a short story about {TOPICS[(i + k) % len(TOPICS)]}.\n",
                         "max_tokens": args.max_tokens, "temperature": 0.8, "seed": i * 1000 + k,
-                        "ignore_eos": True, "stream": True}
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
                 pause = one_request(client, body, level)
                 k += 1
                 if pause:
