@@ -1,23 +1,33 @@
-"""GPT-J-6B on this CPU: our engine (bf16, int8, int4) beside transformers bf16 and
-CTranslate2 int8, on one synthetic checkpoint in the exact Hugging Face layout, in one run.
+"""GPT-J-6B on this CPU: our engine (bf16, int8, int4) beside transformers bf16, CTranslate2
+int8 and ggml's GPT-J graph (q8_0, q4_0: legacy GGML files, as KoboldCpp and ctransformers run
+GPT-J), on one synthetic checkpoint in the exact Hugging Face layout, in one run.
 
     .venv/bin/python benchmarks/bench_6b.py            # the real 6B shape (~12 GB checkpoint)
     .venv/bin/python benchmarks/bench_6b.py --quick    # a 1B-parameter GPT-J, a few minutes
+    .venv/bin/python benchmarks/bench_6b.py --shape 1b --skip ours-bf16 --skip transformers --skip ct2
 
 Each engine runs in its own process, so its peak RSS is its own. Measured: decode ms/token
 (median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
-size on disk; plus the machine's memory bandwidth and the decode floor it sets for each weight
-size. Prints a markdown table and writes a PNG chart next to the checkpoints.
+size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth and
+the decode floor it sets for each weight size. Prints a markdown table and writes a PNG chart
+next to the checkpoints.
+
+The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt AVX2 library; they
+are skipped without it): benchmarks/ggml_gptj.py converts the checkpoint to the GGML files once
+(kept beside it), and ctransformers runs them with every core, the prompt in one batch where
+ggml's buffer sizing allows it (6B), else in the longest batches it allows (the 1B shape: 32).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -27,11 +37,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def peak_rss_gb() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss keeps the RSS of the
+    parent at fork, so every worker would report at least the driver's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def folder_gb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".bin", ".safetensors")) / 1e9
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".bin", ".safetensors"))
+        / 1e9
+    )
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -41,24 +63,57 @@ def prompt_ids(n: int) -> list[int]:
     return torch.randint(100, 50000, (n,), generator=g).tolist()
 
 
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, with the family/model numbers (a VM may hide the name)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        return "unknown CPU"
+    return f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
+# the x86 features that decide which kernels run, in the order they arrived
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_int8", "amx_bf16")  # fmt: skip
+
+
+def isa(flags: frozenset[str] | None = None) -> str:
+    if flags is None:
+        from gptj.kernels import cpu_flags
+
+        flags = cpu_flags()
+    return " ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2"
+
+
 # ---- workers: each runs in a fresh process and prints one JSON line ---------------------------------
 
 
-def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int) -> dict:
+def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int, speculative: str = "none") -> dict:
     import torch
 
     import gptj
 
+    # no prefix cache (the warm-up prompt is the measured one's first 8 tokens); speculation only
+    # when asked: the peers decode one token per pass
+    opts = {"progress": False, "prefix_cache": False, "speculative": speculative}
     t0 = time.perf_counter()
     if mode == "bf16":
-        model = gptj.load(ckpt, dtype=torch.bfloat16, progress=False)
+        model = gptj.load(ckpt, dtype=torch.bfloat16, **opts)
     else:
-        model = gptj.load(ckpt, progress=False)  # a `gptj quantize` checkpoint
+        model = gptj.load(ckpt, **opts)  # a `gptj quantize` checkpoint
     load_s = time.perf_counter() - t0
     model.generate(prompt_ids(8), max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up (kernels)
     ids = prompt_ids(n_prompt)
     start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)]
+    stamps = [
+        time.perf_counter() for _ in model.submit(ids, max_new_tokens=n_new, temperature=0, ignore_eos=True)
+    ]
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     from gptj.quant import kernel_name
 
@@ -106,6 +161,61 @@ def work_ct2(ct2_dir: str, n_prompt: int, n_new: int) -> dict:
         stamps.append(time.perf_counter())
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"load_s": load_s, "prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(gaps)}
+
+
+def work_ggml(path: str, ids_file: str, n_new: int) -> dict:
+    """ggml's GPT-J graph (ctransformers 0.2.27's prebuilt library) on a legacy GGML file. No torch
+    in this process: the prompt comes from a file, so the peak RSS is ggml's own."""
+    from ctransformers import AutoModelForCausalLM
+
+    ids = json.loads(Path(ids_file).read_text())
+    with open("/proc/cpuinfo") as f:
+        lib = "avx2" if " avx2 " in f.read() else "basic"
+    t0 = time.perf_counter()
+    llm = AutoModelForCausalLM.from_pretrained(path, model_type="gptj", lib=lib, threads=os.cpu_count() or 2,
+                                               context_length=len(ids) + n_new + 16)  # fmt: skip
+    load_s = time.perf_counter() - t0
+    # ggml's gpt-j graph (ctransformers keeps main.cpp's scheme) runs its first eval in a fixed
+    # 256 MB buffer, then grows it to 1.1 x (bytes per token of that first eval) x batch where that
+    # is more (it never shrinks). Activations are ~36 n_embd-float vectors per layer and token plus
+    # the logits; the attention scores, n_head floats per layer, token and token of context, are
+    # what the 10% has to cover. Where they do not ("not enough space in the context's memory
+    # pool": an abort; the 1B shape at 512 tokens), batches that fit the 256 MB whole are the
+    # only ones that work, so the prompt goes in those (powers of two); else in one batch (6B).
+    with open(path, "rb") as f:
+        n_vocab, _, n_embd, n_head, n_layer, _, _ = struct.unpack("<7i", f.read(32)[4:])
+    per_token, scores = n_layer * 36 * n_embd * 4 + n_vocab * 4, n_layer * n_head * 4 * len(ids)
+    batch = len(ids)
+    if scores > 0.08 * per_token:
+        batch = 1 << max(0, (200_000_000 // (per_token + scores)).bit_length() - 1)
+    llm.eval(ids[: max(4, min(32, 200_000_000 // per_token))])  # the warm-up that sizes the buffer
+    llm._context.clear()  # LLM.reset() without its deprecation warning
+    llm.ctransformers_llm_reset()
+
+    def step() -> int:
+        return llm.sample(top_k=1, repetition_penalty=1.0)
+
+    t = time.perf_counter()
+    llm.eval(ids, batch_size=batch)
+    token = step()
+    prefill_s = time.perf_counter() - t
+    gaps = []
+    for _ in range(n_new - 1):
+        t = time.perf_counter()
+        llm.eval([token])
+        token = step()
+        gaps.append(time.perf_counter() - t)
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(gaps), "kernels": lib,
+            "batch": batch}  # fmt: skip
+
+
+def work_ggml_convert(src: str, dst: str, kind: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ggml_gptj import convert
+
+    t = time.perf_counter()
+    convert(src, dst, kind)
+    return {"convert_s": time.perf_counter() - t}
 
 
 def work_quantize(src: str, dst: str, bits: int) -> dict:
@@ -176,13 +286,20 @@ def work_bandwidth() -> dict:
             t = time.perf_counter()
             lib.bench_read(a.data_ptr(), a.nbytes, torch.get_num_threads())
             best = max(best, a.nbytes / (time.perf_counter() - t))
-    return {"bandwidth_gbs": best / 1e9}
+    return {"bandwidth_gbs": best / 1e9, "variant": kernels.active_variant()}
 
 
 def worker_main(argv: list[str]) -> None:
     kind, *rest = argv
-    fn = {"ours": work_ours, "transformers": work_transformers, "ct2": work_ct2,
-          "quantize": work_quantize, "bandwidth": work_bandwidth}[kind]
+    fn = {
+        "ours": work_ours,
+        "transformers": work_transformers,
+        "ct2": work_ct2,
+        "ggml": work_ggml,
+        "ggml-convert": work_ggml_convert,
+        "quantize": work_quantize,
+        "bandwidth": work_bandwidth,
+    }[kind]
     args = [int(a) if a.isdigit() else a for a in rest]
     result = fn(*args)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -220,11 +337,26 @@ def run_ct2_convert(ckpt: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description="GPT-J-6B on this CPU, beside the peers.")
     parser.add_argument("--quick", action="store_true", help="a 1B-parameter GPT-J instead of 6B")
-    parser.add_argument("--shape", default=None, choices=["tiny", "small", "1b", "6b"], help="any checkpoint shape")
-    parser.add_argument("--dir", default="/var/tmp/gptj-bench", help="where checkpoints are written (kept for reruns)")
+    parser.add_argument(
+        "--shape", default=None, choices=["tiny", "small", "1b", "6b"], help="any checkpoint shape"
+    )
+    parser.add_argument(
+        "--dir", default="/var/tmp/gptj-bench", help="where checkpoints are written (kept for reruns)"
+    )
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=24, help="generated tokens per engine")
-    parser.add_argument("--skip", action="append", default=[], help="skip an engine: ours-bf16, ours-int8, ours-int4, transformers, ct2")
+    parser.add_argument(
+        "--speculative",
+        default="none",
+        choices=["none", "ngram"],
+        help="our speculative decoding (default none: one token per pass, as the peers)",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="skip an engine: ours-bf16, ours-int8, ours-int4, transformers, ct2, ggml (both), ggml-q8_0, ggml-q4_0",
+    )
     args = parser.parse_args()
 
     from gptj.loading.random_checkpoint import make_random_checkpoint
@@ -236,7 +368,8 @@ def main() -> None:
         print(f"writing a random GPT-J ({shape}) in the float16 revision's layout to {src} ...", flush=True)
         make_random_checkpoint(src, shape, "bin")
     rows: list[dict] = []
-    bw = run_worker("bandwidth")["bandwidth_gbs"]
+    machine = run_worker("bandwidth")
+    bw = machine["bandwidth_gbs"]
     n_params = _param_count(src)
     import torch
 
@@ -248,34 +381,81 @@ def main() -> None:
             continue
         qdir = base / f"gptj-{mode}"
         q = run_worker("quantize", src, qdir, bits) if not (qdir / "model.safetensors").exists() else {}
-        r = run_worker("ours", qdir, mode, args.prompt, args.tokens)
-        rows.append({"engine": f"gptj-studio {mode}", **r, "quantize_peak_gb": q.get("peak_rss_gb"),
-                     "disk_gb": folder_gb(qdir), "weight_bytes": n_params * bytes_per_weight(mode, torch.bfloat16)})
+        r = run_worker("ours", qdir, mode, args.prompt, args.tokens, args.speculative)
+        rows.append(
+            {
+                "engine": f"gptj-studio {mode}",
+                **r,
+                "quantize_peak_gb": q.get("peak_rss_gb"),
+                "disk_gb": folder_gb(qdir),
+                "weight_bytes": n_params * bytes_per_weight(mode, torch.bfloat16),
+            }
+        )
     if "ours-bf16" not in args.skip:
-        r = run_worker("ours", src, "bf16", args.prompt, args.tokens)
-        rows.append({"engine": "gptj-studio bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2})
+        r = run_worker("ours", src, "bf16", args.prompt, args.tokens, args.speculative)
+        rows.append(
+            {"engine": "gptj-studio bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2}
+        )
     if "transformers" not in args.skip:
         r = run_worker("transformers", src, args.prompt, args.tokens)
-        rows.append({"engine": "transformers bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2})
-    if "ct2" not in args.skip and shutil.which(str(Path(sys.executable).parent / "ct2-transformers-converter")):
+        rows.append(
+            {"engine": "transformers bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2}
+        )
+    if "ct2" not in args.skip and shutil.which(
+        str(Path(sys.executable).parent / "ct2-transformers-converter")
+    ):
         ct2_dir = base / "ct2-int8"
         conv = run_ct2_convert(src, ct2_dir) if not (ct2_dir / "model.bin").exists() else {}
         r = run_worker("ct2", ct2_dir, args.prompt, args.tokens)
-        rows.append({"engine": "CTranslate2 4.8.5 int8", **r, "quantize_peak_gb": conv.get("peak_rss_gb"),
-                     "disk_gb": sum(f.stat().st_size for f in ct2_dir.iterdir()) / 1e9 if ct2_dir.exists() else None,
-                     "weight_bytes": n_params * 1.0})
+        rows.append(
+            {
+                "engine": "CTranslate2 4.8.5 int8",
+                **r,
+                "quantize_peak_gb": conv.get("peak_rss_gb"),
+                "disk_gb": sum(f.stat().st_size for f in ct2_dir.iterdir()) / 1e9
+                if ct2_dir.exists()
+                else None,
+                "weight_bytes": n_params * 1.0,
+            }
+        )
+    if "ggml" not in args.skip and importlib.util.find_spec("ctransformers") is not None:
+        from importlib.metadata import version
 
-    variant = next((r["kernels"] for r in rows if "kernels" in r), "?")
-    print(f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), {os.cpu_count()} cores; "
-          f"prompt {args.prompt} tokens, {args.tokens} generated; memory bandwidth {bw:.1f} GB/s; "
-          f"our kernels: {variant}\n")
-    print(f"| engine | decode ms/token | floor ms/token | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |")
+        ids_file = base / f"prompt-{args.prompt}.json"
+        ids_file.write_text(json.dumps(prompt_ids(args.prompt)))
+        for kind, block_bytes in (("q8_0", 34), ("q4_0", 18)):  # bytes per block of 32 weights
+            if f"ggml-{kind}" in args.skip:
+                continue
+            path = base / f"ggml-{kind}.bin"
+            conv = run_worker("ggml-convert", src, path, kind) if not path.exists() else {}
+            r = run_worker("ggml", path, ids_file, args.tokens)
+            rows.append({"engine": f"ggml gpt-j {kind} (ctransformers {version('ctransformers')}, {r.get('kernels', '?')} build)",
+                         **r, "quantize_peak_gb": conv.get("peak_rss_gb"),
+                         "disk_gb": path.stat().st_size / 1e9 if path.exists() else None,
+                         "weight_bytes": n_params * block_bytes / 32})  # fmt: skip
+
+    variant = next((r["kernels"] for r in rows if r["engine"].startswith("gptj-studio") and "kernels" in r),
+                   machine.get("variant", "?"))  # fmt: skip
+    print(
+        f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), prompt {args.prompt} tokens, "
+        f"{args.tokens} generated (ours: speculative {args.speculative}).\nCPU: {cpu_model()}, {os.cpu_count()} cores; ISA: {isa()}; "
+        f"memory bandwidth {bw:.1f} GB/s; our kernels: {variant}\n"
+    )
+    print(
+        f"| engine | decode ms/token | floor ms/token | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         floor = r["weight_bytes"] / (bw * 1e9) * 1000
-        print(f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {_f(r.get('prefill_s'), 1)} | "
-              f"{_f(r.get('load_s'), 1)} | {_f(r.get('peak_rss_gb'), 1)} | {_f(r.get('quantize_peak_gb'), 1)} | {_f(r.get('disk_gb'), 1)} |"
-              + (f" error: {r['error']}" if "error" in r else ""))
+        print(
+            f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {_f(r.get('prefill_s'), 1)} | "
+            f"{_f(r.get('load_s'), 1)} | {_f(r.get('peak_rss_gb'), 1)} | {_f(r.get('quantize_peak_gb'), 1)} | {_f(r.get('disk_gb'), 1)} |"
+            + (f" error: {r['error']}" if "error" in r else "")
+        )
+    for r in rows:
+        if r.get("batch") and r["batch"] < args.prompt:
+            print(f"\n{r['engine']}: the prompt in batches of {r['batch']} tokens, the longest whose memory "
+                  "ggml's gpt-j graph sizes right (one batch of all of it aborts)")  # fmt: skip
     _chart(rows, bw, base / "bench.png", shape)
     print(f"\nchart: {base / 'bench.png'}")
 
@@ -303,8 +483,15 @@ def _chart(rows: list[dict], bw: float, path: Path, shape: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["engine"] for r in ok]
     ax.barh(names, [r["decode_ms"] for r in ok], color="#5b5bd6", label="decode ms/token")
-    ax.scatter([r["weight_bytes"] / (bw * 1e9) * 1000 for r in ok], names, color="#d33", marker="|", s=400,
-               label=f"bandwidth floor ({bw:.0f} GB/s)", zorder=3)
+    ax.scatter(
+        [r["weight_bytes"] / (bw * 1e9) * 1000 for r in ok],
+        names,
+        color="#d33",
+        marker="|",
+        s=400,
+        label=f"bandwidth floor ({bw:.0f} GB/s)",
+        zorder=3,
+    )
     ax.set_xlabel("ms per generated token (lower is better)")
     ax.set_title(f"GPT-J {shape} decode on this CPU")
     ax.invert_yaxis()
