@@ -151,7 +151,8 @@ def load(
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
     `quantize` is None (or "none": the weights as stored; a GGUF's dequantized), "bf16", "int8" or
-    "int4"; on the bundled model int8 decodes ~7x faster than float32 with the same perplexity.
+    "int4"; on the bundled model int8 decodes several times faster than float32 with the same
+    perplexity (README: Speed).
     `device`: "cpu" (None), "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU); weights and
     the KV cache go there. `prefix_cache` reuses the
     keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond

@@ -95,7 +95,7 @@ def quantize_weight(weight: Tensor, mode: str, group_size: int = GROUP_SIZE) -> 
         scales = torch.empty(n, dtype=torch.float32)
         for r0 in range(0, n, step):
             part = w[r0 : r0 + step].float()
-            if lib is not None:  # same result, 5-10x faster: GPT-J loads quantize 6B weights
+            if lib is not None:  # same result, much faster: GPT-J loads quantize 6B weights
                 part = part.contiguous()
                 lib.gq_quantize_int8(
                     part.data_ptr(), part.shape[0], k, q[r0:].data_ptr(), scales[r0:].data_ptr(), threads
