@@ -10,6 +10,7 @@ last, so that folder never loads) and is renamed into place at the end."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -119,6 +120,10 @@ def _write(out: Path, model: nn.Module, info: ModelInfo, source: Path, mode: str
     from safetensors.torch import save_file
 
     save_file(_untie(state), out / "model.safetensors", metadata={"format": "pt", "quantization": mode})
+    # safetensors writes 0600 (a temporary file renamed); the folder's other files follow the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 

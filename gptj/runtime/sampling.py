@@ -15,6 +15,9 @@ __all__ = ["InvalidRequest", "SamplingParams", "apply_logit_bias", "apply_penalt
 BAN = -100.0  # a logit_bias of -100 bans the token outright (OpenAI: "should result in a ban")
 
 
+MAX_TEMPERATURE = 5.0  # every surface: Python, CLI, each HTTP API
+
+
 @dataclass
 class SamplingParams:
     # Defaults follow the common local-LLM tools (Ollama, llama.cpp): a little randomness.
@@ -46,7 +49,8 @@ class SamplingParams:
                 raise InvalidRequest(name, message)
 
         need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens", "must be an integer >= 0")
-        need(0.0 <= self.temperature <= 5.0 and math.isfinite(self.temperature), "temperature", "must be between 0 and 5")
+        need(0.0 <= self.temperature <= MAX_TEMPERATURE and math.isfinite(self.temperature), "temperature",
+             f"must be between 0 and {MAX_TEMPERATURE:g}")
         need(0.0 < self.top_p <= 1.0, "top_p", "must be > 0 and <= 1")
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
         need(0.0 <= self.min_p <= 1.0, "min_p", "must be between 0 and 1")

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gptj.runtime.sampling import MAX_TEMPERATURE
+
 MAX_N = 8  # n and best_of
 MAX_CACHE_SALT = 256
 # response_format json_object / json_schema: a 400 until constrained decoding exists; turning
@@ -139,7 +141,7 @@ class Settings(Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)

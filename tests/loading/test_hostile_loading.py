@@ -4,7 +4,9 @@ any large or long work; nothing half-written (quantize, pull) ever loads as a wh
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -367,3 +369,15 @@ def test_a_pull_that_fails_midway_does_not_load(hub: StandInHub, source: Path, t
     assert pull(REPO, progress=False, endpoint=hub.url, token=False) == snapshot
     assert gptj.load(REPO).info.path == str(snapshot)
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(files_of(source))  # no marker left
+
+
+def test_quantized_files_follow_the_umask(source: Path, tmp_path: Path) -> None:
+    """`gptj quantize` writes files others may read where the umask allows it (not 0600)."""
+    old = os.umask(0o022)
+    try:
+        dst = tmp_path / "shared"
+        write_quantized(str(source), str(dst), 8)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((dst / name).stat().st_mode) == 0o644, name

@@ -332,8 +332,8 @@ BAD = [
     ("non-UTF-8 body", "/v1/completions", {"content": b'{"prompt": "\xff\xfe"}', "headers": JSON}, 400, "body",
      ["body", "UTF-8"]),
     ("invalid JSON", "/v1/completions", {"content": b'{"prompt": ', "headers": JSON}, 400, "body", ["body", "JSON"]),
-    ("temperature 3", "/v1/completions", {"json": {**OK, "temperature": 3}}, 400, "temperature",
-     ["temperature", "2"]),
+    ("temperature 6", "/v1/completions", {"json": {**OK, "temperature": 6}}, 400, "temperature",
+     ["temperature", "5"]),
     ("top_p 0", "/v1/completions", {"json": {**OK, "top_p": 0}}, 400, "top_p", ["top_p", "0"]),
     ("top_p 1.5", "/v1/completions", {"json": {**OK, "top_p": 1.5}}, 400, "top_p", ["top_p", "1"]),
     ("max_tokens over the window", "/v1/completions", {"json": {**OK, "max_tokens": 100_000}}, 400, "max_tokens",
@@ -470,3 +470,26 @@ def test_check_bind() -> None:
         check_bind(host, None, False)
     check_bind("0.0.0.0", None, True)
     check_bind("0.0.0.0", "secret", False)
+
+
+def test_one_temperature_limit_on_every_surface(bundled_model) -> None:  # noqa: ANN001
+    """Python, the CLI and every HTTP API take temperatures up to the same limit (5)."""
+    import pytest
+
+    from gptj.cli.main import build_parser
+    from gptj.errors import InvalidRequest
+    from gptj.runtime.sampling import MAX_TEMPERATURE
+
+    assert MAX_TEMPERATURE == 5
+    with pytest.raises(InvalidRequest, match="temperature"):
+        bundled_model.generate("Hi", temperature=5.5, max_new_tokens=1)
+    assert build_parser().parse_args(["generate", "Hi", "--temperature", "4"]).temperature == 4
+    with running(create_app(bundled_model)) as base:
+        for path, body in (("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "temperature": 4}),
+                           ("/api/generate", {"model": "x", "prompt": "Hi", "stream": False,
+                                              "options": {"temperature": 4, "num_predict": 1}}),
+                           ("/api/v1/generate", {"prompt": "Hi", "max_length": 1, "temperature": 4})):
+            r = httpx.post(base + path, json=body, timeout=120)
+            assert r.status_code == 200, (path, r.text)
+        r = httpx.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "temperature": 5.5}, timeout=60)
+        assert r.status_code == 400 and "temperature" in r.text

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 
+from gptj.runtime.sampling import MAX_TEMPERATURE
 from gptj.serve.backends import Backend, Generated
 from gptj.serve.errors import shaped_errors
 from gptj.serve.guard import APIError
@@ -57,7 +58,7 @@ class GenerateBody(Body):
     memory: str = ""  # KoboldCpp: text kept before the prompt
     max_length: int = Field(200, ge=0, le=MAX_TOKENS)
     max_context_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(0.75, ge=0.0, le=5.0)
+    temperature: float = Field(0.75, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(0.92, ge=0.0, le=1.0)
     top_k: int = Field(100, ge=0, le=MAX_TOKENS)
     min_p: float = Field(0.0, ge=0.0, le=1.0)

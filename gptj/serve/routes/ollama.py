@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gptj.runtime.sampling import MAX_TEMPERATURE
 from gptj.serve.backends import Backend, Generated
 from gptj.serve.errors import shaped_errors
 from gptj.serve.guard import APIError
@@ -55,7 +56,7 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     num_predict: int | None = Field(None, ge=-2, le=MAX_TOKENS)
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=MAX_TOKENS)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
