@@ -113,7 +113,10 @@ def load_model(
     dtype = dtype or default_dtype(n_params)
     stored_mode = (config.get("quantization_config") or {}).get("mode")
     if stored_mode and quantize not in (None, stored_mode):
-        raise ModelLoadError(f"{path} is already quantized to {stored_mode}; load it without quantize={quantize!r}")
+        raise ModelLoadError(
+            f"{path} is already quantized to {stored_mode}; load it as it is (no --quantize {quantize}, "
+            f"or quantize=None in Python)"
+        )
     check_memory(display, model, quantize or stored_mode, dtype, limit)
 
     total = sum(f.stat().st_size for f in files)

@@ -87,3 +87,15 @@ def test_code_preset_heals_the_prompts_last_newline() -> None:
     out = run("generate", "-", "--preset", "code", "--seed", "1", "--json", "--no-token-healing", stdin=code)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"].startswith("if n <= 1:")
+
+
+def test_requantizing_says_the_cli_flag(tmp_path: Path) -> None:
+    """The error names --quantize, not Python's quantize='int8'."""
+    from gptj.loading.quantized import write_quantized
+    from gptj.loading.random_checkpoint import make_random_checkpoint
+
+    make_random_checkpoint(tmp_path / "hf", "tiny", "safetensors")
+    write_quantized(str(tmp_path / "hf"), str(tmp_path / "int8"), 8)
+    out = run("generate", "hi", "-n", "1", "--model", str(tmp_path / "int8"), "--quantize", "int4")
+    assert out.returncode != 0
+    assert "--quantize int4" in out.stderr and "quantize='" not in out.stderr and "Traceback" not in out.stderr
