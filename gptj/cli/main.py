@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="talk with the model in the terminal")
+    from gptj.cli.chat import HELP as CHAT_COMMANDS
+
+    p = sub.add_parser("chat", help="talk with the model in the terminal", epilog=CHAT_COMMANDS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--user-name", default="You")

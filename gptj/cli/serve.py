@@ -20,6 +20,21 @@ def server_api_keys(args) -> list[str]:  # noqa: ANN001
     return api_key_list(args.api_key) or api_key_list(os.environ.get("GPTJ_API_KEY"))
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses a port another process listens on, plainly and before the model loads (uvicorn
+    would say `[Errno 98]` after the banner). Binds as uvicorn does (SO_REUSEADDR)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"gptj serve: cannot listen on {host}:{port}: {exc.strerror or exc} "
+                             f"(another server there? choose another with --port)") from None
+
+
 def serve(args) -> int:  # noqa: ANN001
     """Serves until SIGTERM or SIGINT (Ctrl-C), then shuts down gracefully: no new connections
     or requests (503), running and queued requests get `--shutdown-grace` seconds to finish and
@@ -31,6 +46,7 @@ def serve(args) -> int:  # noqa: ANN001
         return serve_upstream(args)
     api_keys = server_api_keys(args)
     check_bind(args.host, api_keys, args.insecure)
+    check_port(args.host, args.port)
     grace = max(0.0, getattr(args, "shutdown_grace", 10.0))
     model = model_from_args(args, max_batch=args.parallel)
     model.engine.max_queue = args.max_queue
@@ -102,6 +118,7 @@ def serve_upstream(args) -> int:  # noqa: ANN001
                          "to the upstream (vLLM has the same flag)")
     api_keys = server_api_keys(args)
     check_bind(args.host, api_keys, args.insecure)
+    check_port(args.host, args.port)
     key = args.upstream_key or os.environ.get("GPTJ_UPSTREAM_KEY")
     try:
         app = create_upstream_app(args.upstream, key, api_key=api_keys, cors_origins=args.cors,

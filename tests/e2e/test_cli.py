@@ -99,3 +99,23 @@ def test_requantizing_says_the_cli_flag(tmp_path: Path) -> None:
     out = run("generate", "hi", "-n", "1", "--model", str(tmp_path / "int8"), "--quantize", "int4")
     assert out.returncode != 0
     assert "--quantize int4" in out.stderr and "quantize='" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chat_help_lists_the_slash_commands() -> None:
+    out = run("chat", "--help")
+    assert out.returncode == 0
+    for command in ("/reset", "/save FILE", "/load FILE", "/system TEXT", "/quit"):
+        assert command in out.stdout
+
+
+def test_serve_on_a_busy_port_says_so_before_loading() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("serve", "--port", str(port))
+    assert out.returncode != 0
+    assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr and "--port" in out.stderr
+    assert "serving" not in out.stdout and "Traceback" not in out.stderr
