@@ -503,9 +503,18 @@ def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
         return Tokenizer.from_gguf_file(path)
     if (path / "tokenizer.json").is_file():
         return _tokenizer_json_dir(str(path.resolve()))
+    if (path / "config.json").is_file():
+        # a GPT-J folder (HF's layout, or one `gptj quantize` wrote) holds vocab.json/merges.txt,
+        # not tokenizer.json: its tokenizer is GPT-J's, as the loader takes it
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type == "gptj":
+            return Tokenizer.gptj()
     accepted = ", ".join(sorted(_GPTJ_NAMES | _GPT2_NAMES | _SMOLLM2_NAMES))
-    raise ValueError(f"unknown tokenizer {name!r}: use one of {accepted}, a .gguf file, "
-                     "or a folder containing tokenizer.json")
+    raise ValueError(f"unknown tokenizer {name!r}: use one of {accepted} (default: SmolLM2's), a .gguf "
+                     "file, a GPT-J folder or a folder containing tokenizer.json")
 
 
 class StreamDecoder:

@@ -42,16 +42,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     import gptj
 
-    tok = gptj.load_tokenizer(args.tokenizer)
+    try:
+        tok = gptj.load_tokenizer(args.tokenizer)
+    except (ValueError, OSError) as exc:
+        print(f"gptj: error: --tokenizer: {exc}", file=sys.stderr)
+        return 2
     text = args.text if args.text != "-" else sys.stdin.read()
     pieces = tok.pieces(text)
+    spans, start, data = [], 0, text.encode("utf-8")
+    for _, raw in pieces:  # which characters each piece belongs to (a byte piece: part of one)
+        spans.append(_characters(data, start, start + len(raw)) if data[start : start + len(raw)] == raw else None)
+        start += len(raw)
     if args.json:
-        print(json.dumps([{"id": i, "piece": _display(b)} for i, b in pieces]))
+        out = []
+        for (i, b), chars in zip(pieces, spans, strict=True):
+            entry = {"id": i, **_piece_json(b)}
+            if "bytes" in entry and chars:
+                entry["part_of"] = chars
+            out.append(entry)
+        print(json.dumps(out, ensure_ascii=False))
         return 0
     print(f"{len(pieces)} tokens")
-    for token_id, raw in pieces:
-        print(f"{token_id:>7}  {_display(raw)}")
+    for (token_id, raw), chars in zip(pieces, spans, strict=True):
+        display = _display(raw)
+        if display.startswith("bytes") and chars:
+            display += f"  (part of {json.dumps(chars, ensure_ascii=False)})"
+        print(f"{token_id:>7}  {display}")
     return 0
+
+
+def _characters(data: bytes, a: int, b: int) -> str:
+    """The whole characters that bytes a..b of UTF-8 `data` belong to."""
+    while a > 0 and data[a] & 0xC0 == 0x80:
+        a -= 1
+    while b < len(data) and data[b] & 0xC0 == 0x80:
+        b += 1
+    return data[a:b].decode("utf-8", errors="replace")
+
+
+def _piece_json(raw: bytes) -> dict:
+    """A piece as JSON: its text, or (part of a character) its bytes in hex."""
+    try:
+        return {"piece": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"bytes": raw.hex(" ")}
 
 
 def _display(raw: bytes) -> str:
@@ -189,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenize", help="show how text splits into tokens")
     p.add_argument("text", help="the text ('-' reads standard input)")
-    p.add_argument("--tokenizer", default="gpt-j", help="gpt-j (default), gpt2, smollm2, or a model folder / .gguf")
+    p.add_argument("--tokenizer", default="gpt-j", help="gpt-j (this command's default), gpt2, smollm2 (the bundled model's, which the HTTP API calls 'default'), a GPT-J folder, a folder with tokenizer.json, or a .gguf")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
 

@@ -42,7 +42,7 @@ def test_tokenize_shows_ids_and_pieces() -> None:
     assert out.returncode == 0
     assert "2 tokens" in out.stdout and "15496" in out.stdout and '" world"' in out.stdout
     pieces = json.loads(run("tokenize", "👋", "--json").stdout)
-    assert [p["piece"].startswith("bytes") for p in pieces] == [True, True]
+    assert ["bytes" in p and p["part_of"] == "👋" for p in pieces] == [True, True]  # no text of their own
 
 
 def test_models_lists_the_bundled_model() -> None:
@@ -119,3 +119,20 @@ def test_serve_on_a_busy_port_says_so_before_loading() -> None:
     assert out.returncode != 0
     assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr and "--port" in out.stderr
     assert "serving" not in out.stdout and "Traceback" not in out.stderr
+
+
+def test_tokenize_frictions(tmp_path: Path) -> None:
+    """A GPT-J folder (vocab.json and merges.txt, no tokenizer.json) tokenizes; an unknown name is
+    one error line; --json pieces are text, not JSON inside JSON; byte pieces say their character."""
+    from gptj.loading.random_checkpoint import make_random_checkpoint
+
+    make_random_checkpoint(tmp_path / "gptj", "tiny", "safetensors")
+    assert not (tmp_path / "gptj" / "tokenizer.json").exists()
+    out = run("tokenize", "Hello 😀", "--tokenizer", str(tmp_path / "gptj"))
+    assert out.returncode == 0, out.stderr
+    assert '15496  "Hello"' in out.stdout and '(part of " 😀")' in out.stdout
+    bad = run("tokenize", "hi", "--tokenizer", "nosuch")
+    assert bad.returncode == 2 and bad.stderr.startswith("gptj: error: --tokenizer") and "Traceback" not in bad.stderr
+    pieces = json.loads(run("tokenize", "Hall 😀", "--json").stdout)
+    assert pieces[0] == {"id": 34194, "piece": "Hall"}
+    assert pieces[1]["bytes"] == "20 f0 9f 98" and pieces[1]["part_of"] == " 😀"
