@@ -157,7 +157,7 @@ def test_the_page_is_served(client: httpx.Client) -> None:
 
 
 def test_upstream_errors_pass_through(client: httpx.Client, direct: httpx.Client) -> None:
-    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 3}
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 6}
     expected = direct.post("/v1/completions", json=body)
     got = client.post("/v1/completions", json=body)
     assert got.status_code == expected.status_code == 400
