@@ -143,19 +143,7 @@ def load_model(
             raise ModelLoadError(f"{path / 'gguf_tokenizer.json'} is unusable ({type(exc).__name__}: {exc})") from None
     else:
         tokenizer = Tokenizer.gptj() if arch == "gptj" else load_tokenizer(str(path))
-    info = ModelInfo(
-        name=model_name(name_or_path),
-        architecture=arch,
-        path=str(path),
-        parameters=n_params,
-        quantization=quantize or "none",
-        dtype=str(dtype).removeprefix("torch."),
-        context_length=cfg.context_length,
-        format=fmt,
-        vocab_size=cfg.vocab_size,
-        device=str(device),
-    )
-    return model, tokenizer, info
+    return model, tokenizer, _model_info(name_or_path, arch, path, n_params, quantize, dtype, cfg, fmt, device)
 
 
 def file_kind(path: Path) -> str | None:
@@ -208,19 +196,14 @@ def _load_streamed(path: Path, display: str, config: dict, keys: Mapping[str, st
     check_memory(display, model, quantize, dtype, limit)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     fill(model, tensors(dtype, expected), dtype, quantize, device=device)
-    info = ModelInfo(
-        name=model_name(display),
-        architecture=arch,
-        path=str(path),
-        parameters=n_params,
-        quantization=quantize or "none",
-        dtype=str(dtype).removeprefix("torch."),
-        context_length=cfg.context_length,
-        format=fmt,
-        vocab_size=cfg.vocab_size,
-        device=str(device),
-    )
-    return model, tokenizer, info
+    return model, tokenizer, _model_info(display, arch, path, n_params, quantize, dtype, cfg, fmt, device)
+
+
+def _model_info(display: str, arch: str, path: Path, n_params: int, quantize: str | None, dtype: torch.dtype,
+                cfg, fmt: str, device: torch.device | str) -> ModelInfo:  # noqa: ANN001
+    return ModelInfo(name=model_name(display), architecture=arch, path=str(path), parameters=n_params,
+                     quantization=quantize or "none", dtype=str(dtype).removeprefix("torch."),
+                     context_length=cfg.context_length, format=fmt, vocab_size=cfg.vocab_size, device=str(device))
 
 
 def _progress_bar(total: int, label: str, enabled: bool | None):

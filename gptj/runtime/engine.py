@@ -342,9 +342,7 @@ class Engine:
         if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
             self._retire(r, "length")
         for i, d in enumerate(decoding):
-            self.rows.tokens[d.row].append(d.next_input)
-            if not d.generated:  # the prompt's last token is in the cache now
-                d.prefilled += 1
+            self._fed(d, d.next_input)
             self._accept(d, logits[i])
         return True
 
@@ -409,10 +407,14 @@ class Engine:
         logits = runner.forward(self.model, ids.to(self.device), positions.to(self.device), self.cache,
                                 slice(lo, hi)).cpu()
         for r in batch:
-            self.rows.tokens[r.row].append(r.next_input)
-            if not r.generated:  # the prompt's last token is in the cache now
-                r.prefilled += 1
+            self._fed(r, r.next_input)
             self._accept(r, logits[r.row - lo, -1])
+
+    def _fed(self, r: _Request, token: int) -> None:
+        """`token`, the request's next input, is in its cache row now."""
+        self.rows.tokens[r.row].append(token)
+        if not r.generated:  # the prompt's last token
+            r.prefilled += 1
 
     def _speculate(self, r: _Request) -> bool:
         """One pass over the request's next input and the tokens drafted after it; each position's
@@ -436,9 +438,7 @@ class Engine:
         logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1))[0]
         accepted = 0
         for j, token in enumerate(inputs):
-            self.rows.tokens[r.row].append(token)
-            if j == 0 and not r.generated:  # the prompt's last token is in the cache now
-                r.prefilled += 1
+            self._fed(r, token)
             produced = len(r.generated)
             self._accept(r, logits[j])
             if r not in self.active or j == len(draft) or len(r.generated) == produced:
