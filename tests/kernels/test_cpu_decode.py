@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import gptj
-from gptj import cpu_decode
+from gptj import cpu_decode, kernels
 from gptj.models.gptj import GPTJ, GPTJConfig
 from gptj.models.llama import Llama, LlamaConfig
 from gptj.quant import quantize_model
@@ -347,8 +347,9 @@ def test_models_do_not_import_the_kernels() -> None:
         assert not {m for m in imported if m and m.startswith(("gptj.cpu_decode", "gptj.kernels", "gptj.quant"))}, name
 
 
+@pytest.mark.parametrize("variant", [v for v in kernels.available_variants() if v != kernels.NONE])
 @pytest.mark.parametrize("arch", ["llama", "gptj"])
-def test_a_tokens_logits_do_not_depend_on_its_step(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tokens_logits_do_not_depend_on_its_step(arch: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What speculative decoding and batching rely on: a token's logits are the same bits whether
     its step takes it alone, with the drafted tokens after it (T tokens of one row, causal among
     themselves), beside other rows, or on one thread or two; also past 512 keys, where its
@@ -374,19 +375,20 @@ def test_a_tokens_logits_do_not_depend_on_its_step(arch: str, monkeypatch: pytes
         with torch.no_grad():
             return runner.forward(model, tokens, positions, cache, rows)
 
-    cache = fresh_cache()
-    alone = torch.cat([run(slice(1, 2), ids[1:2, t : t + 1], t) for t in range(start, start + T)], dim=1)
-    cache = fresh_cache()
-    drafted = run(slice(1, 2), ids[1:2, start:], start)
-    assert torch.equal(drafted, alone)
-    cache = fresh_cache()
-    batch = run(slice(0, 3), ids[:, start:], start)
-    assert torch.equal(batch[1:2], alone)
-    cache = fresh_cache()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = run(slice(1, 2), ids[1:2, start:], start)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one_thread, alone)
+    with kernels.use(variant):  # every instruction set this CPU runs: the rule holds in each
+        cache = fresh_cache()
+        alone = torch.cat([run(slice(1, 2), ids[1:2, t : t + 1], t) for t in range(start, start + T)], dim=1)
+        cache = fresh_cache()
+        drafted = run(slice(1, 2), ids[1:2, start:], start)
+        assert torch.equal(drafted, alone)
+        cache = fresh_cache()
+        batch = run(slice(0, 3), ids[:, start:], start)
+        assert torch.equal(batch[1:2], alone)
+        cache = fresh_cache()
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one_thread = run(slice(1, 2), ids[1:2, start:], start)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one_thread, alone)
