@@ -85,7 +85,7 @@ class Model:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
-            return self.tokenizer.encode(prompt, allow_special=True)
+            return self.tokenizer.encode_prompt(prompt)
         return list(prompt)
 
     def submit(self, prompt: str | Sequence[int], preset: str | None = None, **settings: object) -> RequestHandle:

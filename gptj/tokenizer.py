@@ -151,6 +151,15 @@ class Tokenizer:
             start = match.end()
         return ids + self._encode_ordinary(text[start:])
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: special-token text parsed, and BOS first where the model expects it
+        (add_bos_token, as llama.cpp tokenizes a prompt), unless the text already begins with it
+        (a chat template that writes its own)."""
+        ids = self.encode(text, allow_special=True)
+        if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
     def _encode_ordinary(self, text: str) -> list[int]:
         if len(text) > LONG_TEXT:  # encode_batch lets go of the GIL: a server's event loop runs on
             return self._backend.encode_batch([text], add_special_tokens=False)[0].ids

@@ -306,3 +306,11 @@ def test_sentencepiece_gguf_model_loads_and_generates(tmp_path: Path, ref) -> No
     assert model.tokenizer.decode(model.tokenizer.encode("Hello world")) == "Hello world"
     out = model.generate("Hello world", max_new_tokens=4, temperature=0)
     assert len(out.tokens) == 4 or out.finish_reason == "stop"
+    # add_bos_token: a text prompt starts with BOS, as llama.cpp tokenizes it; once, where the
+    # text (a chat template's output) already begins with it; token-id prompts are taken as sent
+    plain = model.tokenizer.encode("Hello world")
+    assert model.encode_prompt("Hello world") == [1, *plain]
+    assert model.encode_prompt("<s>Hello world") == [1, *plain]
+    assert model.encode_prompt(plain) == plain
+    with_bos = model.generate([1, *plain], max_new_tokens=4, temperature=0)
+    assert out.tokens == with_bos.tokens and out.prompt_tokens == len(plain) + 1

@@ -88,7 +88,7 @@ class LocalBackend:
     async def encode(self, text: str, field: str) -> list[int]:
         """Token ids off the event loop; an invalid text is a 400 naming `field`."""
         try:
-            return await asyncio.to_thread(self.tokenizer.encode, text, True)
+            return await asyncio.to_thread(self.tokenizer.encode_prompt, text)
         except InvalidRequest as exc:
             raise InvalidRequest(field, str(exc).partition(": ")[2]) from None
 
