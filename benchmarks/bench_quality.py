@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py [--tokens N] [--decode-kernel] [--modes ...]
 
-Loads the model with quantize=None (float32), "bf16", "int8" and "int4", runs the text
+Loads the model with quantize="none" (float32), "bf16", "int8" and "int4", runs the text
 (tests/data/perplexity.txt) through `model.logits` in chunks of at most the context window,
 and prints the mean negative log-likelihood of each next token and its perplexity as a
 markdown table, with the change against float32. The whole text is one forward pass, so the
@@ -72,7 +72,7 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         t = time.perf_counter()
-        nll, ppl = perplexity(None if mode == "float32" else mode, ids)
+        nll, ppl = perplexity("none" if mode == "float32" else mode, ids)  # None would be the default, int8
         rows.append((mode, nll, ppl, time.perf_counter() - t))
     base = dict((r[0], r[2]) for r in rows).get("float32")
     path = "decode kernel" if args.decode_kernel else "prefill path"

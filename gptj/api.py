@@ -9,6 +9,7 @@ import torch
 
 from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model
+from gptj.loading.resolve import default_quantization
 from gptj.memory import parse_size
 from gptj.runtime import speculative as speculation
 from gptj.runtime.engine import Completion, Engine, RequestHandle
@@ -102,7 +103,10 @@ class Model:
         repetition_penalty, presence_penalty, frequency_penalty, stop, stop_token_ids, seed,
         ignore_eos, logprobs, truncate_prompt, logit_bias ({token id: -100..100}, -100 bans),
         token_healing (True: a prompt ending in a space or newline is continued as if the model
-        had written it, see gptj.runtime.healing; False turns it off);
+        had written it, see gptj.runtime.healing; False turns it off),
+        json_schema (True: the text is a JSON object; a dict: JSON valid for that JSON schema, e.g.
+        {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]};
+        see gptj.runtime.constraints; a bad schema raises ValueError naming json_schema);
         `preset="translation"` (see gptj.presets) puts the
         prompt into that preset's template and takes its settings where none are given."""
         return self.submit(prompt, **settings).result()
@@ -150,9 +154,9 @@ def load(
 ) -> Model:
     """Load a model: None for the bundled SmolLM2-135M-Instruct, a folder in Hugging Face layout,
     a .gguf file, or a repo id (`EleutherAI/gpt-j-6b`) already in the local Hugging Face cache.
-    `quantize` is None (or "none": the weights as stored; a GGUF's dequantized), "bf16", "int8" or
-    "int4"; on the bundled model int8 decodes several times faster than float32 with the same
-    perplexity (README: Speed).
+    `quantize`: "none" (the weights as stored; a GGUF's dequantized), "bf16", "int8" or "int4";
+    None, the default, is int8 for the bundled model (several times faster than float32 with the
+    same perplexity, README: Speed; "none" gives float32) and the weights as stored for others.
     `device`: "cpu" (None), "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU); weights and
     the KV cache go there. `prefix_cache` reuses the
     keys and values of a shared prompt prefix; `prefix_cache_bytes` bounds what is kept beyond
@@ -163,6 +167,8 @@ def load(
         raise InvalidRequest("speculative", f"{speculative!r}; expected one of {', '.join(speculation.MODES)}")
     if speculative_tokens is not None and not 1 <= speculative_tokens <= speculation.MAX_TOKENS:
         raise InvalidRequest("speculative_tokens", f"{speculative_tokens}; expected 1..{speculation.MAX_TOKENS}")
+    if quantize is None:  # the CLI, the server and the notebook all come here: one default
+        quantize = default_quantization(name_or_path)
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
     if info.parameters < FUSE_BELOW_PARAMETERS:
         module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)

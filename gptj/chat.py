@@ -33,25 +33,36 @@ class PlayScript:
     user_name: str = "You"
     bot_name: str = "GPT-J"
 
-    def prompt(self, messages: list[Message] | list[tuple[str, str]]) -> str:
+    def prompt(self, messages: list[Message] | list[tuple[str, str]], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
+        """The script up to the bot's next line ("GPT-J:"); without `add_generation_prompt`, up to the
+        end of the last line. `continue_final_message`: the last line stays open, its text as it is
+        (trailing spaces kept), for the model to go on with."""
+        msgs = normalise_messages(messages)
         lines = []
         intro = self.intro
-        for m in normalise_messages(messages):
+        for i, m in enumerate(msgs):
             if m["role"] == "system":
                 intro = m["content"]
             else:
                 name = self.user_name if m["role"] == "user" else self.bot_name
-                lines.append(f"{name}: {m['content'].strip()}")
+                last_open = continue_final_message and i == len(msgs) - 1
+                text = m["content"].lstrip() if last_open else m["content"].strip()
+                lines.append(f"{name}: {text}" if text else f"{name}:")
         head = f"{intro.strip()}\n\n" if intro.strip() else ""
-        return head + "".join(line + "\n" for line in lines) + f"{self.bot_name}:"
+        if continue_final_message and lines:
+            return head + "\n".join(lines)
+        return head + "".join(line + "\n" for line in lines) + (f"{self.bot_name}:" if add_generation_prompt else "")
 
     def stops(self) -> list[str]:
         return [f"\n{self.user_name}:", f"\n{self.bot_name}:"]
 
-    def clean_reply(self, text: str) -> str:
-        """Drops a line where the model begins speaking as anybody else ("Name:")."""
+    def clean_reply(self, text: str, continuing: bool = False) -> str:
+        """Drops a line where the model begins speaking as anybody else ("Name:"). A reply's text
+        is stripped; a continuation's keeps its start (" and Berlin" goes on from the text before)."""
         match = re.search(r"\n[^\n:]{1,40}:", text)
-        return (text[: match.start()] if match else text).strip()
+        kept = text[: match.start()] if match else text
+        return kept.rstrip() if continuing else kept.strip()
 
 
 def fit_messages(
@@ -131,15 +142,37 @@ class ChatSession:
         self.script = script or PlayScript(bot_name="GPT-J" if model.info.architecture == "gptj" else "Bot")
         self.keep_first = keep_first
 
-    def render(self, messages: list[Message]) -> str:
-        return self.template.render(messages) if self.template else self.script.prompt(messages)
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
+        if self.template:
+            return self.template.render(messages, add_generation_prompt, continue_final_message)
+        return self.script.prompt(messages, add_generation_prompt, continue_final_message)
+
+    @staticmethod
+    def continues(messages: list[Message], continue_final_message: bool) -> bool:
+        """Whether the generated text goes on with the last message's text (rather than begin a
+        reply): continue_final_message on a last message that has text."""
+        return continue_final_message and bool(messages) and bool(normalise_messages(messages[-1:])[0]["content"].strip())
 
     def stops(self) -> list[str]:
         return [] if self.template else self.script.stops()
 
-    def prepare(self, messages: list[Message], settings: dict) -> tuple[str, dict, int]:
+    def prepare(self, messages: list[Message], settings: dict, *, continue_final_message: bool = False,
+                add_generation_prompt: bool | None = None) -> tuple[str, dict, int]:
+        """The prompt, the settings for the engine and how many earlier messages were left out.
+        `continue_final_message` (vLLM's): the last message, the assistant's, is continued, not
+        answered; `add_generation_prompt` (default: when not continuing) starts the reply's turn."""
         if not messages:
             raise InvalidRequest("messages", "must not be empty")
+        if continue_final_message:
+            if add_generation_prompt:  # vLLM refuses the pair too
+                raise InvalidRequest("add_generation_prompt", "cannot be true with continue_final_message: "
+                                     "the last message is continued, so no new turn starts")
+            last = normalise_messages(messages[-1:])[0]["role"]
+            if last != "assistant":
+                raise InvalidRequest("continue_final_message", f"needs the assistant's message last (the reply to "
+                                     f"continue); the last message is the {last}'s")
+        add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         max_new = settings.get("max_new_tokens") or 128
         budget = self.model.context_length - max_new
         if budget < 1:
@@ -148,25 +181,30 @@ class ChatSession:
         rendered: dict[int, str] = {}  # by message count: each conversation tried has its own
 
         def count(ms: list[Message]) -> int:
-            rendered[len(ms)] = self.render(ms)
+            rendered[len(ms)] = self.render(ms, add_generation_prompt, continue_final_message)
             return len(self.model.tokenizer.encode(rendered[len(ms)], allow_special=True))
 
         kept, dropped = fit_messages(messages, count, budget, self.keep_first)
         stops = list(dict.fromkeys(list(settings.get("stop") or []) + self.stops()))
-        # no token healing: the prompt ends in the template's generation prompt or the script's
-        # "Name:", a boundary the model knows exactly as it stands (gptj.runtime.healing)
-        return rendered[len(kept)], {**settings, "stop": stops, "token_healing": False}, dropped
+        # No token healing where the prompt ends in the template's generation prompt or the
+        # script's "Name:", a boundary the model knows exactly as it stands (gptj.runtime.healing).
+        # A continued message ends in free text, as a completion's prompt does: healing as asked.
+        healing = settings.get("token_healing", True) if self.continues(messages, continue_final_message) else False
+        return rendered[len(kept)], {**settings, "stop": stops, "token_healing": healing}, dropped
 
-    def reply(self, messages: list[Message], **settings: object) -> ChatReply:
-        prompt, settings, dropped = self.prepare(messages, settings)
+    def reply(self, messages: list[Message], *, continue_final_message: bool = False, **settings: object) -> ChatReply:
+        """The model's reply, or with `continue_final_message` the text that goes on with the last
+        (the assistant's) message: add it to that message as it is."""
+        prompt, settings, dropped = self.prepare(messages, settings, continue_final_message=continue_final_message)
         result = self.model.generate(prompt, **settings)
-        text = result.text if self.template else self.script.clean_reply(result.text)
+        continuing = self.continues(messages, continue_final_message)
+        text = result.text if self.template else self.script.clean_reply(result.text, continuing)
         return ChatReply(text, result.finish_reason, dropped, result.prompt_tokens, result.completion_tokens,
                          result.cached_prompt_tokens, prompt)
 
-    def stream(self, messages: list[Message], **settings: object) -> Iterator[str]:
-        prompt, settings, _ = self.prepare(messages, settings)
-        first = True
+    def stream(self, messages: list[Message], *, continue_final_message: bool = False, **settings: object) -> Iterator[str]:
+        prompt, settings, _ = self.prepare(messages, settings, continue_final_message=continue_final_message)
+        first = not self.continues(messages, continue_final_message)  # a continuation keeps its first space
         pieces = self.model.stream(prompt, **settings)
         try:
             for piece in pieces:

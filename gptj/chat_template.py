@@ -22,6 +22,9 @@ from gptj.errors import InvalidRequest, ModelLoadError
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 10_000  # per conversation: trimming and rendering stay cheap
+# Marks the end of a message to be continued while it renders (private-use characters, which no
+# tokenizer gives a meaning and no template looks for); cut off with everything after it.
+CONTINUE_MARK = "\ue000gptj-continue\ue001"
 
 
 def normalise_messages(messages: list[Message] | list[tuple[str, str]]) -> list[Message]:
@@ -333,8 +336,24 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.time_limit = time_limit
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
+        """The conversation as the model reads it. `continue_final_message` (vLLM's and Hugging
+        Face's name) leaves the last message open: the text ends with its content exactly, no
+        end-of-turn after it, so the model goes on with it (then add_generation_prompt is ignored)."""
         msgs = normalise_messages(messages)
+        if continue_final_message and msgs:
+            # A mark after the last message's content shows where the template put it, whatever
+            # it does around it (it may trim it, or drop it when it is empty); the text ends there.
+            msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + CONTINUE_MARK}
+            text = self._render(msgs, False)
+            if CONTINUE_MARK not in text:
+                raise InvalidRequest("messages", "the chat template leaves out the last message, so it cannot be "
+                                                 "continued")
+            return text[: text.rindex(CONTINUE_MARK)]
+        return self._render(msgs, add_generation_prompt)
+
+    def _render(self, msgs: list[Message], add_generation_prompt: bool) -> str:
         if _size(msgs) > TEMPLATE_SIZE_LIMIT:
             raise InvalidRequest("messages", f"over the limit of {TEMPLATE_SIZE_LIMIT} characters for the chat template")
         reset = _DEADLINE.set((time.monotonic() + self.time_limit, self.time_limit))

@@ -174,6 +174,7 @@ def load_conversation(path: Path) -> tuple[str | None, list[dict]]:
 
 def run_chat(args: argparse.Namespace) -> int:
     model = common.model_from_args(args)
+    common.print_weights(model, args)
     script = None
     if model.info.architecture == "gptj" or args.bot_name or not model.tokenizer.chat_template:
         script = PlayScript(user_name=args.user_name, bot_name=args.bot_name or "GPT-J")

@@ -8,7 +8,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gptj.cli.common import add_model_args, add_sampling_args, model_from_args, sampling_settings
+from gptj.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    model_from_args,
+    print_weights,
+    sampling_settings,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -21,6 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt, settings = apply_preset(args.preset, prompt, settings)
     sampling_params(**settings)  # bad settings fail before a long model load
     model = model_from_args(args)
+    print_weights(model, args)
     stream = args.stream if args.stream is not None else sys.stdout.isatty()
     if stream:
         if args.echo:
@@ -97,14 +104,17 @@ def _display(raw: bytes) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from gptj.loading.catalog import list_models
+    from gptj.loading.resolve import models_dir
 
     rows = list_models(extra_dirs=args.dir)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NAME':<44} {'ARCH':<7} {'SIZE':>9}  {'SOURCE':<8} PATH")
+    print(f"{'NAME':<44} {'ARCH':<7} {'QUANT':<8} {'SIZE':>9}  {'SOURCE':<8} PATH")
     for r in rows:
-        print(f"{r['name']:<44} {r['architecture']:<7} {r['size_bytes'] / 1e9:>7.2f}GB  {r['source']:<8} {r['path']}")
+        print(f"{r['name']:<44} {r['architecture']:<7} {r['quantization']:<8} {r['size_bytes'] / 1e9:>7.2f}GB  "
+              f"{r['source']:<8} {r['path']}")
+    print(f"\nthe models directory: {models_dir()} (GPTJ_MODELS; gptj quantize and make-random-checkpoint write there)")
     return 0
 
 
@@ -136,6 +146,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.dst is None:  # into the models directory, where `gptj models` and `--model NAME` find it
+        from gptj.loading.catalog import default_output
+
+        gguf = args.format == "gguf"
+        suffix = (".Q8_0.gguf" if args.bits == 8 else ".Q4_1.gguf") if gguf else f"-int{args.bits}"
+        args.dst = str(default_output(args.src, suffix))
     fmt = args.format or ("gguf" if args.dst.lower().endswith(".gguf") else "safetensors")
     if fmt == "gguf":
         from gptj.loading.export import write_gguf
@@ -154,6 +170,10 @@ def cmd_make_random(args: argparse.Namespace) -> int:
 
     from gptj.loading.random_checkpoint import make_random_checkpoint
 
+    if args.out is None:  # into the models directory, where `gptj models` and `--model NAME` find it
+        from gptj.loading.resolve import models_dir
+
+        args.out = str(models_dir() / f"random-gptj-{args.shape}")
     out = make_random_checkpoint(args.out, args.shape, args.format, getattr(torch, args.dtype), args.seed)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
     print(f"wrote a random GPT-J ({args.shape}, {args.format}) to {out}: {size / 1e9:.2f} GB")
@@ -231,14 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("models", help="list bundled, local and cached models")
-    p.add_argument("--dir", action="append", default=None, help="also look in this folder (repeatable)")
+    p = sub.add_parser("models", help="list bundled, local and cached models, their quantization and size on disk")
+    p.add_argument("--dir", action="append", default=None,
+                   help="also look in this folder (repeatable); the models directory ($GPTJ_MODELS, default "
+                        "~/.cache/gptj/models) is always listed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("quantize", help="write an int8/int4 checkpoint that loads by memory map, or a GGUF file")
-    p.add_argument("src", help="a model folder, .gguf, legacy GGML .bin or repo id")
-    p.add_argument("dst", help="the folder to write (safetensors), or a .gguf file")
+    p.add_argument("src", help="a model folder, .gguf, legacy GGML .bin or repo id (smollm2: the bundled model)")
+    p.add_argument("dst", nargs="?", default=None,
+                   help="the folder to write (safetensors), or a .gguf file (default: NAME-int8 or NAME.Q8_0.gguf "
+                        "in the models directory, $GPTJ_MODELS or ~/.cache/gptj/models)")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8: int8 / Q8_0; 4: int4 / Q4_1")
     p.add_argument("--format", choices=["safetensors", "gguf"], default=None,
                    help="safetensors (a folder gptj loads by memory map) or gguf (also for llama.cpp); "
@@ -252,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("make-random-checkpoint", help="write a random GPT-J in the Hugging Face layout")
-    p.add_argument("out")
+    p.add_argument("out", nargs="?", default=None,
+                   help="the folder to write (default: random-gptj-SHAPE in the models directory, $GPTJ_MODELS or "
+                        "~/.cache/gptj/models)")
     p.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "6b"])
     p.add_argument("--format", default="bin", choices=["bin", "safetensors", "sharded-safetensors", "sharded-bin"])
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

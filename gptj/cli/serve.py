@@ -9,7 +9,8 @@ import threading
 
 import httpx
 
-from gptj.cli.common import model_from_args
+from gptj.cli.common import model_from_args, weights_banner
+from gptj.loading.resolve import default_quantization
 from gptj.serve import create_app, create_upstream_app
 from gptj.serve.backends.upstream import Upstream
 from gptj.serve.guard import allowed_hosts, api_key_list, check_bind, uvicorn_config
@@ -57,7 +58,8 @@ def serve(args) -> int:  # noqa: ANN001
                      served_model_names=names)
     url = f"http://{args.host}:{args.port}/"
     aliases = f" as {', '.join(names)}" if names else ""
-    print(f"gptj: serving {model.name}{aliases} ({model.info.architecture}, {model.info.quantization}) at {url}; "
+    weights = weights_banner(model.info, args.quantize if args.quantize is not None else default_quantization(args.model))
+    print(f"gptj: serving {model.name}{aliases} ({model.info.architecture}, weights: {weights}) at {url}; "
           f"KV cache {cache.nbytes / 2**20:.0f} MiB for {cache.n_rows} x {cache.max_len} tokens", flush=True)
     if args.open:
         import webbrowser

@@ -9,6 +9,10 @@ from pathlib import Path
 from gptj.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2"
+BUNDLED_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")  # what names the bundled model
+# The bundled model loads as int8 unless a quantization is asked for: it decodes several times
+# faster than float32 with the same perplexity (README: Speed). One default for every surface.
+BUNDLED_QUANTIZATION = "int8"
 # `gptj pull` writes this into a snapshot folder before downloading and removes it once every
 # file is there: a folder that still has it is never loaded (its text: what to pull again).
 INCOMPLETE_MARKER = ".gptj-pull-incomplete"
@@ -16,7 +20,7 @@ INCOMPLETE_MARKER = ".gptj-pull-incomplete"
 
 def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
     """A GGUF file or a Hugging Face folder for a name, path or repo id."""
-    if name_or_path in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
+    if name_or_path in BUNDLED_NAMES:
         from gptj.tokenizer import bundled_gguf_path
 
         return bundled_gguf_path()
@@ -47,7 +51,43 @@ def resolve(name_or_path: str | None, revision: str | None = None) -> Path:
                 + (f" --revision {revision or rev}" if revision or rev else "")
             ) from None
         return model_in_folder(folder, tag, name_or_path)
-    raise ModelLoadError(f"model {name_or_path!r} not found: not a file, a folder, or a repo id like EleutherAI/gpt-j-6b")
+    local = in_model_dirs(name_or_path)
+    if local is not None:
+        return local
+    raise ModelLoadError(f"model {name_or_path!r} not found: not a file, a folder, a model in {models_dir()} "
+                         "(`gptj models` lists them) or a repo id like EleutherAI/gpt-j-6b")
+
+
+def model_dirs() -> list[Path]:
+    """The models directories: GPTJ_MODELS (several joined by os.pathsep), else ~/.cache/gptj/models
+    (under XDG_CACHE_HOME when set, beside the kernels). `gptj models` lists what is in them."""
+    configured = os.environ.get("GPTJ_MODELS")
+    if configured and any(configured.split(os.pathsep)):
+        return [Path(p).expanduser() for p in configured.split(os.pathsep) if p]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [Path(cache) / "gptj" / "models"]
+
+
+def models_dir() -> Path:
+    """Where `gptj quantize` and `gptj make-random-checkpoint` write when given no output path."""
+    return model_dirs()[0]
+
+
+def in_model_dirs(name: str) -> Path | None:
+    """A model folder or file the models directories hold under `name` (a bare name: no path)."""
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        return None
+    for folder in model_dirs():
+        for candidate in (folder / name, folder / f"{name}.gguf"):
+            if candidate.exists():
+                return model_in_folder(candidate) if candidate.is_dir() else candidate
+    return None
+
+
+def default_quantization(name_or_path: str | None) -> str | None:
+    """The quantization `gptj.load` uses when none is given: int8 for the bundled model, else
+    None (the weights as stored: a `gptj quantize` folder's own, a float checkpoint's dtype)."""
+    return BUNDLED_QUANTIZATION if name_or_path in BUNDLED_NAMES else None
 
 
 def model_in_folder(folder: Path, tag: str | None = None, source: str | None = None) -> Path:
@@ -73,7 +113,7 @@ def model_name(name_or_path: str | None) -> str:
     bundled model's own name, a repo id as given, and for a folder or file on disk its own name
     (`/models/gpt-j-6b/` -> `gpt-j-6b`, `x/smol.Q8_0.gguf` -> `smol.Q8_0`), not its whole path
     (`ModelInfo.path` keeps that). `gptj serve --served-model-name` adds names."""
-    if name_or_path in (None, "", "default", "smollm2", "SmolLM2-135M-Instruct"):
+    if name_or_path in BUNDLED_NAMES:
         return "SmolLM2-135M-Instruct"
     path = Path(name_or_path).expanduser()
     if path.exists():

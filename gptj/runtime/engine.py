@@ -22,7 +22,7 @@ import torch
 
 from gptj.device import module_device
 from gptj.errors import InvalidRequest, QueueFull, ShuttingDown
-from gptj.runtime import healing, runner
+from gptj.runtime import constraints, healing, runner
 from gptj.runtime import speculative as speculation
 from gptj.runtime.driving import Driving
 from gptj.runtime.kv_cache import KVCache
@@ -109,7 +109,10 @@ class Engine:
                     f"{len(ids)} prompt tokens + {params.max_new_tokens} new tokens exceed the context window "
                     f"of {self.context_length} tokens (shorten the prompt, lower max_new_tokens, or allow truncation)",
                 )
-            return ids[-budget:], len(ids) - budget
+            # a model that expects BOS first keeps it (the text's start is what goes)
+            tok = self.tokenizer
+            keep = int(budget > 1 and tok.add_bos_token and ids[0] == tok.bos_token_id)
+            return ids[:keep] + ids[len(ids) - budget + keep :], len(ids) - budget
         return ids, 0
 
     def submit(
@@ -123,11 +126,15 @@ class Engine:
         while `shutdown()` runs."""
         params.validate()
         ids, truncated = self.prepare_prompt(prompt_ids, params)
-        heal = healing.plan(self.tokenizer, ids, params)
+        # constrained output (gptj.runtime.constraints): the schema compiled now, a bad one refused
+        # before queueing; its first token must begin the JSON, so no healing
+        wanted = params.json_schema is not None and params.json_schema is not False  # ({} is any JSON)
+        constraint = constraints.start(self.tokenizer, params.json_schema) if wanted else None
+        heal = healing.plan(self.tokenizer, ids, params) if constraint is None else None
         if heal is not None:  # the first token brings the removed text back (gptj.runtime.healing)
             ids = ids[:-1]
         request = _Request(ids, params, time.monotonic() + timeout if timeout else None, truncated, cache_scope)
-        request.heal = heal
+        request.heal, request.constraint = heal, constraint
         if params.seed is not None:
             try:
                 request.generator = torch.Generator().manual_seed(params.seed)
@@ -385,7 +392,7 @@ class Engine:
             r.send(StreamEvent("", [], prompt_logprobs=r.prompt_infos))
 
     def _decode(self, batch: list[_Request]) -> None:
-        if len(batch) == 1 and self._speculate(batch[0]):
+        if self._speculate(batch):
             return
         lo = min(r.row for r in batch)
         hi = max(r.row for r in batch) + 1
@@ -416,28 +423,55 @@ class Engine:
         if not r.generated:  # the prompt's last token
             r.prefilled += 1
 
-    def _speculate(self, r: _Request) -> bool:
-        """One pass over the request's next input and the tokens drafted after it; each position's
-        token is sampled as a one-token step would sample it, in order, until one differs from the
-        draft (the first differing token is kept: it is what decoding alone gives there). False
-        (nothing done) where there is no draft or the pass would not be exact."""
-        if self.speculative == "none" or self.device.type != "cpu":
+    def _speculate(self, batch: list[_Request]) -> bool:
+        """One pass over each request's next input and the tokens drafted after it (a batch small
+        enough that the pass stays bandwidth-bound: speculation.MAX_PASS_TOKENS in all); each
+        position's token is sampled as a one-token step would sample it, in order, until one
+        differs from the draft (the first differing token is kept: it is what decoding alone
+        gives there). False (nothing done) where no request has a draft or the pass would not be
+        exact."""
+        share = speculation.MAX_PASS_TOKENS // len(batch) - 1  # drafted tokens each request may add
+        if self.speculative == "none" or self.device.type != "cpu" or share < 1:
             return False
+        if not runner.exact_multi_token(self.model):
+            return False
+        drafts = [self._draft(r, share) for r in batch]
+        if not any(drafts):
+            return False
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        for r, draft in zip(batch, drafts, strict=True):
+            start = len(self.rows.tokens[r.row])
+            ids += [r.next_input, *draft]
+            positions += range(start, start + 1 + len(draft))
+            rows += [r.row] * (1 + len(draft))
+        logits = runner.forward_ragged(self.model, torch.tensor(ids), torch.tensor(positions), torch.tensor(rows),
+                                       self.cache, torch.arange(len(ids)))  # fmt: skip
+        if logits is None:
+            return False
+        offset = 0
+        for r, draft in zip(batch, drafts, strict=True):
+            self._verify(r, draft, logits[offset : offset + 1 + len(draft)])
+            offset += 1 + len(draft)
+        return True
+
+    def _draft(self, r: _Request, share: int) -> list[int]:
+        """Up to `share` tokens proposed after the request's next input ([] for none)."""
+        if r.constraint is not None:  # (its drafts would need its matcher to check them)
+            return []
         room = min(r.params.max_new_tokens - len(r.generated), self.context_length - r.length) - 1
-        if room < 1 or not runner.exact_multi_token(self.model):
-            return False
+        if room < 1:
+            return []
         if r.drafter is None:
             r.drafter = speculation.NgramDrafter(r.prompt_ids + r.generated, self.speculative_tokens)
-        draft = r.drafter.propose(room)
-        if not draft:
-            return False
-        start = len(self.rows.tokens[r.row])
-        inputs = [r.next_input, *draft]
-        ids = torch.tensor([inputs])
-        positions = torch.arange(start, start + len(inputs))[None]
-        logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1))[0]
+        return r.drafter.propose(min(room, share))
+
+    def _verify(self, r: _Request, draft: list[int], logits: torch.Tensor) -> None:
+        """Samples from the logits of the request's next input and its drafted tokens, in order,
+        until a sampled token differs from the draft (or the request ends)."""
         accepted = 0
-        for j, token in enumerate(inputs):
+        for j, token in enumerate([r.next_input, *draft]):
             self._fed(r, token)
             produced = len(r.generated)
             self._accept(r, logits[j])
@@ -446,12 +480,14 @@ class Engine:
             if r.generated[-1] != draft[j]:
                 break
             accepted += 1
+        if not draft:
+            return
         r.drafted += len(draft)
         r.accepted += accepted
         self.stats["drafted_tokens"] += len(draft)
         self.stats["accepted_tokens"] += accepted
+        assert r.drafter is not None
         r.drafter.accepted(len(draft), accepted)
-        return True
 
     def _accept(self, r: _Request, logits: torch.Tensor) -> None:
         """Samples the next token of `r` from its float32 logits and streams what it completes."""
@@ -460,6 +496,12 @@ class Engine:
         heal = r.heal
         if heal is not None:  # token healing: the first token begins with the prompt's removed text
             heal.mask(logits)
+        constraint = r.constraint
+        if constraint is not None:  # JSON output: before the logprobs, which are the constrained ones
+            constraint.mask(logits)
+            if constraint.error:  # past the grammar's work limits: this request fails, not the batch
+                self._retire(r, "error", error=constraint.error)
+                return
         info_logprobs = r.params.logprobs is not None
         if info_logprobs:
             logprobs = logits.log_softmax(-1)
@@ -475,6 +517,8 @@ class Engine:
             # Settings at the edge of float32 (a temperature of 1e-309, a repetition penalty of
             # 1e-300) leave no distribution to sample: take their limit, the most likely token.
             token = int(torch.argmax(torch.nan_to_num(scores, nan=float("-inf"))))
+        if constraint is not None and not constraint.allows(token):  # logit_bias banned all it allows
+            token = constraint.fallback()
         if heal is not None:
             r.heal = None
             if not heal.allows(token):  # every allowed token banned (logit_bias): keep the prompt as sent
@@ -498,9 +542,15 @@ class Engine:
             r.first_token_at = now
         self.stats["generated_tokens"] += 1
         self.token_times.append(now)
-        if token in self.eos_ids and not r.params.ignore_eos or token in r.params.stop_token_ids:
+        # (the grammar allows an end-of-text token only after complete JSON, and it ends the
+        # request even with ignore_eos: its text would follow the JSON)
+        if token in self.eos_ids and (not r.params.ignore_eos or constraint is not None) \
+                or token in r.params.stop_token_ids:
             r.infos.append(info)
             self._retire(r, "stop")
+            return
+        if constraint is not None and not constraint.advance(token):
+            self._retire(r, "error", error=constraint.error)
             return
         r.generated.append(token)
         if r.drafter is not None:
@@ -514,7 +564,9 @@ class Engine:
             self._retire(r, "stop", flush=False)
             return
         self._emit(r, text)
-        if len(r.generated) >= r.params.max_new_tokens or r.length >= self.context_length:
+        if constraint is not None and constraint.is_complete():  # nothing can follow: no step for an EOS
+            self._retire(r, "stop")
+        elif len(r.generated) >= r.params.max_new_tokens or r.length >= self.context_length:
             self._retire(r, "length")
 
     def _emit(self, r: _Request, text: str) -> None:

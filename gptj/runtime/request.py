@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from gptj.runtime.constraints import Constraint
 from gptj.runtime.healing import Healing
 from gptj.runtime.sampling import SamplingParams
 from gptj.runtime.speculative import NgramDrafter
@@ -164,6 +165,7 @@ class _Request:
     accepted: int = 0
     heal: Healing | None = None  # token healing, until the first token is sampled (prompt_ids lack its token)
     healed: str = ""  # what Completion.healed says
+    constraint: Constraint | None = None  # JSON output's matcher (gptj.runtime.constraints)
 
     @property
     def length(self) -> int:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gptj.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where the sampler runs, not here: SamplingParams (validating settings, the
+# CLI's defaults, presets) must not cost the seconds torch takes to import (`gptj presets`).
 
 __all__ = ["InvalidRequest", "SamplingParams", "apply_logit_bias", "apply_penalties", "candidates", "choose_token"]
 
@@ -42,6 +46,9 @@ class SamplingParams:
     # token healing (gptj.runtime.healing): back up over the prompt's last token when it may be the
     # start of a longer one (a trailing space or newline), and let the first token begin with its text
     token_healing: bool = True
+    # constrained output (gptj.runtime.constraints): None or False, free text; True, any JSON
+    # object; a dict, JSON valid for that JSON schema (checked and compiled at submit)
+    json_schema: dict[str, Any] | bool | None = None
 
     def validate(self) -> SamplingParams:
         def need(ok: bool, name: str, message: str) -> None:
@@ -63,6 +70,8 @@ class SamplingParams:
         need(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
         need(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be between 0 and 20")
         need(isinstance(self.token_healing, bool), "token_healing", "must be true or false")
+        need(self.json_schema is None or isinstance(self.json_schema, bool | dict), "json_schema",
+             "must be a JSON schema (a dict), True for any JSON object, or None")
         need(isinstance(self.logit_bias, dict), "logit_bias", "must map token ids to numbers from -100 to 100")
         for token, bias in self.logit_bias.items():
             need(isinstance(token, int) and not isinstance(token, bool) and token >= 0, "logit_bias",
@@ -74,6 +83,8 @@ class SamplingParams:
     @cached_property
     def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """logit_bias as (ids, values), built once per request; a ban's value is -inf."""
+        import torch
+
         ids = torch.tensor(list(self.logit_bias), dtype=torch.long)
         values = torch.tensor([float("-inf") if b <= BAN else float(b) for b in self.logit_bias.values()])
         return ids, values
@@ -93,6 +104,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: torch
     if history.numel() == 0:
         return logits
     if params.repetition_penalty != 1.0:
+        import torch
+
         seen = history.unique()
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
@@ -125,6 +138,8 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     Probabilities and the top-p cut are computed in float64: a float32 softmax and cumulative
     sum round differently with each instruction set's summation order, which moved the cut by a
     token on one CPU; in float64 only masses within ~1e-15 of top_p could still differ."""
+    import torch
+
     scaled = logits.double() / params.temperature
     vocab = scaled.shape[-1]
     k = params.top_k if 0 < params.top_k < vocab else vocab
@@ -157,6 +172,8 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token id from float32 logits [vocab] after penalties and masking. Adds the
     request's logit_bias to `logits` in place first (so a caller that falls back to the
     argmax of the same tensor still respects its bans)."""
+    import torch
+
     apply_logit_bias(logits, params)
     if params.greedy:
         return int(torch.argmax(logits))

@@ -15,6 +15,10 @@ from collections.abc import Sequence
 MODES = ("ngram", "none")
 DEFAULT_TOKENS = 6  # most drafted tokens a pass checks
 MAX_TOKENS = 16
+# tokens in one verifying pass, all requests together: past this a pass stops costing about what
+# one token's pass costs (the weights' reads) and drafts that miss slow the batch down
+# (benchmarks/bench_speculative.py --batch shows the crossover)
+MAX_PASS_TOKENS = 16
 MIN_NGRAM, MAX_NGRAM = 2, 4  # a single repeated token is too weak a hint to spend a pass on
 
 

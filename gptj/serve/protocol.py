@@ -13,9 +13,9 @@ from gptj.runtime.sampling import MAX_TEMPERATURE
 
 MAX_N = 8  # n and best_of
 MAX_CACHE_SALT = 256
-# response_format json_object / json_schema: a 400 until constrained decoding exists; turning
-# this on lets such requests through, with `Settings.response_format` parsed for the engine.
-JSON_OUTPUT = False
+# response_format json_object / json_schema (and vLLM's guided_json, llama.cpp's json_schema):
+# constrained JSON output (gptj.runtime.constraints); off, such requests get a 400.
+JSON_OUTPUT = True
 
 # ---- which of OpenAI's request fields this server does, and which it refuses -------------------
 #
@@ -24,7 +24,8 @@ JSON_OUTPUT = False
 # text. Fields nobody here knows (other servers' extensions) are ignored, as OpenAI's SDKs expect.
 
 TOOLS = "function calling is not supported: this server generates text only"
-CONSTRAINED = "constrained output (JSON schemas, regexes, grammars) is not supported yet"
+CONSTRAINED = ("constrained output other than JSON (regexes, grammars, choices) is not supported; for JSON send "
+               'response_format {"type": "json_object"} or {"type": "json_schema", ...}')
 # field -> why it is refused when a request sets it (null, and the values in NOT_SET, set nothing)
 REFUSED: dict[str, str] = {
     "tools": TOOLS,
@@ -40,13 +41,11 @@ REFUSED: dict[str, str] = {
     "verbosity": 'only "medium" (OpenAI\'s default) is supported: the model has no verbosity setting',
     "suffix": "a suffix (fill-in-the-middle) is not supported: the model only continues the prompt",
     # other servers' extensions that would shape the output: refused rather than ignored
-    "guided_json": CONSTRAINED,  # vLLM's
-    "guided_regex": CONSTRAINED,
+    "guided_regex": CONSTRAINED,  # vLLM's (its guided_json works: JSON output)
     "guided_choice": CONSTRAINED,
     "guided_grammar": CONSTRAINED,
     "structured_outputs": CONSTRAINED,
-    "json_schema": CONSTRAINED,  # llama.cpp's
-    "grammar": CONSTRAINED,
+    "grammar": CONSTRAINED,  # llama.cpp's (its json_schema works: JSON output)
     "min_tokens": "not supported: to generate exactly max_tokens tokens, send ignore_eos: true",
     "use_beam_search": "beam search is not supported (best_of samples several and keeps the likeliest)",
 }
@@ -57,7 +56,7 @@ NOT_SET: dict[str, tuple] = {
     "min_tokens": (0,), "use_beam_search": (False,),
 }
 # known fields accepted without effect, and why that is harmless (the rest of OpenAI's fields work,
-# response_format {"type": "text"} included; json_object and json_schema wait for JSON_OUTPUT)
+# response_format included: json_object and json_schema constrain the output to JSON)
 HARMLESS: dict[str, str] = {
     "user": "an end-user id for OpenAI's abuse monitoring; nothing here monitors users",
     "safety_identifier": "the same, under its newer name",
@@ -132,6 +131,8 @@ class StreamOptions(Body):
 
 class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
+    # json_schema: OpenAI's {"name": ..., "schema": {...}, "strict": ...}; only `schema` is used (it
+    # is always enforced), and without it the output is any JSON object
     json_schema: dict[str, Any] | None = None
 
 
@@ -161,6 +162,22 @@ class Settings(Body):
     best_of: int | None = Field(None, ge=1, le=MAX_N)  # sample best_of, return the n likeliest per token
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema (or its JSON text)
+    json_schema: dict[str, Any] | None = None  # llama.cpp's: a JSON schema
+
+    def json_output(self) -> tuple[str, dict[str, Any] | bool] | None:
+        """(the field that asked, what the engine's json_schema gets: True for any JSON object,
+        else the schema) for a request that constrains its output to JSON; None for free text."""
+        if self.guided_json is not None:
+            return "guided_json", self.guided_json  # type: ignore[return-value]  (parsed by `consistent`)
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.get("schema") is not None:
+            return "response_format.json_schema", fmt.json_schema["schema"]
+        return "response_format.json_schema" if fmt.type == "json_schema" else "response_format", True
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +200,20 @@ class Settings(Body):
             raise field_error("stream_options", "only allowed when stream is true")
         if self.response_format is not None and self.response_format.type != "text" and not JSON_OUTPUT:
             raise field_error("response_format", "JSON output is not supported yet")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise field_error("response_format.json_schema", 'is required with type "json_schema": '
+                              '{"name": "...", "schema": {...}}')
+        asked = [name for name, on in (("response_format", fmt is not None and fmt.type != "text"),
+                                       ("guided_json", self.guided_json is not None),
+                                       ("json_schema", self.json_schema is not None)) if on]
+        if len(asked) > 1:
+            raise field_error(asked[1], f"set only one of {' and '.join(asked)}: each asks for JSON output")
+        if isinstance(self.guided_json, str):  # vLLM takes the schema as JSON text too
+            try:
+                self.guided_json = json.loads(self.guided_json)
+            except ValueError:
+                raise field_error("guided_json", "must be a JSON schema (an object, or its JSON text)") from None
         return self
 
 
@@ -277,6 +308,10 @@ class ChatBody(Settings):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's: continue the last message (the assistant's) rather than answer it, its text left open
+    # (no end-of-turn after it); add_generation_prompt, unset, is the opposite (gptj.chat.ChatSession.prepare)
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -362,7 +397,7 @@ def engine_settings(body: Settings, max_tokens: int | None) -> dict[str, Any]:
         ignore_eos=body.ignore_eos,
         logit_bias=dict(body.logit_bias or {}),
         token_healing=body.token_healing,
-    )
+    ) | ({"json_schema": asked[1]} if (asked := body.json_output()) else {})
 
 
 def tokenize_json(tokenizer, text: str, parse_special: bool, add_bos: bool = False) -> dict:  # noqa: ANN001

@@ -460,8 +460,9 @@ export class Chat {
   }
 
   /** Streams a reply to the conversation up to `parentId` into a new version under it, or, with
-   * `cont`, more of that reply (the model gets the conversation with the reply so far and its
-   * answer is added to it). */
+   * `cont`, more of that reply: the server continues the reply itself (vLLM's
+   * continue_final_message: the reply is left open, no end-of-turn after it), so the text that
+   * comes is added to it as it is, spaces included. */
   async reply(parentId, { cont = null } = {}) {
     if (this.busy) return;
     this.banner.hide();
@@ -469,6 +470,8 @@ export class Chat {
     const node = cont || addNode(chat, parentId, "assistant", "", { finish: null });
     const messages = cont ? this.messagesUpTo(cont) : this.messagesUpTo(chat.nodes[parentId]);
     const body = { messages, ...this.settings.request({ withStops: false }) };
+    // add_generation_prompt too: vLLM (behind --upstream) wants it false with continue_final_message
+    if (cont) Object.assign(body, { continue_final_message: true, add_generation_prompt: false });
     const base = node.content;
     const previousFinish = node.finish;
     node.finish = null;
@@ -504,7 +507,7 @@ export class Chat {
         const piece = (choice.delta && choice.delta.content) || "";
         if (piece) {
           text += piece;
-          node.content = joinContinuation(base, text);
+          node.content = base + text;
           this.status.textContent = cont ? "Continuing…" : "Writing…";
           if (!frame) frame = requestAnimationFrame(paint);
           if (performance.now() - savedAt > 1000) {
@@ -541,11 +544,4 @@ export class Chat {
     this.status.textContent = finish === "stopped" ? "Stopped." : "";
     this.input.focus();
   }
-}
-
-/** The reply so far with a continuation added: a space between two words that would touch. */
-export function joinContinuation(base, more) {
-  if (!base) return more;
-  if (/\s$/.test(base) || /^[\s.,;:!?)\]}'"’”-]/.test(more)) return base + more;
-  return `${base} ${more}`;
 }

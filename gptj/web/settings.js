@@ -78,6 +78,27 @@ export class Settings {
           "A prompt that ends in a space, a newline or punctuation goes on as the model would have written it " +
           "(a newline and its indent are one token). Off: the prompt's last token stays as it is.")),
     );
+    // JSON output: response_format json_object, or json_schema with the schema in the box.
+    this.jsonInput = el("input", { type: "checkbox", id: "set-json", "data-testid": "setting-json" });
+    this.schemaInput = el("textarea", { id: "set-json-schema", "data-testid": "setting-json-schema", rows: 4,
+      spellcheck: false, placeholder: '{"type": "object", "properties": {"name": {"type": "string"}}}',
+      "aria-label": "JSON schema (optional)" });
+    this.schemaHint = el("small", { class: "hint", "data-testid": "json-schema-hint" });
+    this.schemaBox = el("div", { class: "json-schema" }, this.schemaInput, this.schemaHint);
+    for (const [input, event] of [[this.jsonInput, "change"], [this.schemaInput, "input"]]) {
+      input.addEventListener(event, () => {
+        this.renderJson();
+        this.changed();
+      });
+    }
+    $("#sliders-advanced").append(
+      el("div", { class: "field" },
+        el("label", { class: "check", htmlFor: this.jsonInput.id }, this.jsonInput, "JSON output"),
+        el("small", { class: "hint" },
+          "The text is a JSON object, or JSON valid for the schema below (empty: any object)."),
+        this.schemaBox),
+    );
+    this.renderJson();
     this.stopInput = $("#stop-input");
     this.seedInput = $("#seed-input");
     this.stopInput.addEventListener("input", () => {
@@ -88,6 +109,8 @@ export class Settings {
     $("#settings-reset").addEventListener("click", () => {
       this.apply(this.defaults, []);
       this.seedInput.value = "";
+      this.jsonInput.checked = false; // (the schema text stays, for turning it on again)
+      this.renderJson();
       this.changed();
     });
   }
@@ -122,8 +145,36 @@ export class Settings {
     this.renderCount();
   }
 
+  /** The schema box shows while JSON output is on; a schema that is not JSON is flagged. */
+  renderJson() {
+    this.schemaBox.hidden = !this.jsonInput.checked;
+    const { error } = this.schema();
+    this.schemaHint.textContent = error ? `Not valid JSON: ${error}` : "";
+    this.schemaHint.classList.toggle("bad", !!error);
+  }
+
+  /** The schema box's JSON: {schema} (null when empty) or {error}. */
+  schema() {
+    const text = this.schemaInput.value.trim();
+    if (!text) return { schema: null };
+    try {
+      return { schema: JSON.parse(text) };
+    } catch (err) {
+      return { error: err.message };
+    }
+  }
+
+  /** OpenAI's response_format for the JSON toggle, or null (free text). A box that is not JSON
+   * goes as its text: the server's 400 says what is wrong where the page shows errors. */
+  responseFormat() {
+    if (!this.jsonInput.checked) return null;
+    const { schema, error } = this.schema();
+    if (!error && schema === null) return { type: "json_object" };
+    return { type: "json_schema", json_schema: { name: "schema", schema: error ? this.schemaInput.value : schema } };
+  }
+
   renderCount() {
-    const n = this.changedAdvanced().length + (this.healingInput.checked ? 0 : 1);
+    const n = this.changedAdvanced().length + (this.healingInput.checked ? 0 : 1) + (this.jsonInput.checked ? 1 : 0);
     $("#advanced-count").textContent = n ? `· ${n} on` : "";
   }
 
@@ -170,12 +221,15 @@ export class Settings {
     }
     const seed = this.seed;
     if (seed !== null) body.seed = seed;
+    const format = this.responseFormat();
+    if (format) body.response_format = format;
     return body;
   }
 
   /** For remembering across reloads. */
   state() {
-    return { values: this.values(), stop: this.stopInput.value, seed: this.seedInput.value };
+    return { values: this.values(), stop: this.stopInput.value, seed: this.seedInput.value,
+      json: this.jsonInput.checked, schema: this.schemaInput.value };
   }
 
   restore(saved) {
@@ -183,6 +237,9 @@ export class Settings {
     this.apply(saved.values || {}, undefined);
     if (typeof saved.stop === "string") this.stopInput.value = saved.stop;
     if (typeof saved.seed === "string") this.seedInput.value = saved.seed;
+    this.jsonInput.checked = saved.json === true;
+    if (typeof saved.schema === "string") this.schemaInput.value = saved.schema;
+    this.renderJson();
     this.renderStops();
   }
 

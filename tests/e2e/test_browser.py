@@ -405,3 +405,40 @@ def test_stop_field_and_token_marks_helpers(page) -> None:
         }"""
     )
     assert marks == [[[10, 14, 1], [14, 18, 1]], [[0, 3, 2]], [[0, 2, None]]]
+
+
+def test_json_toggle_gets_json_back(page) -> None:
+    """Advanced › JSON output: the continuation is JSON valid for the schema in the box (any
+    JSON object when the box is empty); a box that is not JSON is flagged as it is typed."""
+    jsonschema = pytest.importorskip("jsonschema")
+    name = {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"}
+    schema = {"type": "object", "properties": {"name": name, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "city": name},
+              "required": ["name", "age", "city"], "additionalProperties": False}
+    prompt = "A made-up person, as JSON:"
+    page.fill("#prompt", prompt)
+    set_setting(page, "max_new_tokens", "120")
+    page.fill("#seed-input", "5")
+    page.click("#advanced summary")
+    sync_api.expect(page.get_by_test_id("setting-json-schema")).to_be_hidden()
+    page.check("#set-json")
+    sync_api.expect(page.get_by_test_id("advanced-count")).to_contain_text("1 on")
+    page.fill("#set-json-schema", "{not json")
+    sync_api.expect(page.get_by_test_id("json-schema-hint")).to_contain_text("Not valid JSON")
+    page.fill("#set-json-schema", json.dumps(schema))
+    sync_api.expect(page.get_by_test_id("json-schema-hint")).to_have_text("")
+    page.click("#generate-btn")
+    wait_idle(page)
+    assert page.get_attribute("#gen-status", "data-finish") == "stop"
+    text = page.input_value("#prompt")
+    assert text.startswith(prompt)
+    jsonschema.validate(json.loads(text[len(prompt):]), schema)
+
+    page.click("#undo-btn")
+    page.fill("#set-json-schema", "")  # any JSON object
+    set_setting(page, "temperature", "0")
+    set_setting(page, "max_new_tokens", "300")
+    page.click("#generate-btn")
+    wait_idle(page)
+    assert page.get_attribute("#gen-status", "data-finish") == "stop"
+    assert isinstance(json.loads(page.input_value("#prompt")[len(prompt):]), dict)

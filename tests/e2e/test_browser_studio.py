@@ -300,7 +300,8 @@ def test_retry_keeps_the_alternatives(page) -> None:
 
 
 def test_continue_a_reply_that_stopped(page) -> None:
-    fake = FakeChat(page, lambda body, n: ("Once upon a time there", "length") if n == 1 else "was a fox.")
+    # the server continues the reply itself, so what comes back goes on from it as it is (" was")
+    fake = FakeChat(page, lambda body, n: ("Once upon a time there", "length") if n == 1 else " was a fox.")
     page.click("#tab-chat")
     send(page, "A story please", 1)
     reply = page.get_by_test_id("msg-assistant")
@@ -310,8 +311,10 @@ def test_continue_a_reply_that_stopped(page) -> None:
     expect(page.locator("#chat-send")).to_be_enabled()
     expect(reply.get_by_test_id("msg-meta")).to_have_count(0)
     expect(reply).to_have_count(1)
-    # The model got the reply so far as the last message.
+    # The model got the reply so far as the last message, left open (vLLM's continue_final_message).
     assert fake.requests[-1]["messages"][-1] == {"role": "assistant", "content": "Once upon a time there"}
+    assert fake.requests[-1]["continue_final_message"] is True and fake.requests[-1]["add_generation_prompt"] is False
+    assert "continue_final_message" not in fake.requests[0]
     assert page.is_enabled("#chat-continue")
 
 

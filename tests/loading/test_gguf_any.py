@@ -22,6 +22,7 @@ import gptj
 from gptj import memory
 from gptj.errors import ModelLoadError, ModelTooLarge
 from gptj.loading.gguf import read_gguf
+from gptj.runtime.sampling import SamplingParams
 from gptj.tokenizer import Tokenizer
 
 IDS = [5, 17, 300, 42, 511, 7, 99, 256]
@@ -314,3 +315,7 @@ def test_sentencepiece_gguf_model_loads_and_generates(tmp_path: Path, ref) -> No
     assert model.encode_prompt(plain) == plain
     with_bos = model.generate([1, *plain], max_new_tokens=4, temperature=0)
     assert out.tokens == with_bos.tokens and out.prompt_tokens == len(plain) + 1
+    long = [1, *range(5, 5 + model.context_length)]  # left-truncated: BOS stays first
+    ids, dropped = model.engine.prepare_prompt(long, SamplingParams(max_new_tokens=4, truncate_prompt=True))
+    budget = model.context_length - 4
+    assert ids == [1, *long[len(long) - budget + 1 :]] and dropped == len(long) - budget

@@ -126,7 +126,8 @@ def test_6b_shape_is_refused_with_numbers_when_memory_is_short(tmp_path: Path) -
 def test_bundled_default_model_loads_with_no_name() -> None:
     model = gptj.load()
     assert model.info.architecture == "llama" and model.name == "SmolLM2-135M-Instruct"
-    assert model.info.quantization == "none" and model.info.dtype == "float32"  # the Q4_1 blocks dequantized
+    # int8 unless asked otherwise: the fast default of every surface (quantize="none": float32)
+    assert model.info.quantization == "int8" and model.info.dtype == "float32"  # float32 beside the int8 layers
     assert model.tokenizer.chat_template and "<|im_start|>" in model.tokenizer.chat_template
     out = model.generate("The capital of France is", max_new_tokens=4, temperature=0)
     assert "Paris" in out.text

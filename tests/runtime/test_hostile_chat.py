@@ -51,7 +51,8 @@ class FakeModel:
                  context_length: int = 4096) -> None:
         self.name = "fake-model"
         self.tokenizer = FakeTokenizer(chat_template)
-        self.info = SimpleNamespace(architecture="llama" if chat_template else "gptj")
+        self.info = SimpleNamespace(architecture="llama" if chat_template else "gptj", quantization="none",
+                                    dtype="float32", path="")  # what `gptj chat`'s banner reads
         self.context_length = context_length
         self.reply = reply
         self.closed = 0
@@ -461,7 +462,7 @@ def test_ctrl_c_signal_during_a_reply_cancels_the_generation() -> None:
 
 
 def _chat_args() -> argparse.Namespace:
-    return argparse.Namespace(user_name="You", bot_name=None, system=None)
+    return argparse.Namespace(user_name="You", bot_name=None, system=None, model=None, quantize=None)
 
 
 def test_run_chat_survives_bad_commands_and_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import ctypes
+import os
+import sys
 
 import pytest
 import torch
 
 from gptj.runtime.kv_cache import KVCache
 
-SMAPS = Path("/proc/self/smaps")
-pytestmark = pytest.mark.skipif(not SMAPS.exists(), reason="needs Linux's /proc/self/smaps")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's mincore")
 
 
 def resident_mb(*tensors: torch.Tensor) -> float:
-    """The resident memory of the mappings that hold `tensors` (each counted once: the kernel
-    may merge neighbouring mappings), whatever else the process does."""
-    addresses = [t.data_ptr() for t in tensors]
-    total, inside = 0, False
-    for line in SMAPS.read_text().splitlines():
-        first = line.split()[0]
-        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
-            start, end = (int(a, 16) for a in first.split("-"))
-            inside = any(start <= a < end for a in addresses)
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total / 1024
+    """The resident memory of exactly the pages under `tensors` (mincore). Not /proc/self/smaps:
+    the kernel merges neighbouring anonymous mappings, and a neighbour's pages would count."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = 0
+    for t in tensors:
+        start = t.data_ptr() // page * page
+        length = t.data_ptr() + t.numel() * t.element_size() - start
+        vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+        if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        pages += len(vec) - bytes(vec).count(0)
+    return pages * page / 2**20
 
 
 def test_cache_memory_follows_the_tokens_written() -> None:

@@ -84,6 +84,35 @@ def test_gptj_same_tokens(gptj_int4: gptj.Model) -> None:
         assert on.drafted_tokens > 0
 
 
+def test_batched_requests_draft_and_keep_their_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests decoding together draft in one shared pass (up to MAX_PASS_TOKENS in all), and
+    each gets the tokens, logprobs and finish it gets alone without drafts."""
+    model = gptj.load(quantize="int8", max_batch=3)
+    runs = [
+        (CODE, dict(temperature=0)),
+        (CODE.replace("add", "mul"), dict(temperature=1.0, seed=5)),
+        ("Once upon a time", dict(temperature=0.7, seed=2, top_p=0.9)),
+    ]
+    common = dict(max_new_tokens=40, ignore_eos=True, logprobs=2)
+    alone = [generate(model, "none", p, **common, **s) for p, s in runs]
+    shared: list[int] = []  # for each pass with drafts: how many requests it served
+    ragged = runner.forward_ragged
+
+    def counting(model, ids, positions, rows, cache, wanted):  # type: ignore[no-untyped-def]
+        if len(rows) > len(set(rows.tolist())):
+            shared.append(len(set(rows.tolist())))
+        return ragged(model, ids, positions, rows, cache, wanted)
+
+    monkeypatch.setattr(runner, "forward_ragged", counting)
+    handles = [model.submit(p, **common, **s) for p, s in runs]
+    together = [h.result() for h in handles]
+    model.engine.shutdown(grace=0)
+    for a, b in zip(together, alone, strict=True):
+        same_output(a, b)
+    assert together[0].drafted_tokens > 0 and together[1].drafted_tokens > 0
+    assert max(shared, default=0) == 3  # drafts were checked while all three decoded
+
+
 def test_no_drafts_where_a_pass_would_not_be_exact(int8_model: gptj.Model, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the fused step (the torch path), a pass of several tokens may round differently
     from one-token steps: no speculation there, so the text cannot change."""

@@ -86,7 +86,7 @@ def test_eleutherai_bodies_keep_their_answers(client: httpx.Client, local_url: s
     ({"prompt": "\ud800"}, "prompt"),
     ({"n_probs": 5}, "n_probs"),
     ({"grammar": "root ::= \"a\""}, "grammar"),
-    ({"json_schema": {"type": "object"}}, "json_schema"),
+    ({"json_schema": {"type": "objectx"}}, "json_schema"),  # JSON output works: a bad schema
     ({"image_data": [{"data": "aGk=", "id": 1}]}, "image_data"),
 ])
 def test_bad_bodies_get_400_naming_the_field(local_url: str, body: dict, field: str) -> None:

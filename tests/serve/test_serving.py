@@ -333,9 +333,11 @@ def test_serve_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("gptj")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from gptj.cli import main; sys.exit(main())"]
     # The grace period is long enough for six tokens on a slow, loaded machine, and the long
-    # request too long to finish within it on a fast one: no dependence on the machine's speed.
+    # request too long to finish within it on a fast one (float32 weights, no drafts: thousands
+    # of tokens take minutes): no dependence on the machine's speed.
     grace = 20
-    cmd += ["serve", "--port", str(port), "--parallel", "2", "--context-length", "4096", "--shutdown-grace", str(grace)]
+    cmd += ["serve", "--port", str(port), "--parallel", "2", "--context-length", "4096", "--shutdown-grace", str(grace),
+            "--quantize", "none", "--speculative", "none"]
     env = {**os.environ, "GPTJ_CONFIG_DIR": str(tmp_path / "config"), "GPTJ_API_KEY": "k"}
     log = open(tmp_path / "serve.log", "w+b")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -398,6 +398,10 @@ def openai_settings(settings: dict) -> dict:
     """An OpenAI request's sampling fields for gptj settings; `max_new_tokens: None` is sent as
     `max_tokens: null` (vLLM: the rest of the context). truncate_prompt has no OpenAI name."""
     body: dict[str, Any] = {}
+    schema = settings.get("json_schema")
+    if schema:  # JSON output (Ollama's format): OpenAI's response_format, which vLLM enforces
+        body["response_format"] = {"type": "json_object"} if schema is True else \
+            {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     for name, value in settings.items():
         if name not in OPENAI_NAMES:
             continue

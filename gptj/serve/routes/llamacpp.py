@@ -6,11 +6,12 @@ fields too (gptj.serve.routes.tokenize).
 Fields and defaults as llama.cpp's tools/server/README.md: prompt (a string, or token ids),
 n_predict (-1: until the end of text or of the context window), temperature 0.8 (below 0:
 greedy), top_k 40 (0 or less: off), top_p 0.95, min_p 0.05, repeat_penalty 1.0,
-presence_penalty, frequency_penalty, seed (-1: random), stop, ignore_eos, stream. The answer:
+presence_penalty, frequency_penalty, seed (-1: random), stop, ignore_eos, stream, json_schema
+(JSON output valid for the schema, gptj.runtime.constraints). The answer:
 {content, stop, stop_type, stopping_word, tokens_predicted, tokens_evaluated, tokens_cached,
 truncated, model, prompt, generation_settings, timings}; streamed as server-sent events
 `data: {"content": ..., "stop": false}` and a last event with `stop: true` and the rest. What
-cannot be honoured is a 400 naming the field: n_probs, grammar, json_schema, image_data, more
+cannot be honoured is a 400 naming the field: n_probs, grammar, image_data, more
 than one prompt. Other fields (cache_prompt, n_keep, samplers, id_slot, ...) are ignored."""
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ async def completion(backend: Backend, data: Any, request: Request) -> Response:
 async def complete(backend: Backend, body: CompletionBody, request: Request) -> Response:
     for name, what in (("n_probs", "token probabilities are not supported here; use /v1/completions' logprobs"),
                        ("grammar", "grammar-constrained sampling is not supported"),
-                       ("json_schema", "JSON output is not supported yet"),
                        ("image_data", "the model takes no images")):
         if getattr(body, name):
             raise APIError(400, f"{name}: {what}", name)
@@ -109,6 +109,8 @@ async def complete(backend: Backend, body: CompletionBody, request: Request) -> 
                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
                 "seed": body.seed if body.seed is not None and body.seed >= 0 else None, "stop": body.stop,
                 "ignore_eos": body.ignore_eos}
+    if body.json_schema is not None:  # JSON output (gptj.runtime.constraints)
+        settings["json_schema"] = body.json_schema
     if body.top_p == 0:  # llama.cpp: only the most likely token
         settings.update(top_p=1.0, top_k=1)
     if body.temperature < 0:

@@ -8,7 +8,8 @@ answered, and responses name the served one. Options: num_predict (-1, -2: until
 is full), temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty,
 frequency_penalty, seed (-1: random), stop, num_ctx (checked, not applied: the context window
 is the server's; a prompt too long for it is cut from the left, as Ollama does); other options
-are ignored. What cannot be honoured is a 400 naming the field: images, `format` (JSON output),
+are ignored. `format`: "json" (any JSON object) or a JSON schema constrains the output
+(gptj.runtime.constraints). What cannot be honoured is a 400 naming the field: images,
 `template`, `suffix`, `context`, tools, thinking, logprobs. /api/embed and /api/embeddings
 answer 501. Errors are Ollama's shape, `{"error": "<field>: <message>"}`."""
 
@@ -47,7 +48,7 @@ OLLAMA_VERSION = "0.6.3"  # the Ollama API version these routes follow
 FIELDS = {"max_new_tokens": "options.num_predict", "temperature": "options.temperature", "top_p": "options.top_p",
           "top_k": "options.top_k", "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty",
           "presence_penalty": "options.presence_penalty", "frequency_penalty": "options.frequency_penalty",
-          "seed": "options.seed", "stop": "options.stop"}
+          "seed": "options.seed", "stop": "options.stop", "json_schema": "format"}
 NDJSON = "application/x-ndjson"
 
 
@@ -108,16 +109,16 @@ class ShowBody(Body):
 
 def refuse(body: OllamaRequest) -> None:
     """A 400 naming the first field asking for what this server cannot do."""
-    if body.format:
-        raise APIError(400, "format: JSON output is not supported yet", "format")
+    if isinstance(body.format, str) and body.format not in ("", "json"):
+        raise APIError(400, 'format: must be "json" or a JSON schema (an object)', "format")
     if body.think not in (None, False, "", "false"):
         raise APIError(400, "think: the model does not support thinking", "think")
     if body.logprobs:
         raise APIError(400, "logprobs: not supported on Ollama's API here; use /v1/completions' logprobs", "logprobs")
 
 
-def settings_of(options: Options | None) -> dict:
-    """gptj settings for Ollama's options; what is not set takes gptj's defaults
+def settings_of(options: Options | None, output_format: str | dict[str, Any] | None = None) -> dict:
+    """gptj settings for Ollama's options and format; what is not set takes gptj's defaults
     (num_predict: until the end of text or of the context window, as Ollama)."""
     o = options or Options()
     settings: dict[str, Any] = {"max_new_tokens": None if o.num_predict is None or o.num_predict < 0 else o.num_predict,
@@ -131,6 +132,8 @@ def settings_of(options: Options | None) -> dict:
         settings["seed"] = o.seed
     if o.stop:
         settings["stop"] = [o.stop] if isinstance(o.stop, str) else list(o.stop)
+    if output_format:  # "json": any JSON object; a dict: its schema (refuse() checked the rest)
+        settings["json_schema"] = True if output_format == "json" else output_format
     return greedy_when_zero(settings)
 
 
@@ -256,7 +259,7 @@ def router(backend: Backend) -> APIRouter:
             unload = body.keep_alive in (0, "0", "0s", "0m")
             return JSONResponse({"model": name, "created_at": now_iso(), "response": "", "done": True,
                                  "done_reason": "unload" if unload else "load"})
-        settings = settings_of(body.options)
+        settings = settings_of(body.options, body.format)
         if body.raw or not backend.chat_template():
             prompt = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
             gen = backend.generate(request, prompt=prompt, settings=settings)
@@ -283,7 +286,7 @@ def router(backend: Backend) -> APIRouter:
                                  "message": {"role": "assistant", "content": ""}, "done": True,
                                  "done_reason": "unload" if unload else "load"})
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        gen = backend.generate(request, messages=messages, settings=settings_of(body.options))
+        gen = backend.generate(request, messages=messages, settings=settings_of(body.options, body.format))
         return await respond(request, body.stream, name, gen,
                              lambda text, done: {"message": {"role": "assistant", "content": text}, "done": done})
 

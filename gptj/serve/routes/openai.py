@@ -39,14 +39,18 @@ def best(results: list[Completion], n: int) -> list[Completion]:
 
 
 @contextmanager
-def length_named(body: Settings) -> Iterator[None]:
-    """The engine's max_new_tokens errors name max_completion_tokens when the request set that
-    (the app's handler names max_tokens otherwise)."""
+def fields_named(body: Settings) -> Iterator[None]:
+    """The engine's errors under the request's own names: max_new_tokens is max_completion_tokens
+    when the request set that (the app's handler names max_tokens otherwise); a bad JSON schema is
+    the field that sent it (response_format.json_schema, guided_json or json_schema)."""
     try:
         yield
     except InvalidRequest as exc:
+        message = str(exc).partition(": ")[2]
         if exc.field == "max_new_tokens" and body.max_completion_tokens is not None:
-            raise InvalidRequest("max_completion_tokens", str(exc).partition(": ")[2]) from None
+            raise InvalidRequest("max_completion_tokens", message) from None
+        if exc.field == "json_schema" and (asked := body.json_output()) is not None:
+            raise InvalidRequest(asked[0], message) from None
         raise
 
 
@@ -82,7 +86,7 @@ def router(backend: LocalBackend) -> APIRouter:
         logprobs = body.logprobs if body.logprobs is not None or best_of == n else 0
         echo_logprobs = body.logprobs if body.echo else None
         echo_texts = [text if body.echo else "" for _, text in prompts]
-        with length_named(body):
+        with fields_named(body):
             groups = backend.submit_batch([ids for ids, _ in prompts], settings, best_of, logprobs, request,
                                           body.cache_salt, echo_logprobs, is_batch(body.prompt))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -164,11 +168,15 @@ def router(backend: LocalBackend) -> APIRouter:
         n, best_of = body.n, body.best_of or body.n
         shown = (body.top_logprobs or 0) if body.logprobs else None
         logprobs = shown if shown is not None or best_of == n else 0
-        with length_named(body):
+        with fields_named(body):
             # templating and tokenizing a long conversation take a while: off the event loop
-            prompt, settings, dropped = await asyncio.to_thread(backend.chat.prepare, body.chat_messages(), settings)
+            prompt, settings, dropped = await asyncio.to_thread(
+                backend.chat.prepare, body.chat_messages(), settings, continue_final_message=body.continue_final_message,
+                add_generation_prompt=body.add_generation_prompt)
             handles = backend.submit_all(await backend.encode(prompt, "messages"), settings, best_of, logprobs, request,
                                          body.cache_salt)
+        # a continuation's text goes on from the last message as it is: its first space is kept
+        continuing = backend.chat.continues(body.chat_messages(), body.continue_final_message)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         info = {"dropped_messages": dropped}
@@ -193,7 +201,7 @@ def router(backend: LocalBackend) -> APIRouter:
                         yield sse(chunk([{"index": i, "delta": {}, "finish_reason": finish_reason(item)}]))
                         continue
                     text = item.text
-                    if not started_text[i] and not backend.chat.template:
+                    if not started_text[i] and not backend.chat.template and not continuing:
                         text = text.lstrip()  # the play script's space after "Name:"
                     started_text[i] = started_text[i] or bool(text)
                     choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
@@ -212,7 +220,7 @@ def router(backend: LocalBackend) -> APIRouter:
             finish_reason(c)
         choices = []
         for i, c in enumerate(best(results, n)):
-            text = c.text if backend.chat.template else backend.chat.script.clean_reply(c.text)
+            text = c.text if backend.chat.template else backend.chat.script.clean_reply(c.text, continuing)
             choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(c)}
             if shown is not None:
                 choice["logprobs"] = backend.chat_logprobs(c.token_infos[: len(c.tokens)])
