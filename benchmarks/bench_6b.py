@@ -456,8 +456,8 @@ def main() -> None:
         if r.get("batch") and r["batch"] < args.prompt:
             print(f"\n{r['engine']}: the prompt in batches of {r['batch']} tokens, the longest whose memory "
                   "ggml's gpt-j graph sizes right (one batch of all of it aborts)")  # fmt: skip
-    _chart(rows, bw, base / "bench.png", shape)
-    print(f"\nchart: {base / 'bench.png'}")
+    if _chart(rows, bw, base / "bench.png", shape):
+        print(f"\nchart: {base / 'bench.png'}")
 
 
 def _param_count(src: Path) -> int:
@@ -471,14 +471,15 @@ def _f(v: float | None, digits: int = 0) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _chart(rows: list[dict], bw: float, path: Path, shape: str) -> None:
+def _chart(rows: list[dict], bw: float, path: Path, shape: str) -> bool:
+    """Writes the chart; False (nothing written) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     ok = [r for r in rows if r.get("decode_ms")]
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["engine"] for r in ok]
@@ -498,6 +499,7 @@ def _chart(rows: list[dict], bw: float, path: Path, shape: str) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 if __name__ == "__main__":

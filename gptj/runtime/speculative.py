@@ -18,7 +18,7 @@ MAX_TOKENS = 16
 # tokens in one verifying pass, all requests together: past this a pass stops costing about what
 # one token's pass costs (the weights' reads) and drafts that miss slow the batch down
 # (benchmarks/bench_speculative.py --batch shows the crossover)
-MAX_PASS_TOKENS = 16
+MAX_PASS_TOKENS = 12
 MIN_NGRAM, MAX_NGRAM = 2, 4  # a single repeated token is too weak a hint to spend a pass on
 
 

@@ -274,6 +274,32 @@ def test_health_answers_within_a_second_under_heavy_requests(bundled_model, monk
     assert rss_bytes() - before < 300 << 20
 
 
+def test_a_slow_submit_leaves_the_event_loop_free(bundled_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Submitting may take a while (a JSON schema compiled, the token-healing index built on
+    first use): it runs off the event loop, so /health answers meanwhile."""
+    submit = bundled_model.engine.submit
+    entered = threading.Event()
+
+    def slow_submit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        entered.set()
+        time.sleep(2.0)
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(bundled_model.engine, "submit", slow_submit)
+    with running(create_app(bundled_model)) as base:
+        status: list[int] = []
+        slow = threading.Thread(target=lambda: status.append(httpx.post(
+            base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60).status_code))
+        slow.start()
+        assert entered.wait(30)
+        t0 = time.monotonic()
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+        waited = time.monotonic() - t0
+        slow.join(60)
+    assert status == [200]
+    assert waited < 1.0, f"/health waited {waited:.2f} s behind a submit"
+
+
 def test_prompt_logprobs_are_computed_once_per_request(bundled_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """echo + logprobs with n=8: one pass over the prompt with logits, not eight."""
     module = bundled_model.module

@@ -100,11 +100,18 @@ class LocalBackend:
         its names, else by its first."""
         return requested if requested in self.names else self.name
 
-    def submit_all(self, prompt_ids: list[int], settings: dict, n: int, logprobs: int | None, request: Request,
-                   salt: str | None = None, prompt_logprobs: int | None = None) -> list[RequestHandle]:
+    async def submit_all(self, prompt_ids: list[int], settings: dict, n: int, logprobs: int | None,
+                         request: Request, salt: str | None = None,
+                         prompt_logprobs: int | None = None) -> list[RequestHandle]:
         """n requests for one prompt; only the first computes the prompt's logprobs (once per
         request, in its prefill chunks). Cached prefixes are shared only within the caller's
-        API key and cache_salt."""
+        API key and cache_salt. Off the event loop: a submit may compile a JSON schema or build
+        the token-healing index first, which takes tens of milliseconds."""
+        return await asyncio.to_thread(self._submit_all, prompt_ids, settings, n, logprobs, request, salt,
+                                       prompt_logprobs)
+
+    def _submit_all(self, prompt_ids: list[int], settings: dict, n: int, logprobs: int | None, request: Request,
+                    salt: str | None, prompt_logprobs: int | None) -> list[RequestHandle]:
         engine = self.model.engine
         # The handlers wait without driving: a thread must (`gptj serve` runs it in the main thread).
         engine.start_background()
@@ -193,7 +200,7 @@ class LocalBackend:
         length = min(length, self.model.context_length - 1)
         settings = dict(max_new_tokens=length, temperature=temp, top_p=top_p, top_k=0, truncate_prompt=True,
                         token_healing=token_healing)
-        (result,) = await self.wait_all(self.submit_all(ids, settings, 1, None, request), request)
+        (result,) = await self.wait_all(await self.submit_all(ids, settings, 1, None, request), request)
         finish_reason(result)
         return result.text
 
@@ -218,8 +225,9 @@ class LocalBackend:
             prompts.append((list(item), self.tokenizer.decode(item)))
         return prompts
 
-    def submit_batch(self, prompts: list[list[int]], settings: dict, n: int, logprobs: int | None, request: Request,
-                     salt: str | None, prompt_logprobs: int | None, batch: bool) -> list[list[RequestHandle]]:
+    async def submit_batch(self, prompts: list[list[int]], settings: dict, n: int, logprobs: int | None,
+                           request: Request, salt: str | None, prompt_logprobs: int | None,
+                           batch: bool) -> list[list[RequestHandle]]:
         """submit_all for each prompt of a request: n handles each, all or none queued. A batch
         must fit what the engine takes at once (--parallel + --max-queue), else it could never run."""
         engine = self.model.engine
@@ -231,7 +239,7 @@ class LocalBackend:
         try:
             for i, ids in enumerate(prompts):
                 try:
-                    groups.append(self.submit_all(ids, settings, n, logprobs, request, salt, prompt_logprobs))
+                    groups.append(await self.submit_all(ids, settings, n, logprobs, request, salt, prompt_logprobs))
                 except InvalidRequest as exc:
                     if batch and exc.field == "prompt":
                         raise InvalidRequest(f"prompt.{i}", str(exc).partition(": ")[2]) from None
@@ -304,7 +312,7 @@ class LocalBackend:
         ids = await self.encode(prompt, field)
         if settings.get("max_new_tokens") is None:  # until the context window is full
             settings["max_new_tokens"] = max(self.model.context_length - len(ids), 1)
-        handles = self.submit_all(ids, settings, 1, None, request)
+        handles = await self.submit_all(ids, settings, 1, None, request)
         interruption = Interruption(request, abort)
 
         async def cancel_when_interrupted() -> None:

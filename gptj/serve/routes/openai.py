@@ -87,8 +87,8 @@ def router(backend: LocalBackend) -> APIRouter:
         echo_logprobs = body.logprobs if body.echo else None
         echo_texts = [text if body.echo else "" for _, text in prompts]
         with fields_named(body):
-            groups = backend.submit_batch([ids for ids, _ in prompts], settings, best_of, logprobs, request,
-                                          body.cache_salt, echo_logprobs, is_batch(body.prompt))
+            groups = await backend.submit_batch([ids for ids, _ in prompts], settings, best_of, logprobs, request,
+                                                body.cache_salt, echo_logprobs, is_batch(body.prompt))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -173,8 +173,8 @@ def router(backend: LocalBackend) -> APIRouter:
             prompt, settings, dropped = await asyncio.to_thread(
                 backend.chat.prepare, body.chat_messages(), settings, continue_final_message=body.continue_final_message,
                 add_generation_prompt=body.add_generation_prompt)
-            handles = backend.submit_all(await backend.encode(prompt, "messages"), settings, best_of, logprobs, request,
-                                         body.cache_salt)
+            handles = await backend.submit_all(await backend.encode(prompt, "messages"), settings, best_of, logprobs,
+                                               request, body.cache_salt)
         # a continuation's text goes on from the last message as it is: its first space is kept
         continuing = backend.chat.continues(body.chat_messages(), body.continue_final_message)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
