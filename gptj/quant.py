@@ -51,7 +51,7 @@ _KB = 32  # the kernel takes in_features that are a multiple of this
 # Most rows that go through the kernels where a bf16 GEMM is native (GPTJ_QUANT_DECODE_MAX_ROWS
 # overrides): past these, dequantize + bf16 GEMM wins (bench_linear.py finds the crossover).
 KERNEL_MAX_ROWS_AMX_BF16 = {"int8": 32, "int4": 32}  # AMX bf16 GEMMs
-KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX
+KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX (int8 with VNNI: no limit)
 # With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows.
 AMX_INT8_KERNEL_MAX_ROWS = 256
 # torch's int8/int4 ops (no kernels): beyond this, dequantize + GEMM
@@ -194,8 +194,9 @@ def native_bf16() -> bool:
 
 def kernel_max_rows(mode: str) -> int:
     """Most rows that take the GEMV kernels (or torch's quantized ops) rather than dequantize +
-    GEMM. Unbounded where bf16 is not native: float32 GEMMs are slower than the int8 kernels at
-    any batch size. GPTJ_QUANT_DECODE_MAX_ROWS overrides."""
+    GEMM. Unbounded where bf16 is not native (float32 GEMMs are slower than the int8 kernels at
+    any batch size), and for int8 on AVX512-VNNI without AMX (benchmarks/results/gptj-6b-zen5.md).
+    GPTJ_QUANT_DECODE_MAX_ROWS overrides."""
     if "GPTJ_QUANT_DECODE_MAX_ROWS" in os.environ:
         return int(os.environ["GPTJ_QUANT_DECODE_MAX_ROWS"])
     lib = native_kernel()
@@ -206,7 +207,11 @@ def kernel_max_rows(mode: str) -> int:
     if not native_bf16():
         return sys.maxsize
     flags = kernels.cpu_flags()
-    return (KERNEL_MAX_ROWS_AMX_BF16 if "amx_bf16" in flags else KERNEL_MAX_ROWS_AVX512_BF16)[mode]
+    if "amx_bf16" in flags:
+        return KERNEL_MAX_ROWS_AMX_BF16[mode]
+    if mode == "int8" and kernels.active_variant() == "avx512vnni":
+        return sys.maxsize  # its many-row loop (lanes = activation rows) beats an AVX512-BF16 GEMM
+    return KERNEL_MAX_ROWS_AVX512_BF16[mode]
 
 
 def kernel_name() -> str:

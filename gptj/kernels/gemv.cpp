@@ -6,6 +6,9 @@
 #include <math.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "simd.h"
 
 namespace gq {
@@ -159,6 +162,120 @@ Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int 
     return a;
 }
 
+// ---------------------------------------------------------------- int8 weights, many rows
+// With many activation rows the loop above spends as much on reducing lanes as on products. Here
+// a vector's lanes are activation rows instead (ML of them): lane m of packed vector q holds
+// xq[m][4q .. 4q+3] (AMX's B layout), and 4 bytes of a weight row, broadcast to every lane,
+// multiply it. Each lane then holds its row's exact block sum S_b, scaled as gemv.h says: the
+// same bits as the loop above. Rows go in chunks whose packed activations stay in L2 while
+// every weight row passes over them.
+constexpr int ML = VB / 4;  // activation rows per vector
+#ifndef BCAST_MIN_ROWS
+#define BCAST_MIN_ROWS ML  // from here on the loop above loses: one vector of rows is full
+#endif
+#if GQ_AVX512
+#define RB 8  // weight rows per register block
+#else
+#define RB 4
+#endif
+
+static inline vi vi_bcast32(const int8_t* p) {
+#if GQ_AVX512
+    return _mm512_set1_epi32(*(const int32_t*)p);
+#else
+    return _mm256_set1_epi32(*(const int32_t*)p);
+#endif
+}
+
+// Weight rows W [R, K] against one group of ML packed activation rows (`rows` of them real):
+// y[m][r] for m < rows.
+template <int R>
+static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const float* bias, const int32_t* xp,
+                            const float* xsp, const int32_t* xip, int rows, float* y, int64_t ldy) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    vf acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = vf_zero();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t q0 = b * QB8 / 4, q1 = (b * QB8 + QB8 < K ? b * QB8 + QB8 : K) / 4;
+        vi s[R];
+        for (int r = 0; r < R; ++r) s[r] = vi_zero();
+        for (int64_t q = q0; q < q1; ++q) {
+            const vi xv = vi_load(xp + q * ML);
+            for (int r = 0; r < R; ++r) s[r] = dot_s8s8(s[r], vi_bcast32(W + r * K + 4 * q), xv);
+        }
+        const vf xs = vf_ld(xsp + b * ML);
+#if GQ_VNNI
+        const vi corr = vi_load(xip + b * ML);  // 128 * sum(xq) of each row's block, from dpbusd's w + 128
+#else
+        (void)xip;
+#endif
+        for (int r = 0; r < R; ++r) {
+#if GQ_VNNI
+            s[r] = vi_sub(s[r], corr);
+#endif
+            acc[r] = vf_add(acc[r], vf_mul(vf_cvt(s[r]), xs));
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        alignas(64) float out[ML];
+        vf_st(out, acc[r]);
+        for (int m = 0; m < rows; ++m) {
+            float v = out[m] * ws[r];
+            if (bias) v = v + bias[r];
+            y[m * ldy + r] = v;
+        }
+    }
+}
+
+static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
+                              const Int8Act& a, int64_t M, float* y, int nthreads) {
+    const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4, groups = (M + ML - 1) / ML;
+    // packed activations: per group, [nq][ML] int32, then its scales [nb][ML] and 128 * block sums
+    const int64_t per_group = nq * ML + 2 * nb * ML;
+    static thread_local std::vector<int32_t> buf;
+    if ((int64_t)buf.size() < groups * per_group) buf.resize(groups * per_group);
+    int32_t* packed = buf.data();
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < groups; ++g) {
+        int32_t* xp = packed + g * per_group;
+        float* xsp = (float*)(xp + nq * ML);
+        int32_t* xip = xp + nq * ML + nb * ML;
+        for (int j = 0; j < ML; ++j) {
+            const int64_t m = g * ML + j;
+            for (int64_t q = 0; q < nq; ++q)
+                xp[q * ML + j] = m < M ? *(const int32_t*)(a.xq + m * K + 4 * q) : 0;
+            for (int64_t b = 0; b < nb; ++b) {
+                xsp[b * ML + j] = m < M ? a.xs[m * nb + b] : 0.f;
+                xip[b * ML + j] = m < M ? 128 * a.xis[m * nb + b] : 0;
+            }
+        }
+    }
+    // chunks of groups whose packed activations fit L2 (~512 KB); all weight rows pass over each
+    const int64_t chunk = std::max<int64_t>(1, (512 << 10) / (per_group * 4));
+    const int64_t nblk = (N + RB - 1) / RB;
+    for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+        const int64_t g1 = std::min(groups, g0 + chunk);
+#pragma omp parallel for schedule(dynamic, tile_chunk(nblk, nthreads)) num_threads(nthreads)
+        for (int64_t t = 0; t < nblk; ++t) {
+            const int64_t n = t * RB;
+            for (int64_t g = g0; g < g1; ++g) {
+                const int32_t* xp = packed + g * per_group;
+                const float* xsp = (const float*)(xp + nq * ML);
+                const int32_t* xip = xp + nq * ML + nb * ML;
+                const int rows = (int)std::min<int64_t>(ML, M - g * ML);
+                float* yg = y + g * ML * N;
+                if (n + RB <= N)
+                    i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, xip, rows, yg + n,
+                                 N);
+                else
+                    for (int64_t j = n; j < N; ++j)
+                        i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, xip, rows,
+                                    yg + j, N);
+            }
+        }
+    }
+}
+
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
     if (M >= 2 && N % 16 == 0 && amx_ready()) {
@@ -166,6 +283,10 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
         return;
     }
     const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
+    if (M >= BCAST_MIN_ROWS) {
+        linear_int8_bcast(W, ws, bias, N, K, a, M, y, nthreads);
+        return;
+    }
     const int64_t nt = (N + R8 - 1) / R8;
 #pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
     for (int64_t t = 0; t < nt; ++t) {
