@@ -45,6 +45,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the text to JSON: 'object' for any JSON object, or a JSON schema (inline, or "
+                        "the path of a .json file) for JSON valid for it (response_format in the API)")
     g.add_argument("--no-token-healing", dest="token_healing", action="store_false",
                    help="continue the prompt's last token as it stands (default: a prompt ending in a space, a newline "
                         "or punctuation lets the first token begin with it, e.g. a newline and an indent; "
@@ -58,7 +61,31 @@ def sampling_settings(args: argparse.Namespace) -> dict:
         settings["truncate_prompt"] = True
     if getattr(args, "token_healing", True) is False:
         settings["token_healing"] = False
+    if getattr(args, "json_schema", None) is not None:
+        settings["json_schema"] = json_schema_arg(args.json_schema)
     return settings
+
+
+def json_schema_arg(value: str) -> dict | bool:
+    """--json-schema's value: "object" is any JSON object; text starting with "{" is the schema;
+    anything else is a file holding it."""
+    from gptj.errors import InvalidRequest
+
+    if value.strip() == "object":
+        return True
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidRequest("json_schema", f"cannot read {value}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest("json_schema", f"not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest("json_schema", "must be a JSON object (a JSON schema)")
+    return schema
 
 
 def model_from_args(args: argparse.Namespace, max_batch: int = 1) -> Model:

@@ -81,8 +81,11 @@ export function snippets({ kind, body, info = {}, base = baseUrl(), withKey = ha
   for (const [field, flag] of CLI_FLAGS) if (body[field] !== undefined) flags.push([flag, String(body[field])]);
   for (const stop of body.stop || []) flags.push(["--stop", shellQuote(stop, { ansi: true })]);
   if (body.token_healing === false) flags.push(["--no-token-healing", ""]);
+  const format = body.response_format;
+  if (format?.type === "json_object") flags.push(["--json-schema", "object"]);
+  if (format?.type === "json_schema") flags.push(["--json-schema", shellQuote(JSON.stringify(format.json_schema?.schema ?? {}))]);
   const notes = [];
-  const missing = ["presence_penalty", "frequency_penalty", "response_format"].filter((k) => body[k] !== undefined);
+  const missing = ["presence_penalty", "frequency_penalty"].filter((k) => body[k] !== undefined);
   if (missing.length) notes.push(`# gptj ${kind === "chat" ? "chat" : "generate"} has no flag for ${missing.join(" or ")}: the Python API and the HTTP API take them`);
   let cli;
   if (kind === "chat") {

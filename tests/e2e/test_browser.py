@@ -442,3 +442,16 @@ def test_json_toggle_gets_json_back(page) -> None:
     wait_idle(page)
     assert page.get_attribute("#gen-status", "data-finish") == "stop"
     assert isinstance(json.loads(page.input_value("#prompt")[len(prompt):]), dict)
+
+    # View code's gptj command asks for the same: --json-schema object, which the CLI takes
+    page.click("#view-code")
+    page.get_by_text("gptj CLI", exact=True).click()
+    code = page.get_by_test_id("code-text")
+    sync_api.expect(code).to_contain_text("--json-schema object")
+    from gptj.cli.main import build_parser
+
+    script = code.inner_text()  # bash reads it: the prompt may be $'...' quoted
+    words = subprocess.run(["bash", "-c", f"gptj() {{ printf '%s\\0' \"$@\"; }}\n{script}\n"],
+                           capture_output=True, check=True).stdout.decode().split("\0")[:-1]
+    args = build_parser().parse_args(["generate", *words[1:]])
+    assert args.json_schema == "object" and args.prompt == page.input_value("#prompt")

@@ -26,6 +26,31 @@ def test_generate_json_and_stop() -> None:
     assert result["finish_reason"] == "stop" and result["text"].strip() == "Paris"
 
 
+def test_generate_json_schema_from_a_file(tmp_path: Path) -> None:
+    """--json-schema FILE: sampled text that parses and fits the schema; --json-schema object: a
+    JSON object; a schema that is not JSON or a missing file: one error line naming the setting."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+    (tmp_path / "person.json").write_text(json.dumps(schema))
+    for seed in ("1", "2", "3"):
+        out = run("generate", "A person as JSON:", "--json-schema", str(tmp_path / "person.json"), "-n", "60",
+                  "--seed", seed, "--json")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        person = json.loads(result["text"])
+        assert result["finish_reason"] == "stop" and set(person) == {"name", "age"} and isinstance(person["age"], int)
+    out = run("generate", "A tiny JSON object:", "--json-schema", "object", "-n", "60", "--seed", "1", "--json",
+              "--top-k", "5")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["finish_reason"] != "stop" or isinstance(json.loads(result["text"]), dict)
+    assert result["text"].lstrip().startswith("{")
+    for bad, words in (('{"type": ', "not JSON"), (str(tmp_path / "missing.json"), "cannot read")):
+        out = run("generate", "x", "--json-schema", bad)
+        assert out.returncode == 2 and "json_schema" in out.stderr and words in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_bad_setting_is_a_clear_error() -> None:
     out = run("generate", "hi", "--top-p", "1.5")
     assert out.returncode == 2
