@@ -5,17 +5,12 @@ schema is a 400 naming the field that sent it, never a 500."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import jsonschema
 import ollama
 import openai
 import pytest
-from servers import running
-
-import gptj
-from gptj.serve import create_app
 
 NAME = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "Make up a person: name, age and city. Answer in JSON."}]
@@ -29,17 +24,6 @@ PERSON = {
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 HUGE = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)}}
-
-
-@pytest.fixture(scope="module")
-def url(bundled_model: gptj.Model) -> Iterator[str]:
-    with running(create_app(bundled_model)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def oai(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
 
 
 def test_json_object_through_the_openai_client(oai: openai.OpenAI) -> None:

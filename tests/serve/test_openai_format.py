@@ -8,7 +8,6 @@ what the client relies on."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from operator import itemgetter
 from pathlib import Path
 
@@ -28,23 +27,6 @@ PROMPT = "The capital of France is"
 OTHER = "Once upon a time"
 # the bundled model's own name: what the requests send unless a test is about names (any is answered)
 NAME = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def url(bundled_model: gptj.Model) -> Iterator[str]:
-    with running(create_app(bundled_model)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
 
 
 def refused(call, param: str, *words: str) -> None:  # noqa: ANN001

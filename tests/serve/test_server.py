@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -23,23 +22,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 # ---- servers -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def url(bundled_model) -> Iterator[str]:  # noqa: ANN001
-    with running(create_app(bundled_model)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

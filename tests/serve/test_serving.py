@@ -96,12 +96,6 @@ def idle(engine) -> bool:  # noqa: ANN001
     return engine.batch_size == 0 and engine.queue_depth == 0 and engine.in_flight == 0
 
 
-@pytest.fixture(scope="module")
-def url(bundled_model) -> Iterator[str]:  # noqa: ANN001
-    with running(create_app(bundled_model)) as base:
-        yield base
-
-
 # ---- continuous batching through HTTP -----------------------------------------------------------
 
 # Different prompts, lengths, stops, streaming or not: each must come out as it does alone.
