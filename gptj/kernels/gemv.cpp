@@ -179,14 +179,6 @@ constexpr int ML = VB / 4;  // activation rows per vector
 #define RB 4
 #endif
 
-static inline vi vi_bcast32(const int8_t* p) {
-#if GQ_AVX512
-    return _mm512_set1_epi32(*(const int32_t*)p);
-#else
-    return _mm256_set1_epi32(*(const int32_t*)p);
-#endif
-}
-
 // Weight rows W [R, K] against one group of ML packed activation rows (`rows` of them real):
 // y[m][r] for m < rows.
 template <int R>

@@ -121,6 +121,9 @@ static inline vi vi_load_n(const void* p, int n) {
 static inline vi vi_zero() { return _mm512_setzero_si512(); }
 static inline vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static inline vi vi_bcast32(const int8_t* p) {
+    return _mm512_set1_epi32(*(const int32_t*)p);
+}  // 4 bytes, every lane
 static inline vi vi_flip(vi a) { return _mm512_xor_si512(a, _mm512_set1_epi8((char)0x80)); }
 static inline vi vi_lo(vi a) { return _mm512_and_si512(a, _mm512_set1_epi8(0x0f)); }
 static inline vi vi_hi(vi a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(0x0f)); }
@@ -189,6 +192,7 @@ static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a
 static inline vi vi_zero() { return _mm256_setzero_si256(); }
 static inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static inline vi vi_bcast32(const int8_t* p) { return _mm256_set1_epi32(*(const int32_t*)p); }
 static inline vi vi_flip(vi a) { return _mm256_xor_si256(a, _mm256_set1_epi8((char)0x80)); }
 static inline vi vi_lo(vi a) { return _mm256_and_si256(a, _mm256_set1_epi8(0x0f)); }
 static inline vi vi_hi(vi a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(0x0f)); }

@@ -336,11 +336,8 @@ class Engine:
         if r.prompt_infos is not None or self.device.type != "cpu":
             return False
         chunk = r.prompt_ids[r.prefilled : min(r.prefilled + self.prefill_chunk, r.prefill_target)]
-        ids = [d.next_input for d in decoding] + chunk
-        positions = [len(self.rows.tokens[d.row]) for d in decoding] + list(range(r.prefilled, r.prefilled + len(chunk)))
-        rows = [d.row for d in decoding] + [r.row] * len(chunk)
-        logits = runner.forward_ragged(self.model, torch.tensor(ids), torch.tensor(positions), torch.tensor(rows),
-                                       self.cache, torch.arange(len(decoding)))  # fmt: skip
+        runs = [(d.row, [d.next_input]) for d in decoding] + [(r.row, chunk)]
+        logits = self._forward_runs(runs, torch.arange(len(decoding)))
         if logits is None:
             return False
         r.prefilled += len(chunk)
@@ -352,6 +349,20 @@ class Engine:
             self._fed(d, d.next_input)
             self._accept(d, logits[i])
         return True
+
+    def _forward_runs(self, runs: list[tuple[int, list[int]]], wanted: torch.Tensor) -> torch.Tensor | None:
+        """One fused pass over runs of tokens, each (cache row, tokens) written at the row's next
+        positions; the logits of the tokens at `wanted`, or None where the fused step does not serve."""
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        for row, tokens in runs:
+            start = len(self.rows.tokens[row])
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            rows += [row] * len(tokens)
+        return runner.forward_ragged(self.model, torch.tensor(ids), torch.tensor(positions), torch.tensor(rows),
+                                     self.cache, wanted)
 
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled
@@ -438,16 +449,8 @@ class Engine:
         drafts = [self._draft(r, share) for r in batch]
         if not any(drafts):
             return False
-        ids: list[int] = []
-        positions: list[int] = []
-        rows: list[int] = []
-        for r, draft in zip(batch, drafts, strict=True):
-            start = len(self.rows.tokens[r.row])
-            ids += [r.next_input, *draft]
-            positions += range(start, start + 1 + len(draft))
-            rows += [r.row] * (1 + len(draft))
-        logits = runner.forward_ragged(self.model, torch.tensor(ids), torch.tensor(positions), torch.tensor(rows),
-                                       self.cache, torch.arange(len(ids)))  # fmt: skip
+        runs = [(r.row, [r.next_input, *draft]) for r, draft in zip(batch, drafts, strict=True)]
+        logits = self._forward_runs(runs, torch.arange(sum(len(tokens) for _, tokens in runs)))
         if logits is None:
             return False
         offset = 0
