@@ -85,13 +85,14 @@ class _Plan:
     def _linear(self, m: nn.Module | None, k: int, n: int) -> dict[str, Any]:
         if not isinstance(m, QuantizedLinear) or (m.in_features, m.out_features) != (k, n):
             raise _Unsupported
-        if m.qweight.device.type != "cpu" or not m.kernel_fits():
+        weights = m.kernel_weights()
+        if weights is None:
             raise _Unsupported
-        mins = m.mins if m.mode == "int4" else None
-        self.tensors += [t for t in (m.qweight, m.scales, mins) if t is not None]
+        w, scales = weights
+        self.tensors += [t for t in (w, scales) if t is not None]
         bias = self._float(m.bias, n) if m.bias is not None else None
-        return {"w": m.qweight.data_ptr(), "scales": m.scales.data_ptr(), "mins": quant._ptr(mins), "bias": bias,
-                "n": n, "k": k, "bits": 8 if m.mode == "int8" else 4}  # fmt: skip
+        return {"w": w.data_ptr(), "scales": quant._ptr(scales), "bias": bias, "n": n, "k": k,
+                "bits": 8 if m.mode == "int8" else 4}  # fmt: skip
 
     def _structs(self, layers: list[dict[str, Any]], dims: dict[str, Any]) -> None:
         self.layers = self.lib.layouts[f"{self.arch}_layer"].array(layers)
@@ -152,7 +153,7 @@ class _GptjPlan(_Plan):
         if cfg.rotary_dim % 2:
             raise _Unsupported
         self.n_layers, self.n_kv, self.head_dim = cfg.n_layer, cfg.n_head, hd
-        empty = {"w": None, "scales": None, "mins": None, "bias": None, "n": 0, "k": 0, "bits": 0}
+        empty = {"w": None, "scales": None, "bias": None, "n": 0, "k": 0, "bits": 0}
         layers = []
         for block in model.transformer.h:
             attn, mlp = block.attn, block.mlp

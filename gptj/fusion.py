@@ -23,8 +23,8 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     if any(type(m) is not type(first) for m in linears):
         raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: all must be the same kind of layer")
     if isinstance(first, QuantizedLinear):
-        names = [name for name, _ in first.named_buffers(recurse=False)]
-        state = {name: torch.cat([getattr(m, name) for m in linears]) for name in names}
+        parts = [{**m.portable_buffers(), **({"bias": m.bias} if m.bias is not None else {})} for m in linears]
+        state = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         return QuantizedLinear.from_state(state)
     if type(first) in (nn.Linear, BF16Linear):
         with_bias = first.bias is not None

@@ -11,9 +11,15 @@ Formats (portable, plain row-major tensors: what a safetensors file holds):
   w = s * (q - z)) are converted when loaded: m = -s * z, regrouped to 32.
 * ``bias`` float32 [out] when the layer has one.
 
+Where the C++ kernels serve, an int4 layer holds its weights in their tiled layout instead
+(``tiles``, gptj/kernels/gemv.h: 4 rows at a time, each block's nibbles, scales and mins side by
+side), made once when the layer is built, so that the GEMV reads one sequential stream rather
+than twelve. ``state_dict()``, ``dequantize()`` and ``portable_buffers()`` still give the
+portable buffers above.
+
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
-``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped ones
-stay mapped; older int4 ones are converted). The group size and mode follow from the shapes
+``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped int8
+ones stay mapped; int4 ones are tiled; older int4 ones are converted). The group size and mode follow from the shapes
 and dtypes.
 
 Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measures them):
@@ -155,6 +161,34 @@ def _unpack_int4(q: Tensor, groups: int) -> Tensor:
     return torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
 
 
+def _int4_tile_bytes(in_features: int) -> int:
+    """Bytes of one tile of 4 int4 rows (gemv.h): whole blocks of 4 groups, then a shorter last one."""
+    full, t = divmod(in_features // GROUP_SIZE, 4)
+    return full * 320 + (64 * t + 64 if t else 0)
+
+
+def untile_int4(tiles: Tensor, out_features: int, in_features: int) -> dict[str, Tensor]:
+    """The portable int4 buffers (``qweight``, ``scales``, ``mins``) of tiled ones (torch ops, any device)."""
+    n, k = out_features, in_features
+    full, t = divmod(k // GROUP_SIZE, 4)
+    nt = (n + 3) // 4
+    tiles = tiles.reshape(nt, _int4_tile_bytes(k))
+    qs, ss, ms = [], [], []
+    for start, groups, count in ((0, 4, full), (full * 320, t, 1 if t else 0)):
+        if not count:
+            continue
+        blk = tiles[:, start : start + count * (64 * groups + 64)].reshape(nt, count, 64 * groups + 64)
+        qs.append(blk[..., : 64 * groups].reshape(nt, count, 4, 16 * groups).transpose(1, 2))
+        fp16 = blk[..., 64 * groups :].contiguous().view(torch.float16).reshape(nt, count, 2, 4, 4)[..., :groups]
+        ss.append(fp16[:, :, 0].transpose(1, 2))
+        ms.append(fp16[:, :, 1].transpose(1, 2))
+    return {
+        "qweight": torch.cat([q.reshape(4 * nt, -1) for q in qs], 1)[:n].contiguous(),
+        "scales": torch.cat([x.reshape(4 * nt, -1) for x in ss], 1)[:n].contiguous(),
+        "mins": torch.cat([x.reshape(4 * nt, -1) for x in ms], 1)[:n].contiguous(),
+    }
+
+
 def convert_int4_zeros(
     qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int = GROUP_SIZE
 ) -> dict[str, Tensor]:
@@ -226,6 +260,7 @@ def prefill_gemm_dtype() -> torch.dtype:
 
 
 _workspace = threading.local()
+_tiling = threading.Lock()  # a layer tiled on first use (built before the kernels were) is tiled once
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> Tensor:
@@ -278,6 +313,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(n, k // g, dtype=torch.float16))
             self.register_buffer("mins", torch.empty(n, k // g, dtype=torch.float16))
+            # the kernels' layout of the same weights (tile_int4); while it is set, the three above are None
+            self.register_buffer("tiles", None, persistent=False)
         self.register_buffer("bias", torch.empty(n, dtype=torch.float32) if bias else None)
         self._int4pack: tuple[Tensor, Tensor] | None = None  # torch-op fallback, made on demand
 
@@ -319,6 +356,7 @@ class QuantizedLinear(nn.Module):
                 if t.shape != getattr(mod, name).shape or t.dtype != getattr(mod, name).dtype:
                     raise ValueError(f"{prefix}{name}: {t.dtype} {list(t.shape)} does not fit a {mode} layer")
                 setattr(mod, name, t if name != "bias" else t.contiguous())
+        mod.tile_int4()
         return mod
 
     @classmethod
@@ -331,10 +369,12 @@ class QuantizedLinear(nn.Module):
             setattr(mod, name, t)
         if bias is not None:
             mod.bias = bias.detach().to(torch.float32, copy=True)
+        mod.tile_int4()
         return mod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._int4pack = None
+        self._untile()  # load into the portable buffers, then tile again
         keys = [prefix + name for name in ("qweight", "scales", "zeros")]
         if self.mode == "int4" and prefix + "mins" not in state_dict and all(k in state_dict for k in keys):
             # an older int4 checkpoint: convert (state_dict is load_state_dict's own copy)
@@ -342,6 +382,61 @@ class QuantizedLinear(nn.Module):
             for name, t in convert_int4_zeros(q, scales, zeros, self.group_size).items():
                 state_dict[prefix + name] = t
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.tile_int4()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mode == "int4" and self.tiles is not None:  # the portable buffers, always
+            for name, t in self.portable_buffers().items():
+                destination[prefix + name] = t
+
+    # -- the int4 tiles
+
+    def tile_int4(self) -> bool:
+        """Puts an int4 layer's weights in the kernels' tiled layout, where the kernels serve it
+        (on the CPU, groups of 32); whether it is tiled now. The portable buffers are dropped."""
+        if self.mode != "int4" or self.tiles is not None:
+            return self.mode == "int4" and self.tiles is not None
+        lib = native_kernel()
+        if lib is None or self.qweight.device.type != "cpu" or not self.kernel_fits():
+            return False
+        with _tiling:
+            if self.tiles is None:
+                n, k = self.out_features, self.in_features
+                tiles = torch.empty((n + 3) // 4 * lib.gq_int4_tile_bytes(k), dtype=torch.uint8)
+                lib.gq_pack_int4_tiles(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), n, k,
+                                       tiles.data_ptr(), torch.get_num_threads())  # fmt: skip
+                self.tiles, self.qweight, self.scales, self.mins = tiles, None, None, None
+        return True
+
+    def _untile(self) -> bool:
+        """Back to the portable buffers; whether the layer was tiled."""
+        if self.mode != "int4" or self.tiles is None:
+            return False
+        for name, t in untile_int4(self.tiles, self.out_features, self.in_features).items():
+            setattr(self, name, t)
+        self.tiles = None
+        return True
+
+    def _tiles(self) -> Tensor:
+        if not self.tile_int4():
+            raise RuntimeError("this int4 layer does not fit the kernels")
+        return self.tiles
+
+    def portable_buffers(self) -> dict[str, Tensor]:
+        """``qweight``, ``scales`` (and ``mins``) in the portable format, whatever the layout held."""
+        if self.mode == "int4" and self.tiles is not None:
+            return untile_int4(self.tiles, self.out_features, self.in_features)
+        names = ("qweight", "scales", "mins") if self.mode == "int4" else ("qweight", "scales")
+        return {name: getattr(self, name) for name in names}
+
+    def kernel_weights(self) -> tuple[Tensor, Tensor | None] | None:
+        """What the C++ kernels read, int8 (qweight, scales) or int4 (tiles, None); None where they
+        cannot take this layer (its shape, or not on the CPU)."""
+        if self.mode == "int8":
+            ok = self.kernel_fits() and self.qweight.device.type == "cpu"
+            return (self.qweight, self.scales) if ok else None
+        return (self.tiles, None) if self.tile_int4() and self.tiles.device.type == "cpu" else None
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -349,7 +444,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The [out, in] weight this layer stands for."""
-        return dequantize_weight(self._buffers, dtype)  # type: ignore[arg-type]
+        return dequantize_weight(self.portable_buffers(), dtype)
 
     # -- forward
 
@@ -363,6 +458,7 @@ class QuantizedLinear(nn.Module):
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
         weight dequantized for the call (one layer's full-precision weight exists at a time)."""
         x2 = x.reshape(-1, self.in_features)
+        self._untile()  # tiles moved here with the module: the GPU reads the portable buffers
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         xt = x2.to(dt).contiguous()
         y = None
@@ -376,13 +472,15 @@ class QuantizedLinear(nn.Module):
             except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype
                 _GPU_INT8_MM[x.device.type] = False
         if y is None:
-            y = F.linear(xt, dequantize_weight(self._buffers, dt))  # type: ignore[arg-type]
+            y = F.linear(xt, dequantize_weight(self.portable_buffers(), dt))
         if self.bias is not None:
             y = y + self.bias.to(dt)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def kernel_fits(self) -> bool:
         """Whether the C++ kernels take this layer (in_features a multiple of 32, int4 groups of 32)."""
+        if self.mode == "int4" and self.tiles is not None:
+            return True
         ok = self.in_features % _KB == 0 and self.qweight.is_contiguous() and self.scales.is_contiguous()
         return ok and (self.mode == "int8" or (self.group_size == GROUP_SIZE and self.mins.is_contiguous()))
 
@@ -415,10 +513,9 @@ class QuantizedLinear(nn.Module):
                 xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         else:
-            lib.gq_linear_int4(
-                self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), _ptr(self.bias), n, k,
-                xf.data_ptr(), m, y.data_ptr(), scratch, threads,
-            )  # fmt: skip
+            tiles = self._tiles()
+            lib.gq_linear_int4(tiles.data_ptr(), _ptr(self.bias), n, k, xf.data_ptr(), m, y.data_ptr(), scratch,
+                               threads)  # fmt: skip
         return y
 
     def _torch_int4_gemv(self, x2: Tensor) -> Tensor:
@@ -427,13 +524,14 @@ class QuantizedLinear(nn.Module):
             return self._gemm(x2)  # shapes the op does not take
         if self._int4pack is None:
             # torch's layout: its own packing, and w = (q - 8) * s + zero per [group, row]
-            vals = torch.cat([self.qweight.view(self.out_features, -1, g // 2) & 15,
-                              self.qweight.view(self.out_features, -1, g // 2) >> 4], dim=-1)  # fmt: skip
+            b = self.portable_buffers()
+            q = b["qweight"].view(self.out_features, -1, g // 2)
+            vals = torch.cat([q & 15, q >> 4], dim=-1)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 vals.reshape(self.out_features, self.in_features).to(torch.int32), 1
             )
-            s = self.scales.float()
-            zero = self.mins.float() + 8.0 * s
+            s = b["scales"].float()
+            zero = b["mins"].float() + 8.0 * s
             sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4pack = (packed, sz)
         packed, sz = self._int4pack
@@ -476,14 +574,10 @@ class QuantizedLinear(nn.Module):
                     self.qweight.data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
                 )
             else:
-                lib.gq_dequant_int4(
-                    self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), n0, n1, k,
-                    out.data_ptr(), bf16, threads,
-                )  # fmt: skip
+                tiles = self._tiles()
+                lib.gq_dequant_int4(tiles.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
             return
-        part = {"qweight": self.qweight[n0:n1], "scales": self.scales[n0:n1]}
-        if self.mode == "int4":
-            part["mins"] = self.mins[n0:n1]
+        part = {name: t[n0:n1] for name, t in self.portable_buffers().items()}
         out.copy_(dequantize_weight(part, out.dtype))
 
 

@@ -15,10 +15,9 @@ namespace gq {
 
 static void run_linear(const Linear& L, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
     if (L.bits == 8)
-        linear_int8((const int8_t*)L.w, (const float*)L.scales, L.bias, L.n, L.k, x, M, y, scratch, nthreads);
+        linear_int8((const int8_t*)L.w, L.scales, L.bias, L.n, L.k, x, M, y, scratch, nthreads);
     else
-        linear_int4((const uint8_t*)L.w, (const uint16_t*)L.scales, (const uint16_t*)L.mins, L.bias, L.n, L.k,
-                    x, M, y, scratch, nthreads);
+        linear_int4((const uint8_t*)L.w, L.bias, L.n, L.k, x, M, y, scratch, nthreads);
 }
 
 // ---------------------------------------------------------------- norms, rotary, activations

@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <string.h>
 
 #include <algorithm>
 #include <vector>
@@ -293,15 +294,15 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
 }
 
 // ---------------------------------------------------------------- int4 weights
-// W uint8 [N, K/2]: group g (32 values) is bytes g*16 .. g*16+15, byte j = q[j] | q[j+16] << 4.
-// sc, mn fp16 [N, K/32]: w = s * q + m, q in 0..15.
-// One weight vector (VB bytes) holds GPV = VB/16 groups: its low nibbles pair with the first
-// halves of those groups' activations, its high nibbles with the second halves (quant_act
-// stores xq in that order), and group i of the vector lands in its 128-bit lane i. A tile of 4
-// weight rows reduces the rows' lane sums into one vector of D, which a permutation puts in lane
-// GPV r + i (row r, group i): the order in which the rows' scales and mins lie in memory. The
-// terms c_g of gemv.h follow lane by lane; the four sums P_0..P_3 (groups g % 4 = i) are NP =
-// 4 / GPV accumulators: step j of a row (groups GPV j ..) adds into accumulator j % NP.
+// The kernel reads the tiled layout (gemv.h), one sequential stream per thread: per tile of 4
+// weight rows, per block of 4 groups, the rows' nibbles (64 bytes each, group g's 16 bytes with
+// q[j] | q[j + 16] << 4 at byte j), then their 16 scales and 16 mins (fp16, row r group i at
+// 4 r + i). A step is one weight vector a row: GPV = VB/16 groups, its low nibbles pairing with
+// the first halves of those groups' activations and its high nibbles with the second halves
+// (quant_act stores xq in that order), group i of the step in 128-bit lane i. The 4 rows' lane
+// sums reduce into one vector of D, which a permutation puts in lane GPV r + i (row r, group i).
+// The terms c_g of gemv.h follow lane by lane; the four sums P_0..P_3 (groups g % 4 = i) are NP
+// = 4 / GPV accumulators: step j of a block (groups GPV j ..) adds into accumulator j.
 #define GPV (VB / 16)
 #define NP (4 / GPV)
 #if GQ_AVX512
@@ -309,6 +310,12 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
 #else
 #define M4 2
 #endif
+constexpr int TBLK = 320;  // bytes of a whole block: 4 x 64 nibbles, 16 scales, 16 mins
+
+int64_t int4_tile_bytes(int64_t K) {
+    const int64_t ng = K / 32, t = ng % 4;
+    return ng / 4 * TBLK + (t ? 64 * t + 64 : 0);
+}
 
 // One weight row's part of D (lo, hi: its nibbles) with one activation row (xl, xh), and D of
 // 4 rows from their parts, lane 4 i + r. Without VNNI the parts are int16 sums: a pair of
@@ -337,44 +344,6 @@ static inline vi reduce_rows(const vi* p) {
 #endif
 }
 
-// lanes GPV r + i: the fp16 values p[r * ld + i] as floats, rows r < R, groups i < t; 0 elsewhere.
-// Built in registers: a vector built in memory from narrower stores stalls its load.
-template <int R>
-static inline vf load_by_row(const uint16_t* p, int64_t ld, int t) {
-    __m128i row[4];
-#if GQ_AVX512
-    const __mmask8 mask = (__mmask8)((1 << t) - 1);
-    for (int r = 0; r < 4; ++r)
-        row[r] = r >= R     ? _mm_setzero_si128()
-                 : t == GPV ? _mm_loadl_epi64((const __m128i*)(p + r * ld))
-                            : _mm_maskz_loadu_epi16(mask, p + r * ld);
-    return _mm512_cvtph_ps(
-        _mm256_set_m128i(_mm_unpacklo_epi64(row[2], row[3]), _mm_unpacklo_epi64(row[0], row[1])));
-#else
-    for (int r = 0; r < 4; ++r)
-        row[r] = r >= R ? _mm_setzero_si128()
-                 : t == GPV ? _mm_cvtsi32_si128(*(const int32_t*)(p + r * ld))
-                            : _mm_cvtsi32_si128(p[r * ld]);
-    return _mm256_cvtph_ps(
-        _mm_unpacklo_epi64(_mm_unpacklo_epi32(row[0], row[1]), _mm_unpacklo_epi32(row[2], row[3])));
-#endif
-}
-
-// load_by_row for the NP whole steps of groups 0..3: out[j] holds groups GPV j ..
-template <int R>
-static inline void load4_by_row(const uint16_t* p, int64_t ld, vf* out) {
-#if GQ_AVX512
-    out[0] = load_by_row<R>(p, ld, GPV);
-#else
-    __m128i row[4];  // 4 fp16 each
-    for (int r = 0; r < 4; ++r)
-        row[r] = r < R ? _mm_loadl_epi64((const __m128i*)(p + r * ld)) : _mm_setzero_si128();
-    const __m128i a = _mm_unpacklo_epi32(row[0], row[1]), b = _mm_unpacklo_epi32(row[2], row[3]);
-    out[0] = _mm256_cvtph_ps(_mm_unpacklo_epi64(a, b));  // groups 0, 1 of rows 0..3
-    out[1] = _mm256_cvtph_ps(_mm_unpackhi_epi64(a, b));  // groups 2, 3
-#endif
-}
-
 // lanes GPV r + i: p[i] for i < t (0 past t), the same for every r
 static inline vf broadcast_by_row(const float* p, int t) {
 #if GQ_AVX512
@@ -395,38 +364,6 @@ static inline vi by_row(vi d) {
 #endif
 }
 
-// one step: weight vector c (t <= GPV groups; t < GPV only for the last, partial one): for each
-// activation row m, acc[m] += float(D) * (s * xs) + mins * xsum (lanes GPV r + i)
-template <int R, int MT>
-static inline void i4_step(const uint8_t* W, int64_t K, const int8_t* xq, const float* xs, const float* xsum,
-                           int64_t c, int t, vf s, vf mv, vf (&acc)[MT]) {
-    const int64_t ng = K / 32;
-    vi xl[MT], xh[MT], part[MT][4];
-    for (int m = 0; m < MT; ++m) {
-        const int8_t* xp = xq + m * K + c * 2 * VB;
-        xl[m] = t == GPV ? vi_load(xp) : vi_load_n(xp, 16 * t);
-        xh[m] = t == GPV ? vi_load(xp + VB) : vi_load_n(xp + 16 * t, 16 * t);
-    }
-    for (int r = 0; r < 4; ++r) {
-        if (r >= R) {
-            for (int m = 0; m < MT; ++m) part[m][r] = vi_zero();
-            continue;
-        }
-        const uint8_t* wp = W + r * (K / 2) + c * VB;
-        const vi w = t == GPV ? vi_load(wp) : vi_load_n(wp, 16 * t);
-        _mm_prefetch((const char*)(W + R * (K / 2) + (c * R + r) * VB), _MM_HINT_T1);  // next tile, into L2
-        const vi lo = vi_lo(w), hi = vi_hi(w);
-        for (int m = 0; m < MT; ++m) part[m][r] = row_part(lo, hi, xl[m], xh[m]);
-    }
-    for (int m = 0; m < MT; ++m) {
-        const vf xv = broadcast_by_row(xs + m * ng + c * GPV, t);
-        const vf sv = broadcast_by_row(xsum + m * ng + c * GPV, t);
-        const vf d = vf_cvt(by_row(reduce_rows(part[m])));
-        const vf term = vf_add(vf_mul(d, vf_mul(s, xv)), vf_mul(mv, sv));
-        acc[m] = vf_add(acc[m], term);
-    }
-}
-
 // lanes 0..3: (P_0 + P_1) + (P_2 + P_3) of rows 0..3, from the accumulators (lanes GPV r + i)
 static inline __m128 row_sums(const vf* acc) {
 #if GQ_AVX512
@@ -445,84 +382,133 @@ static inline __m128 row_sums(const vf* acc) {
 #endif
 }
 
-template <int R, int MT>
-static inline void i4_tile(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn,
-                           const int8_t* xq, const float* xs, const float* xsum, float* y, int64_t ldy,
-                           const float* bias) {
-    const int64_t ng = K / 32, nc = (ng + GPV - 1) / GPV;
+// A block's 16 fp16 (row r, group i at 4 r + i) as the steps' lanes: out[j] lane GPV r + i holds
+// group GPV j + i. AVX2 steps take 2 groups: dwords 2r + j, gathered by one permutation.
+static inline void block_lanes(const uint16_t* p, vf* out) {
+#if GQ_AVX512
+    out[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+    const __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i*)p),
+                                                  _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+    out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+#endif
+}
+
+// One step of a tile: the 4 rows' nibbles at w (row stride ws, len bytes a row: 16 per group, len
+// < VB only in the last block), the MT activation rows' halves at xq + m K (len bytes each), their
+// scales xs and xsum at + m ng: acc[m] += float(D) * (s * xs) + mins * xsum (lanes GPV r + i).
+template <int MT>
+static inline void i4_step(const uint8_t* w, int64_t ws, int len, const int8_t* xq, int64_t K,
+                           const float* xs, const float* xsum, int64_t ng, vf s, vf mv, vf (&acc)[MT]) {
+    vi xl[MT], xh[MT], part[MT][4];
+    for (int m = 0; m < MT; ++m) {
+        xl[m] = len == VB ? vi_load(xq + m * K) : vi_load_n(xq + m * K, len);
+        xh[m] = len == VB ? vi_load(xq + m * K + VB) : vi_load_n(xq + m * K + len, len);
+    }
+    for (int r = 0; r < 4; ++r) {
+        const vi wv = len == VB ? vi_load(w + r * ws) : vi_load_n(w + r * ws, len);
+        const vi lo = vi_lo(wv), hi = vi_hi(wv);
+        for (int m = 0; m < MT; ++m) part[m][r] = row_part(lo, hi, xl[m], xh[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+        const vf xv = broadcast_by_row(xs + m * ng, len / 16), sv = broadcast_by_row(xsum + m * ng, len / 16);
+        const vf d = vf_cvt(by_row(reduce_rows(part[m])));
+        acc[m] = vf_add(acc[m], vf_add(vf_mul(d, vf_mul(s, xv)), vf_mul(mv, sv)));
+    }
+}
+
+// One tile T (4 weight rows, the first `rows` real; tb bytes) against MT activation rows.
+template <int MT>
+static inline void i4_tile(const uint8_t* T, int64_t tb, int64_t K, const int8_t* xq, const float* xs,
+                           const float* xsum, float* y, int64_t ldy, const float* bias, int rows) {
+    const int64_t ng = K / 32, full = ng / 4, t = ng % 4;
     vf acc[NP][MT];
     for (int j = 0; j < NP; ++j)
         for (int m = 0; m < MT; ++m) acc[j][m] = vf_zero();
-    int64_t c = 0;
-    for (; (c + NP) * GPV <= ng; c += NP) {  // NP whole steps: the scales and mins of 4 groups at once
-        if (c * GPV % 32 == 0)  // the next tile's scales and mins, a cache line (32 groups) at a time
-            for (int r = 0; r < R; ++r) {
-                _mm_prefetch((const char*)(sc + (R + r) * ng + c * GPV), _MM_HINT_T1);
-                _mm_prefetch((const char*)(mn + (R + r) * ng + c * GPV), _MM_HINT_T1);
-            }
+    for (int64_t b = 0; b < full; ++b) {
+        const uint8_t* p = T + b * TBLK;
+        // the same block of the next tile, into L2: the hardware prefetcher alone falls behind
+        // once several activation rows make a block slow (measured: up to 2.5x slower)
+        for (int i = 0; i < TBLK; i += 64) _mm_prefetch((const char*)(p + tb + i), _MM_HINT_T1);
         vf s[NP], mv[NP];
-        load4_by_row<R>(sc + c * GPV, ng, s);
-        load4_by_row<R>(mn + c * GPV, ng, mv);
-        for (int j = 0; j < NP; ++j) i4_step<R, MT>(W, K, xq, xs, xsum, c + j, GPV, s[j], mv[j], acc[j]);
+        block_lanes((const uint16_t*)(p + 256), s);
+        block_lanes((const uint16_t*)(p + 288), mv);
+        for (int j = 0; j < NP; ++j)
+            i4_step<MT>(p + j * VB, 64, VB, xq + b * 128 + j * 2 * VB, K, xs + 4 * b + GPV * j,
+                        xsum + 4 * b + GPV * j, ng, s[j], mv[j], acc[j]);
     }
-    for (int j = 0; c < nc; ++c, ++j) {  // what is left: fewer than NP steps (j < NP), the last maybe partial
-        const int t = ng - c * GPV < GPV ? (int)(ng - c * GPV) : GPV;
-        const vf s = load_by_row<R>(sc + c * GPV, ng, t), mv = load_by_row<R>(mn + c * GPV, ng, t);
-        if (j == 0)
-            i4_step<R, MT>(W, K, xq, xs, xsum, c, t, s, mv, acc[0]);
-        else
-            i4_step<R, MT>(W, K, xq, xs, xsum, c, t, s, mv, acc[NP - 1]);
+    if (t) {  // the last block, of t groups
+        const uint8_t* p = T + full * TBLK;
+        vf s[NP], mv[NP];
+        block_lanes((const uint16_t*)(p + 64 * t), s);
+        block_lanes((const uint16_t*)(p + 64 * t + 32), mv);
+        for (int j = 0; j < NP && GPV * j < t; ++j) {
+            const int len = 16 * (int)std::min<int64_t>(GPV, t - GPV * j);
+            i4_step<MT>(p + j * VB, 16 * t, len, xq + full * 128 + j * 2 * VB, K, xs + 4 * full + GPV * j,
+                        xsum + 4 * full + GPV * j, ng, s[j], mv[j], acc[j]);
+        }
     }
-    alignas(16) float bv[4] = {0.f, 0.f, 0.f, 0.f};
-    if (bias)
-        for (int r = 0; r < R; ++r) bv[r] = bias[r];
     for (int m = 0; m < MT; ++m) {
         vf a[NP];
         for (int j = 0; j < NP; ++j) a[j] = acc[j][m];
-        __m128 v = row_sums(a);
-        if (bias) v = _mm_add_ps(v, _mm_load_ps(bv));
         alignas(16) float out[4];
-        _mm_store_ps(out, v);
-        for (int r = 0; r < R; ++r) y[m * ldy + r] = out[r];
+        _mm_store_ps(out, row_sums(a));
+        for (int r = 0; r < rows; ++r) y[m * ldy + r] = bias ? out[r] + bias[r] : out[r];
     }
 }
 
-template <int R>
-static inline void i4_rows(const uint8_t* W, int64_t K, const uint16_t* sc, const uint16_t* mn,
-                           const int8_t* xq, const float* xs, const float* xsum, int64_t M, float* y,
-                           int64_t ldy, const float* bias) {
-    const int64_t ng = K / 32;
-    int64_t m = 0;
-    for (; m + M4 <= M; m += M4)
-        i4_tile<R, M4>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
-    for (; m < M; ++m)
-        i4_tile<R, 1>(W, K, sc, mn, xq + m * K, xs + m * ng, xsum + m * ng, y + m * ldy, ldy, bias);
-}
-
-void linear_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, const float* bias, int64_t N,
-                 int64_t K, const float* x, int64_t M, float* y, void* scratch, int nthreads) {
+void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+                 float* y, void* scratch, int nthreads) {
     const int64_t ng = K / 32;
     int8_t* xq = (int8_t*)scratch;
     float* xs = (float*)(xq + M * K);
     float* xsum = xs + M * ng;
     quant_act(x, M, K, QB4, GPV, xq, xs, xsum, nullptr, nthreads);
-    const int64_t nt = (N + 3) / 4;
+    const int64_t nt = (N + 3) / 4, tb = int4_tile_bytes(K);
 #pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
-    for (int64_t t = 0; t < nt; ++t) {
-        const int64_t n = t * 4;
+    for (int64_t tile = 0; tile < nt; ++tile) {
+        const int64_t n = tile * 4;
+        const int rows = (int)std::min<int64_t>(4, N - n);
         const float* b = bias ? bias + n : nullptr;
-        switch (N - n < 4 ? N - n : 4) {
-            case 4:
-                i4_rows<4>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
-                break;
-            case 3:
-                i4_rows<3>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
-                break;
-            case 2:
-                i4_rows<2>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
-                break;
-            default: i4_rows<1>(W + n * (K / 2), K, sc + n * ng, mn + n * ng, xq, xs, xsum, M, y + n, N, b);
-        }
+        int64_t m = 0;
+        for (; m + M4 <= M; m += M4)
+            i4_tile<M4>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
+                        rows);
+        for (; m < M; ++m)
+            i4_tile<1>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
+                       rows);
+    }
+}
+
+// Where row n's group g lies in the tiles: its 16 nibble bytes, its scale and its min.
+struct Int4At {
+    const uint8_t* q;
+    const uint16_t* s;
+    const uint16_t* m;
+};
+static inline Int4At int4_at(const uint8_t* T, int64_t tb, int64_t ng, int64_t n, int64_t g) {
+    const int64_t b = g / 4, i = g % 4, t = std::min<int64_t>(4, ng - 4 * b), r = n % 4;
+    const uint8_t* p = T + n / 4 * tb + b * TBLK;
+    const uint16_t* sp = (const uint16_t*)(p + 64 * t) + 4 * r + i;
+    return {p + 16 * t * r + 16 * i, sp, sp + 16};
+}
+
+void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
+                     uint8_t* T, int nthreads) {
+    const int64_t ng = K / 32, tb = int4_tile_bytes(K), nt = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t tile = 0; tile < nt; ++tile) {
+        // zeros where no row or group is (padding rows; a last block's slots past its t groups):
+        // D = 0 and s = m = 0 there, so those lanes add 0
+        memset(T + tile * tb, 0, tb);
+        for (int64_t n = 4 * tile; n < std::min(N, 4 * tile + 4); ++n)
+            for (int64_t g = 0; g < ng; ++g) {
+                const Int4At at = int4_at(T, tb, ng, n, g);
+                memcpy((void*)at.q, W + n * (K / 2) + 16 * g, 16);
+                *(uint16_t*)at.s = sc[n * ng + g];
+                *(uint16_t*)at.m = mn[n * ng + g];
+            }
     }
 }
 
@@ -602,17 +588,16 @@ void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int6
     }
 }
 
-void dequant_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t n0, int64_t n1, int64_t K,
-                  void* out, int bf16, int nthreads) {
-    const int64_t ng = K / 32;
+void dequant_int4(const uint8_t* T, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
+    const int64_t ng = K / 32, tb = int4_tile_bytes(K);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = n0; n < n1; ++n) {
         void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
         for (int64_t g = 0; g < ng; ++g) {
-            const dv vs = dv_set(_cvtsh_ss(sc[n * ng + g])), vm = dv_set(_cvtsh_ss(mn[n * ng + g]));
-            const uint8_t* wp = W + n * (K / 2) + g * 16;
+            const Int4At at = int4_at(T, tb, ng, n, g);
+            const dv vs = dv_set(_cvtsh_ss(*at.s)), vm = dv_set(_cvtsh_ss(*at.m));
             for (int j = 0; j < 16; j += DW) {  // byte j: value j (low nibble), value j + 16 (high)
-                const auto b = du_u8(wp + j);
+                const auto b = du_u8(at.q + j);
                 put(o, g * 32 + j, dv_add(dv_mul(dv_lo(b), vs), vm), bf16);
                 put(o, g * 32 + 16 + j, dv_add(dv_mul(dv_hi(b), vs), vm), bf16);
             }

@@ -36,8 +36,16 @@ int64_t linear_scratch_bytes(int64_t M, int64_t K);
 // y [M,N] = x [M,K] W^T (+ bias). K % 32 == 0.
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads);
-void linear_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, const float* bias, int64_t N,
-                 int64_t K, const float* x, int64_t M, float* y, void* scratch, int nthreads);
+void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+                 float* y, void* scratch, int nthreads);
+
+// int4 weights as the kernel reads them (gemv.cpp): the rows in tiles of 4 (the last padded with
+// zero rows), each int4_tile_bytes(K) long, a block of 4 groups after another. pack_int4_tiles
+// makes them from W uint8 [N, K/2] (group g: bytes 16 g .., byte j = q[j] | q[j + 16] << 4) and
+// fp16 sc, mn [N, K/32] (w = s * q + m).
+int64_t int4_tile_bytes(int64_t K);
+void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
+                     uint8_t* T, int nthreads);
 
 // AMX tiles for int8 batches (amx.cpp): whether this build has them and Linux grants them, and
 // the kernel (M >= 2, N % 16 == 0)
@@ -49,8 +57,7 @@ void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_
 // values torch's dequantize_weight gives.
 void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16,
                   int nthreads);
-void dequant_int4(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t n0, int64_t n1, int64_t K,
-                  void* out, int bf16, int nthreads);
+void dequant_int4(const uint8_t* T, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads);
 
 // Weight quantization (loading): the bytes quant.quantize_weight's torch code gives.
 void quantize_int8(const float* w, int64_t n, int64_t k, int8_t* q, float* scales, int nthreads);

@@ -156,13 +156,18 @@ def fill(
 
 def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
-    tensors (no copy) and removes its tensors from `state`."""
+    tensors (int8: no copy; int4: copied into the kernels' tiles, the mapped pages dropped) and
+    removes its tensors from `state`."""
     from gptj.quant import QuantizedLinear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
             prefix = f"{name}."
             layer = QuantizedLinear.from_state(state, prefix)
+            if layer.mode == "int4" and layer.tiles is not None:  # copied into the kernels' tiles
+                for key in ("qweight", "scales", "mins", "zeros"):
+                    if prefix + key in state:
+                        release_mapped_pages(state[prefix + key])
             if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
                 raise ModelLoadError(
                     f"quantized layer {name} is {layer.in_features}x{layer.out_features}, "

@@ -42,7 +42,8 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     if q.mode == "int8":
         return int8_linear(x, q.qweight, q.scales, q.bias)
-    return int4_linear(x, q.qweight, q.scales, q.mins, q.bias)
+    b = q.portable_buffers()
+    return int4_linear(x, b["qweight"], b["scales"], b["mins"], q.bias)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

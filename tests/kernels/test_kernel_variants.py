@@ -82,10 +82,10 @@ def test_the_library_describes_itself() -> None:
     lib = kernels.load_variant(VARIANTS[-1])
     assert lib.variant == VARIANTS[-1]
     linear = lib.layouts["linear"]
-    assert [f for f, _, _ in linear.fields] == ["w", "scales", "mins", "bias", "n", "k", "bits"]
+    assert [f for f, _, _ in linear.fields] == ["w", "scales", "bias", "n", "k", "bits"]
     assert lib.layouts["llama_layer"].fields[2] == ("qkv", "linear", 16)
     assert {"llama_layer", "llama_dims", "gptj_layer", "gptj_dims"} <= lib.layouts.keys()
-    buf = linear.array([{"w": 8, "scales": 16, "mins": None, "bias": None, "n": 3, "k": 32, "bits": 8}])
+    buf = linear.array([{"w": 8, "scales": 16, "bias": None, "n": 3, "k": 32, "bits": 8}])
     assert len(buf) == linear.size
     with pytest.raises(ValueError, match="fields"):
         linear.array([{"w": 8}])

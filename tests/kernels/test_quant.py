@@ -229,6 +229,22 @@ def test_int4_layout() -> None:
     assert torch.equal(quant.dequantize_weight(b), w)
 
 
+@pytest.mark.skipif(quant.native_kernel() is None, reason="no kernel variant runs on this machine")
+@pytest.mark.parametrize("n, k", [(70, 576), (13, 96), (5, 32), (33, 160), (8, 512)])
+def test_int4_tiles_hold_the_portable_buffers(n: int, k: int) -> None:
+    """The kernels' tiled layout (rows padded to 4, a last block of fewer groups) gives back the
+    portable buffers exactly: in state_dict, dequantize and the GPU's untiled copy."""
+    buffers = quantize_weight(torch.randn(n, k), "int4")
+    q = QuantizedLinear.from_state(dict(buffers))
+    assert q.tiles is not None and q.qweight is None
+    assert q.tiles.numel() == (n + 3) // 4 * quant._int4_tile_bytes(k)
+    for name, t in q.portable_buffers().items():
+        assert torch.equal(t, buffers[name]), name
+    assert all(torch.equal(t, buffers[name]) for name, t in q.state_dict().items())
+    assert torch.equal(q.dequantize(), quant.dequantize_weight(buffers))
+    assert q._untile() and q.tiles is None and torch.equal(q.qweight, buffers["qweight"])
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -237,10 +253,14 @@ def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # typ
     save_file({f"layer.{k}": v for k, v in q.state_dict().items()}, str(path))
     x = torch.randn(3, 384)
     loaded = load_file(str(path))
-    # 1. over the loaded tensors, no copy
+    # 1. over the loaded tensors: int8 with no copy, int4 tiled where the kernels serve
     r = QuantizedLinear.from_state(loaded, prefix="layer.")
     assert (r.mode, r.in_features, r.out_features, r.group_size) == (q.mode, 384, 48, q.group_size)
-    assert r.qweight.data_ptr() == loaded["layer.qweight"].data_ptr()
+    if mode == "int8" or quant.native_kernel() is None:
+        assert r.qweight.data_ptr() == loaded["layer.qweight"].data_ptr()
+    else:
+        assert r.tiles is not None and r.qweight is None
+    assert all(torch.equal(t, loaded[f"layer.{k}"]) for k, t in r.portable_buffers().items())
     assert torch.equal(r(x), q(x))
     # 2. an empty module filled by load_state_dict
     e = QuantizedLinear.empty(384, 48, mode, bias=bias)
