@@ -499,16 +499,19 @@ void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, i
     const int64_t ng = K / 32, tb = int4_tile_bytes(K), nt = (N + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t tile = 0; tile < nt; ++tile) {
-        // zeros where no row or group is (padding rows; a last block's slots past its t groups):
-        // D = 0 and s = m = 0 there, so those lanes add 0
-        memset(T + tile * tb, 0, tb);
-        for (int64_t n = 4 * tile; n < std::min(N, 4 * tile + 4); ++n)
-            for (int64_t g = 0; g < ng; ++g) {
-                const Int4At at = int4_at(T, tb, ng, n, g);
-                memcpy((void*)at.q, W + n * (K / 2) + 16 * g, 16);
-                *(uint16_t*)at.s = sc[n * ng + g];
-                *(uint16_t*)at.m = mn[n * ng + g];
+        uint8_t* p = T + tile * tb;
+        for (int64_t g = 0; g < ng; g += 4, p += TBLK) {
+            const int t = (int)std::min<int64_t>(4, ng - g);  // groups in this block
+            // zeros where no row or group is (the padding rows of a last tile; a last block's
+            // slots past its t groups): D = 0 and s = m = 0 there, so those lanes add 0
+            if (t < 4 || 4 * tile + 4 > N) memset(p, 0, 64 * t + 64);
+            uint16_t* s = (uint16_t*)(p + 64 * t);
+            for (int64_t r = 0, n = 4 * tile; r < 4 && n < N; ++r, ++n) {
+                memcpy(p + 16 * t * r, W + n * (K / 2) + 16 * g, 16 * t);
+                memcpy(s + 4 * r, sc + n * ng + g, 2 * t);
+                memcpy(s + 16 + 4 * r, mn + n * ng + g, 2 * t);
             }
+        }
     }
 }
 
