@@ -41,7 +41,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(_: Request, err: HTTPException) -> JSONResponse:
         if err.status_code == 400 and err.detail == "There was an error parsing the body":  # e.g. not UTF-8
             return error_response(APIError(400, "body: must be valid UTF-8 JSON", "body"))
-        param = "body" if err.status_code == 413 else None
+        param = "body" if err.status_code in (408, 413) else None
         return error_response(APIError(err.status_code, str(err.detail), param, headers=err.headers))
 
 

@@ -9,6 +9,7 @@ that would allow a refused request, and tell the routes which tenant (API key) i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -34,6 +35,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/metrics"})
 OPEN_PREFIXES = ("/static/", "/static-offline-docs/")
 HEAD_TIMEOUT_S = 10.0  # a request's line and headers must arrive within this (slowloris)
+BODY_TIMEOUT_S = 30.0  # and its body within this of the first read (a byte at a time holds a route)
 MAX_CONNECTIONS = 256  # open connections past this get 503
 
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -134,8 +136,8 @@ class RequestCounts:
 
 class Guard:
     """ASGI middleware, outermost of the app's own: counts the request, refuses foreign Host
-    names (DNS rebinding), bodies over MAX_BODY_BYTES (also chunked ones, as they stream) and
-    missing or wrong API keys; tells the routes the caller's tenant (`request.state.tenant`,
+    names (DNS rebinding), bodies over MAX_BODY_BYTES (also chunked ones, as they stream), bodies
+    that take over BODY_TIMEOUT_S (408) and missing or wrong API keys; tells the routes the caller's tenant (`request.state.tenant`,
     the index of its key); adds the security headers; turns any exception that escapes the
     routes into a counted JSON 500."""
 
@@ -194,15 +196,23 @@ class Guard:
         error = self.refusal(scope)
         if error is not None:
             return await error_response(error)(scope, receive, guarded_send)
-        received = 0
+        received, body_done, deadline = 0, False, None
 
         async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:  # after the body: the route waits for a disconnect, for as long as it streams
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + BODY_TIMEOUT_S
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                raise HTTPException(408, f"body: not received within {BODY_TIMEOUT_S:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > MAX_BODY_BYTES:
                     raise HTTPException(413, f"body: over the limit of {MAX_BODY_BYTES} bytes")
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         try:

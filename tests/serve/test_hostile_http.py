@@ -390,6 +390,38 @@ def test_slow_headers_are_cut_off(keyless: str, bundled_model) -> None:  # noqa:
         assert httpx.get(f"{base}/health").status_code == 200  # others are served
 
 
+def test_slow_bodies_get_408_naming_body(keyless: str, bundled_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A body trickled a byte at a time (or never finished) is cut off with a 408 naming `body`
+    once BODY_TIMEOUT_S has passed; a streaming response, whose route waits on the same channel
+    for a disconnect after the body, is not."""
+    from gptj.serve import guard
+
+    monkeypatch.setattr(guard, "BODY_TIMEOUT_S", 1.0)
+    with running(create_app(bundled_model)) as base:
+        parts = urlsplit(base)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            elapsed = time.monotonic() - t0
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        assert 0.9 < elapsed < 8
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["param"] == "body"
+        monkeypatch.setattr(guard, "BODY_TIMEOUT_S", 0.05)  # far less than 200 tokens take
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
+                          json={"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True,
+                                "temperature": 0}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]" and len(events) > 100
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
 def test_connections_past_the_cap_get_503(bundled_model) -> None:  # noqa: ANN001
     with running(create_app(bundled_model), max_connections=3) as base:
         parts = urlsplit(base)
