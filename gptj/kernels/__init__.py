@@ -1,7 +1,8 @@
 """The C++ kernels in this folder (GEMV, decode step), one shared library per instruction-set variant.
 
 Layout, after ggml's ``ggml-cpu/``: ``simd.h`` (ISA shims), ``gemv.h``/``gemv.cpp`` (int8/int4
-GEMV, dequantization, weight quantization; the exact arithmetic is stated in gemv.h),
+GEMV and int8 GEMM, int4's tiled weight layout, dequantization, weight quantization; the exact
+arithmetic is stated in gemv.h),
 ``amx.cpp`` (int8 batches on AMX tiles), ``decode.h``/``decode.cpp`` (a Llama or GPT-J decode
 step in one call) and ``bindings.cpp`` (the C functions, and ``gq_describe()``: their types and
 the structs' layouts, which this module reads instead of mirroring them by hand).
