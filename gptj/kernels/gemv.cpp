@@ -270,19 +270,39 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     }
 }
 
-#if GQ_AVX512 && GQ_VNNI
-// ---------------------------------------------------------------- int8 weights, GEMM (AVX-512 VNNI)
+#if GQ_VNNI
+// ---------------------------------------------------------------- int8 weights, GEMM (VNNI)
 // From GEMM_MIN_ROWS rows on, lanes are weight rows, as in a GEMM microkernel (oneDNN's brgemm):
-// per call each panel of NP8 weight rows is repacked once so that a vector holds 16 rows x 4
+// per call each panel of NP8 weight rows is repacked once so that a vector holds LW rows x 4
 // bytes of k (VNNI's layout), 4 bytes of an activation row (flipped to unsigned: x + 128) are
-// broadcast, and GR x NV8 accumulators take dpbusd: 0.6 loads per dpbusd where the loop above
-// takes 1.1 and a flip. The flipped activations add 128 * (each weight row's block sum), which
-// is subtracted per block: each S_b is exact and the float sequence is gemv.h's, so the bits are
-// the same. GR x NV8 = 4 x 3 measured best (6 x 2, 5 x 2 and 3 x 4 slower); below ~64 rows the
-// repacking costs more than it saves.
-constexpr int GR = 4;          // activation rows per register block
-constexpr int NV8 = 3;         // weight vectors (16 rows each) per register block
-constexpr int NP8 = 16 * NV8;  // weight rows per panel
+// broadcast, and GR x NV8 accumulators take dpbusd: 0.6 loads per dpbusd (AVX-512) where the
+// loop above takes 1.1 and a flip. The flipped activations add 128 * (each weight row's block
+// sum), which is subtracted per block: each S_b is exact and the float sequence is gemv.h's, so
+// the bits are the same. AVX-512: 4 x 3 measured best (6 x 2, 5 x 2 and 3 x 4 slower); 256-bit
+// VNNI has 16 registers for the int and float sums, the weights and the broadcast: 3 x 2 (2 x 2,
+// 2 x 3, 4 x 1, 4 x 2 slower). Below ~64 rows the repacking costs more than it saves.
+constexpr int LW = VB / 4;  // weight rows per vector
+#if GQ_AVX512
+constexpr int GR = 4;   // activation rows per register block
+constexpr int NV8 = 3;  // weight vectors per register block
+static inline vf vf_load_n(const float* p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p);
+}
+static inline void vf_store_n(float* p, vf v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), v);
+}
+static inline vi vi_shl7(vi a) { return _mm512_slli_epi32(a, 7); }
+#else
+constexpr int GR = 3;
+constexpr int NV8 = 2;
+static inline __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vf_load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+static inline void vf_store_n(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+static inline vi vi_shl7(vi a) { return _mm256_slli_epi32(a, 7); }
+#endif
+constexpr int NP8 = LW * NV8;  // weight rows per panel
 #ifndef GEMM_MIN_ROWS
 #define GEMM_MIN_ROWS 64
 #endif
@@ -301,14 +321,14 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const u
             for (int v = 0; v < NV8; ++v) c[i][v] = vi_zero();
         for (int64_t q = q0; q < q1; ++q) {
             vi w[NV8];
-            for (int v = 0; v < NV8; ++v) w[v] = vi_load(wp + (q * NV8 + v) * 16);
+            for (int v = 0; v < NV8; ++v) w[v] = vi_load(wp + (q * NV8 + v) * LW);
             for (int i = 0; i < MR; ++i) {
-                const vi xb = _mm512_set1_epi32(*(const int32_t*)(xu + i * K + 4 * q));
-                for (int v = 0; v < NV8; ++v) c[i][v] = _mm512_dpbusd_epi32(c[i][v], xb, w[v]);
+                const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
+                for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], xb, w[v]);
             }
         }
         vi cv[NV8];
-        for (int v = 0; v < NV8; ++v) cv[v] = vi_load(comp + (b * NV8 + v) * 16);
+        for (int v = 0; v < NV8; ++v) cv[v] = vi_load(comp + (b * NV8 + v) * LW);
         for (int i = 0; i < MR; ++i) {
             const vf s = vf_set(xs[i * nb + b]);
             for (int v = 0; v < NV8; ++v)
@@ -317,30 +337,30 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const u
     }
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV8; ++v) {
-            const int n = std::min(16, ncols - 16 * v);
+            const int n = std::min(LW, ncols - LW * v);
             if (n <= 0) break;
-            const __mmask16 mask = (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1);
-            vf out = vf_mul(f[i][v], _mm512_maskz_loadu_ps(mask, ws + 16 * v));
-            if (bias) out = vf_add(out, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
-            _mm512_mask_storeu_ps(y + i * ldy + 16 * v, mask, out);
+            vf out = vf_mul(f[i][v], vf_load_n(ws + LW * v, n));
+            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
+            vf_store_n(y + i * ldy + LW * v, out, n);
         }
 }
 
-// 16 x 16 int32 transpose: r[j] lane i <- r[i] lane j
-static inline void transpose16(vi* r) {
-    vi t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+// LW x LW int32 transpose: r[j] lane i <- r[i] lane j
+static inline void transpose_lanes(vi* r) {
+    vi t[LW];
+    for (int i = 0; i < LW; i += 2) {
+        t[i] = vi_unpacklo32(r[i], r[i + 1]);
+        t[i + 1] = vi_unpackhi32(r[i], r[i + 1]);
     }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    for (int i = 0; i < LW; i += 4) {
+        r[i] = vi_unpacklo64(t[i], t[i + 2]);
+        r[i + 1] = vi_unpackhi64(t[i], t[i + 2]);
+        r[i + 2] = vi_unpacklo64(t[i + 1], t[i + 3]);
+        r[i + 3] = vi_unpackhi64(t[i + 1], t[i + 3]);
     }
     // r[4a + b] now holds, per 128-bit lane L, rows 4a..4a+3 of column 4L + b
     for (int bq = 0; bq < 4; ++bq) {
+#if GQ_AVX512
         const vi a0 = r[bq], a1 = r[4 + bq], a2 = r[8 + bq], a3 = r[12 + bq];
         const vi u0 = _mm512_shuffle_i32x4(a0, a1, 0x88), u1 = _mm512_shuffle_i32x4(a0, a1, 0xdd);
         const vi u2 = _mm512_shuffle_i32x4(a2, a3, 0x88), u3 = _mm512_shuffle_i32x4(a2, a3, 0xdd);
@@ -348,8 +368,12 @@ static inline void transpose16(vi* r) {
         t[4 + bq] = _mm512_shuffle_i32x4(u1, u3, 0x88);   // column 4 + bq
         t[8 + bq] = _mm512_shuffle_i32x4(u0, u2, 0xdd);   // column 8 + bq
         t[12 + bq] = _mm512_shuffle_i32x4(u1, u3, 0xdd);  // column 12 + bq
+#else
+        t[bq] = _mm256_permute2x128_si256(r[bq], r[4 + bq], 0x20);      // column bq
+        t[4 + bq] = _mm256_permute2x128_si256(r[bq], r[4 + bq], 0x31);  // column 4 + bq
+#endif
     }
-    for (int i = 0; i < 16; ++i) r[i] = t[i];
+    for (int i = 0; i < LW; ++i) r[i] = t[i];
 }
 
 // A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q,
@@ -357,21 +381,21 @@ static inline void transpose16(vi* r) {
 static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     for (int v = 0; v < NV8; ++v)
-        for (int64_t k0 = 0; k0 < K; k0 += 64) {
-            const int len = (int)std::min<int64_t>(64, K - k0);
-            vi r[16];
-            for (int i = 0; i < 16; ++i)
-                r[i] = 16 * v + i < ncols ? vi_load_n(W + (16 * v + i) * K + k0, len) : vi_zero();
-            transpose16(r);
-            for (int i = 0; i < len / 4; ++i) _mm512_storeu_si512(wp + ((k0 / 4 + i) * NV8 + v) * 16, r[i]);
+        for (int64_t k0 = 0; k0 < K; k0 += VB) {
+            const int len = (int)std::min<int64_t>(VB, K - k0);  // a multiple of 32
+            vi r[LW];
+            for (int i = 0; i < LW; ++i)
+                r[i] = LW * v + i < ncols ? vi_load_n(W + (LW * v + i) * K + k0, len) : vi_zero();
+            transpose_lanes(r);
+            for (int i = 0; i < len / 4; ++i) vi_store(wp + ((k0 / 4 + i) * NV8 + v) * LW, r[i]);
         }
-    const vi ones = _mm512_set1_epi8(1);
+    const vi ones = vi_set1_8(1);
     for (int64_t b = 0; b < nb; ++b)
         for (int v = 0; v < NV8; ++v) {
             vi sum = vi_zero();
             for (int64_t q = b * QB8 / 4; q < std::min<int64_t>(b * QB8 + QB8, K) / 4; ++q)
-                sum = _mm512_dpbusd_epi32(sum, ones, vi_load(wp + (q * NV8 + v) * 16));
-            _mm512_storeu_si512(comp + (b * NV8 + v) * 16, _mm512_slli_epi32(sum, 7));
+                sum = dot_u8s8(sum, ones, vi_load(wp + (q * NV8 + v) * LW));
+            vi_store(comp + (b * NV8 + v) * LW, vi_shl7(sum));
         }
 }
 
@@ -379,15 +403,14 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
                              const Int8Act& a, int64_t M, float* y, int nthreads) {
     const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4, panels = (N + NP8 - 1) / NP8;
     static thread_local std::vector<uint8_t> xbuf;
-    if ((int64_t)xbuf.size() < M * K) xbuf.resize(M * K);
+    if ((int64_t)xbuf.size() < M * K + VB) xbuf.resize(M * K + VB);
     uint8_t* xu = xbuf.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < K; j += 64) {
-            const int n = (int)std::min<int64_t>(64, K - j);
-            _mm512_mask_storeu_epi8(xu + m * K + j, n >= 64 ? ~0ULL : (1ULL << n) - 1,
-                                    vi_flip(vi_load_n(a.xq + m * K + j, n)));
-        }
+    for (int64_t m = 0; m < M; ++m)  // K is a multiple of 32: whole 32-byte pieces
+        for (int64_t j = 0; j < K; j += 32)
+            _mm256_storeu_si256((__m256i*)(xu + m * K + j),
+                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(a.xq + m * K + j)),
+                                                 _mm256_set1_epi8((char)0x80)));
 #pragma omp parallel num_threads(nthreads)
     {
         std::vector<int32_t> wp(nq * NP8), comp(nb * NP8);
@@ -414,7 +437,7 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
         return;
     }
     const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
-#if GQ_AVX512 && GQ_VNNI
+#if GQ_VNNI
     if (M >= GEMM_MIN_ROWS) {
         linear_int8_gemm(W, ws, bias, N, K, a, M, y, nthreads);
         return;

@@ -119,6 +119,8 @@ static inline vi vi_load_n(const void* p, int n) {
     return _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, p);
 }
 static inline vi vi_zero() { return _mm512_setzero_si512(); }
+static inline void vi_store(void* p, vi a) { _mm512_storeu_si512(p, a); }
+static inline vi vi_set1_8(char c) { return _mm512_set1_epi8(c); }
 static inline vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static inline vi vi_bcast32(const int8_t* p) {
@@ -190,6 +192,8 @@ static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a
     return n >= 32 ? vi_load(p) : _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128((const __m128i*)p));
 }
 static inline vi vi_zero() { return _mm256_setzero_si256(); }
+static inline void vi_store(void* p, vi a) { _mm256_storeu_si256((__m256i*)p, a); }
+static inline vi vi_set1_8(char c) { return _mm256_set1_epi8(c); }
 static inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 static inline vi vi_bcast32(const int8_t* p) { return _mm256_set1_epi32(*(const int32_t*)p); }
