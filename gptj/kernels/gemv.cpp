@@ -270,21 +270,27 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     }
 }
 
-#if GQ_VNNI
-// ---------------------------------------------------------------- int8 weights, GEMM (VNNI)
+// ---------------------------------------------------------------- int8 weights, GEMM
 // From GEMM_MIN_ROWS rows on, lanes are weight rows, as in a GEMM microkernel (oneDNN's brgemm):
 // per call each panel of NP8 weight rows is repacked once so that a vector holds LW rows x 4
-// bytes of k (VNNI's layout), 4 bytes of an activation row (flipped to unsigned: x + 128) are
-// broadcast, and GR x NV8 accumulators take dpbusd: 0.6 loads per dpbusd (AVX-512) where the
-// loop above takes 1.1 and a flip. The flipped activations add 128 * (each weight row's block
-// sum), which is subtracted per block: each S_b is exact and the float sequence is gemv.h's, so
-// the bits are the same. AVX-512: 4 x 3 measured best (6 x 2, 5 x 2 and 3 x 4 slower); 256-bit
-// VNNI has 16 registers for the int and float sums, the weights and the broadcast: 3 x 2 (2 x 2,
-// 2 x 3, 4 x 1, 4 x 2 slower). Below ~64 rows the repacking costs more than it saves.
+// bytes of k (VNNI's layout), 4 bytes of an activation row are broadcast, and GR x NV8
+// accumulators take the products: fewer loads per product than the loop above, and with VNNI no
+// flip per product. VNNI flips the activations to unsigned (x + 128) once, and subtracts 128 *
+// (each weight row's block sum) per block; maddubs takes |w| and x with w's sign, as above. Each
+// S_b is exact and the float sequence is gemv.h's, so the bits are the same. Below ~64 rows the
+// repacking costs more than it saves.
 constexpr int LW = VB / 4;  // weight rows per vector
+// activation rows x weight vectors per register block, measured best at 512 rows on the Zen 5
+#if GQ_AVX512 && GQ_VNNI
+constexpr int GR = 4, NV8 = 3;  // 6 x 2, 5 x 2, 3 x 4: slower
+#elif GQ_AVX512
+constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
+#elif GQ_VNNI
+constexpr int GR = 3, NV8 = 2;  // 16 registers; 2 x 2, 2 x 3, 4 x 1, 4 x 2: slower
+#else
+constexpr int GR = 4, NV8 = 1;  // 2 x 2, 3 x 2, 2 x 3, 4 x 2: slower
+#endif
 #if GQ_AVX512
-constexpr int GR = 4;   // activation rows per register block
-constexpr int NV8 = 3;  // weight vectors per register block
 static inline vf vf_load_n(const float* p, int n) {
     return _mm512_maskz_loadu_ps((__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p);
 }
@@ -293,8 +299,6 @@ static inline void vf_store_n(float* p, vf v, int n) {
 }
 static inline vi vi_shl7(vi a) { return _mm512_slli_epi32(a, 7); }
 #else
-constexpr int GR = 3;
-constexpr int NV8 = 2;
 static inline __m256i lanes_below(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -322,13 +326,22 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const u
         for (int64_t q = q0; q < q1; ++q) {
             vi w[NV8];
             for (int v = 0; v < NV8; ++v) w[v] = vi_load(wp + (q * NV8 + v) * LW);
+#if GQ_VNNI
             for (int i = 0; i < MR; ++i) {
                 const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
                 for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], xb, w[v]);
             }
+#else
+            vi aw[NV8];
+            for (int v = 0; v < NV8; ++v) aw[v] = abs_s8(w[v]);
+            for (int i = 0; i < MR; ++i) {
+                const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
+                for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], aw[v], sign_s8(xb, w[v]));
+            }
+#endif
         }
         vi cv[NV8];
-        for (int v = 0; v < NV8; ++v) cv[v] = vi_load(comp + (b * NV8 + v) * LW);
+        for (int v = 0; v < NV8; ++v) cv[v] = GQ_VNNI ? vi_load(comp + (b * NV8 + v) * LW) : vi_zero();
         for (int i = 0; i < MR; ++i) {
             const vf s = vf_set(xs[i * nb + b]);
             for (int v = 0; v < NV8; ++v)
@@ -389,6 +402,7 @@ static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32
             transpose_lanes(r);
             for (int i = 0; i < len / 4; ++i) vi_store(wp + ((k0 / 4 + i) * NV8 + v) * LW, r[i]);
         }
+    if (!GQ_VNNI) return;  // x is not flipped there: nothing to subtract
     const vi ones = vi_set1_8(1);
     for (int64_t b = 0; b < nb; ++b)
         for (int v = 0; v < NV8; ++v) {
@@ -402,6 +416,7 @@ static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32
 static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                              const Int8Act& a, int64_t M, float* y, int nthreads) {
     const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4, panels = (N + NP8 - 1) / NP8;
+#if GQ_VNNI
     static thread_local std::vector<uint8_t> xbuf;
     if ((int64_t)xbuf.size() < M * K + VB) xbuf.resize(M * K + VB);
     uint8_t* xu = xbuf.data();
@@ -411,6 +426,9 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
             _mm256_storeu_si256((__m256i*)(xu + m * K + j),
                                 _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(a.xq + m * K + j)),
                                                  _mm256_set1_epi8((char)0x80)));
+#else
+    const uint8_t* xu = (const uint8_t*)a.xq;  // maddubs takes x as it is, with w's sign
+#endif
 #pragma omp parallel num_threads(nthreads)
     {
         std::vector<int32_t> wp(nq * NP8), comp(nb * NP8);
@@ -428,7 +446,6 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
         }
     }
 }
-#endif
 
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
@@ -437,12 +454,10 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
         return;
     }
     const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
-#if GQ_VNNI
     if (M >= GEMM_MIN_ROWS) {
         linear_int8_gemm(W, ws, bias, N, K, a, M, y, nthreads);
         return;
     }
-#endif
     if (M >= BCAST_MIN_ROWS) {
         linear_int8_bcast(W, ws, bias, N, K, a, M, y, nthreads);
         return;
