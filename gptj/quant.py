@@ -19,8 +19,8 @@ portable buffers above.
 
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
 ``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped int8
-ones stay mapped; int4 ones are tiled; older int4 ones are converted). The group size and mode follow from the shapes
-and dtypes.
+ones stay mapped; int4 ones are tiled; older int4 ones are converted). The group size and mode
+follow from the shapes and dtypes.
 
 Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measures them):
 
@@ -395,8 +395,10 @@ class QuantizedLinear(nn.Module):
     def tile_int4(self) -> bool:
         """Puts an int4 layer's weights in the kernels' tiled layout, where the kernels serve it
         (on the CPU, groups of 32); whether it is tiled now. The portable buffers are dropped."""
-        if self.mode != "int4" or self.tiles is not None:
-            return self.mode == "int4" and self.tiles is not None
+        if self.mode != "int4":
+            return False
+        if self.tiles is not None:
+            return True
         lib = native_kernel()
         if lib is None or self.qweight.device.type != "cpu" or not self.kernel_fits():
             return False
