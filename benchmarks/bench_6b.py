@@ -8,8 +8,8 @@ GPT-J), on one synthetic checkpoint in the exact Hugging Face layout, in one run
 
 Each engine runs in its own process, so its peak RSS is its own. Measured: decode ms/token
 (median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
-size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth and
-the decode floor it sets for each weight size. Prints a markdown table and writes a PNG chart
+size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth
+(measured again after each engine) and the decode floor it sets for each weight size. Prints a markdown table and writes a PNG chart
 next to the checkpoints.
 
 The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt AVX2 library; they
@@ -370,6 +370,17 @@ def main() -> None:
     rows: list[dict] = []
     machine = run_worker("bandwidth")
     bw = machine["bandwidth_gbs"]
+    last_bw = [bw]
+
+    def add(row: dict) -> None:
+        """Appends an engine's row with the bandwidth around its run, the mean of the measurements
+        just before and just after it: a VM's bandwidth can move by a third within minutes, and
+        the floor is only as good as the bandwidth it is taken from."""
+        after = run_worker("bandwidth").get("bandwidth_gbs", last_bw[0])
+        row["bandwidth_gbs"] = (last_bw[0] + after) / 2
+        last_bw[0] = after
+        rows.append(row)
+
     n_params = _param_count(src)
     import torch
 
@@ -382,7 +393,7 @@ def main() -> None:
         qdir = base / f"gptj-{mode}"
         q = run_worker("quantize", src, qdir, bits) if not (qdir / "model.safetensors").exists() else {}
         r = run_worker("ours", qdir, mode, args.prompt, args.tokens, args.speculative)
-        rows.append(
+        add(
             {
                 "engine": f"gptj-studio {mode}",
                 **r,
@@ -393,12 +404,12 @@ def main() -> None:
         )
     if "ours-bf16" not in args.skip:
         r = run_worker("ours", src, "bf16", args.prompt, args.tokens, args.speculative)
-        rows.append(
+        add(
             {"engine": "gptj-studio bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2}
         )
     if "transformers" not in args.skip:
         r = run_worker("transformers", src, args.prompt, args.tokens)
-        rows.append(
+        add(
             {"engine": "transformers bf16", **r, "disk_gb": folder_gb(src), "weight_bytes": n_params * 2}
         )
     if "ct2" not in args.skip and shutil.which(
@@ -407,7 +418,7 @@ def main() -> None:
         ct2_dir = base / "ct2-int8"
         conv = run_ct2_convert(src, ct2_dir) if not (ct2_dir / "model.bin").exists() else {}
         r = run_worker("ct2", ct2_dir, args.prompt, args.tokens)
-        rows.append(
+        add(
             {
                 "engine": "CTranslate2 4.8.5 int8",
                 **r,
@@ -429,7 +440,7 @@ def main() -> None:
             path = base / f"ggml-{kind}.bin"
             conv = run_worker("ggml-convert", src, path, kind) if not path.exists() else {}
             r = run_worker("ggml", path, ids_file, args.tokens)
-            rows.append({"engine": f"ggml gpt-j {kind} (ctransformers {version('ctransformers')}, {r.get('kernels', '?')} build)",
+            add({"engine": f"ggml gpt-j {kind} (ctransformers {version('ctransformers')}, {r.get('kernels', '?')} build)",
                          **r, "quantize_peak_gb": conv.get("peak_rss_gb"),
                          "disk_gb": path.stat().st_size / 1e9 if path.exists() else None,
                          "weight_bytes": n_params * block_bytes / 32})  # fmt: skip
@@ -439,16 +450,17 @@ def main() -> None:
     print(
         f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), prompt {args.prompt} tokens, "
         f"{args.tokens} generated (ours: speculative {args.speculative}).\nCPU: {cpu_model()}, {os.cpu_count()} cores; ISA: {isa()}; "
-        f"memory bandwidth {bw:.1f} GB/s; our kernels: {variant}\n"
+        f"memory bandwidth {bw:.1f} GB/s at the start (each engine's floor: the bandwidth measured around "
+        f"its run); our kernels: {variant}\n"
     )
     print(
-        f"| engine | decode ms/token | floor ms/token | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
+        f"| engine | decode ms/token | floor ms/token | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        floor = r["weight_bytes"] / (bw * 1e9) * 1000
+        floor = r["weight_bytes"] / (r["bandwidth_gbs"] * 1e9) * 1000
         print(
-            f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {_f(r.get('prefill_s'), 1)} | "
+            f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {r['bandwidth_gbs']:.1f} | {_f(r.get('prefill_s'), 1)} | "
             f"{_f(r.get('load_s'), 1)} | {_f(r.get('peak_rss_gb'), 1)} | {_f(r.get('quantize_peak_gb'), 1)} | {_f(r.get('disk_gb'), 1)} |"
             + (f" error: {r['error']}" if "error" in r else "")
         )
