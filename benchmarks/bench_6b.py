@@ -370,15 +370,16 @@ def main() -> None:
     rows: list[dict] = []
     machine = run_worker("bandwidth")
     bw = machine["bandwidth_gbs"]
-    last_bw = [bw]
+    last_bw = bw
 
     def add(row: dict) -> None:
         """Appends an engine's row with the bandwidth around its run, the mean of the measurements
         just before and just after it: a VM's bandwidth can move by a third within minutes, and
         the floor is only as good as the bandwidth it is taken from."""
-        after = run_worker("bandwidth").get("bandwidth_gbs", last_bw[0])
-        row["bandwidth_gbs"] = (last_bw[0] + after) / 2
-        last_bw[0] = after
+        nonlocal last_bw
+        after = run_worker("bandwidth").get("bandwidth_gbs", last_bw)
+        row["bandwidth_gbs"] = (last_bw + after) / 2
+        last_bw = after
         rows.append(row)
 
     n_params = _param_count(src)

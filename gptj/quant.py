@@ -579,6 +579,7 @@ class QuantizedLinear(nn.Module):
                 tiles = self._tiles()
                 lib.gq_dequant_int4(tiles.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
             return
+        self._untile()  # torch's ops serve, not the kernels: back to the portable buffers, once
         part = {name: t[n0:n1] for name, t in self.portable_buffers().items()}
         out.copy_(dequantize_weight(part, out.dtype))
 

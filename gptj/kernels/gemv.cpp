@@ -290,22 +290,6 @@ constexpr int GR = 3, NV8 = 2;  // 16 registers; 2 x 2, 2 x 3, 4 x 1, 4 x 2: slo
 #else
 constexpr int GR = 4, NV8 = 1;  // 2 x 2, 3 x 2, 2 x 3, 4 x 2: slower
 #endif
-#if GQ_AVX512
-static inline vf vf_load_n(const float* p, int n) {
-    return _mm512_maskz_loadu_ps((__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p);
-}
-static inline void vf_store_n(float* p, vf v, int n) {
-    _mm512_mask_storeu_ps(p, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), v);
-}
-static inline vi vi_shl7(vi a) { return _mm512_slli_epi32(a, 7); }
-#else
-static inline __m256i lanes_below(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-static inline vf vf_load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
-static inline void vf_store_n(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
-static inline vi vi_shl7(vi a) { return _mm256_slli_epi32(a, 7); }
-#endif
 constexpr int NP8 = LW * NV8;  // weight rows per panel
 #ifndef GEMM_MIN_ROWS
 #define GEMM_MIN_ROWS 64

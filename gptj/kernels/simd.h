@@ -121,6 +121,14 @@ static inline vi vi_load_n(const void* p, int n) {
 static inline vi vi_zero() { return _mm512_setzero_si512(); }
 static inline void vi_store(void* p, vi a) { _mm512_storeu_si512(p, a); }
 static inline vi vi_set1_8(char c) { return _mm512_set1_epi8(c); }
+static inline vi vi_shl7(vi a) { return _mm512_slli_epi32(a, 7); }
+// the first n floats at p (n <= 16), zeros after; and stored: nothing read or written past them
+static inline vf vf_load_n(const float* p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), p);
+}
+static inline void vf_store_n(float* p, vf v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1), v);
+}
 static inline vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static inline vi vi_bcast32(const int8_t* p) {
@@ -194,6 +202,13 @@ static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a
 static inline vi vi_zero() { return _mm256_setzero_si256(); }
 static inline void vi_store(void* p, vi a) { _mm256_storeu_si256((__m256i*)p, a); }
 static inline vi vi_set1_8(char c) { return _mm256_set1_epi8(c); }
+static inline vi vi_shl7(vi a) { return _mm256_slli_epi32(a, 7); }
+// the first n floats at p (n <= 8), zeros after; and stored: nothing read or written past them
+static inline __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vf_load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+static inline void vf_store_n(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
 static inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 static inline vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 static inline vi vi_bcast32(const int8_t* p) { return _mm256_set1_epi32(*(const int32_t*)p); }
