@@ -28,7 +28,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from gptj import huge_pages, quant
+from gptj import quant
 
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]  # (out_features, in_features)
 # q/o, k/v, gate/up, down, lm_head; then q+k+v and gate+up fused (gptj.fusion)
@@ -58,7 +58,7 @@ def timeit(
 
 
 def bandwidth() -> dict[str, float]:
-    a = huge_pages.empty(1 << 30).view(torch.float32).fill_(1.0)  # 1 GiB, in huge pages as a model's weights
+    a = torch.ones(1 << 28)  # 1 GiB
     b = torch.empty_like(a)
     read = timeit([a.sum], 10, 1.0)[0]
     copy = timeit([lambda: b.copy_(a)], 10, 1.0)[0]
@@ -79,7 +79,6 @@ def random_quantized(n: int, k: int, mode: str) -> quant.QuantizedLinear:
             buf.random_(0, 16)
         else:  # scales, mins
             buf.copy_(torch.rand(buf.shape) * (1e-3 if name == "scales" else -1e-2))
-    huge_pages.move_weights(layer)  # where gptj.load puts a model's weights
     return layer
 
 

@@ -7,7 +7,6 @@ from dataclasses import fields
 
 import torch
 
-from gptj import huge_pages
 from gptj.errors import InvalidRequest
 from gptj.loading import ModelInfo, load_model
 from gptj.loading.resolve import default_quantization
@@ -173,7 +172,6 @@ def load(
     module, tokenizer, info = load_model(name_or_path, quantize, dtype, max_memory, revision, progress, device)
     if info.parameters < FUSE_BELOW_PARAMETERS:
         module.fuse_projections()  # fewer, bigger GEMVs per token (gptj.fusion)
-    huge_pages.move_weights(module)  # the weights decode streams, in 2 MB pages (CPU only)
     return Model(module, tokenizer, info, max_batch=max_batch, context_length=context_length,
                  prefix_cache=prefix_cache, prefix_cache_bytes=parse_size(prefix_cache_bytes) or 0,
                  speculative=speculative, speculative_tokens=speculative_tokens)

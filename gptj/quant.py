@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptj import huge_pages, kernels
+from gptj import kernels
 
 MODES = ("bf16", "int8", "int4")
 GROUP_SIZE = 32  # int4; the kernel takes this group size only
@@ -405,7 +405,7 @@ class QuantizedLinear(nn.Module):
         with _tiling:
             if self.tiles is None:
                 n, k = self.out_features, self.in_features
-                tiles = huge_pages.empty((n + 3) // 4 * lib.gq_int4_tile_bytes(k))  # read every token
+                tiles = torch.empty((n + 3) // 4 * lib.gq_int4_tile_bytes(k), dtype=torch.uint8)
                 lib.gq_pack_int4_tiles(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), n, k,
                                        tiles.data_ptr(), torch.get_num_threads())  # fmt: skip
                 self.tiles, self.qweight, self.scales, self.mins = tiles, None, None, None

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import json
 import mmap
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -154,18 +155,33 @@ def fill(
         raise ModelLoadError(f"the checkpoint lacks {len(targets)} tensors: {listed}")
 
 
+def keep_mapped() -> bool:
+    """GPTJ_MMAP=1: a quantized checkpoint's int8 layers read the mapped file (pages shared with
+    other processes through the page cache) instead of a copy in this process's memory."""
+    return os.environ.get("GPTJ_MMAP", "0") == "1"
+
+
 def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
-    tensors (int8: no copy; int4: copied into the kernels' tiles, the mapped pages dropped) and
-    removes its tensors from `state`."""
+    tensors, copied into this process's memory (int4: into the kernels' tiles) and their mapped
+    pages dropped, and removes its tensors from `state`.
+
+    Decode streams every weight each token, and from anonymous memory it does so measurably
+    faster than from the page cache's file mapping (benchmarks/bench_mapped_weights.py); the
+    copy costs a second or two at load. keep_mapped() keeps int8 layers on the file instead."""
     from gptj.quant import QuantizedLinear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
             prefix = f"{name}."
             layer = QuantizedLinear.from_state(state, prefix)
-            if layer.mode == "int4" and layer.tiles is not None:  # copied into the kernels' tiles
-                for key in ("qweight", "scales", "mins", "zeros"):
+            copy = layer.mode == "int8" and not keep_mapped()
+            if copy:
+                for buffer in ("qweight", "scales", "bias"):
+                    if getattr(layer, buffer) is not None:
+                        setattr(layer, buffer, getattr(layer, buffer).clone())
+            if copy or getattr(layer, "tiles", None) is not None:  # int4: copied into the tiles
+                for key in ("qweight", "scales", "mins", "zeros", "bias"):
                     if prefix + key in state:
                         release_mapped_pages(state[prefix + key])
             if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
