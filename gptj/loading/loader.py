@@ -120,7 +120,7 @@ def load_model(
         # A `gptj quantize` checkpoint: its layers come quantized, used as mapped.
 
         state = dict(tensors)
-        install_quantized_layers(model, state)
+        install_quantized_layers(model, state, on_cpu=device.type == "cpu")
         tensors, quantize = iter(state.items()), None
     release = release_mapped_pages if fmt == "pytorch" else None  # torch.load(mmap=True) maps the file
     fill(model, tensors, dtype, quantize, skip, bar.update if bar else None, device, release)

@@ -161,29 +161,32 @@ def keep_mapped() -> bool:
     return os.environ.get("GPTJ_MMAP", "0") == "1"
 
 
-def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor], on_cpu: bool = True) -> None:
     """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
     tensors, copied into this process's memory (int4: into the kernels' tiles) and their mapped
     pages dropped, and removes its tensors from `state`.
 
     Decode streams every weight each token, and from anonymous memory it does so measurably
     faster than from the page cache's file mapping (benchmarks/bench_mapped_weights.py); the
-    copy costs a second or two at load. keep_mapped() keeps int8 layers on the file instead."""
+    copy costs a second or two at load. int8 layers stay on the file with keep_mapped(), or
+    where they go to a GPU next (on_cpu False): that move copies them anyway."""
     from gptj.quant import QuantizedLinear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
             prefix = f"{name}."
             layer = QuantizedLinear.from_state(state, prefix)
-            copy = layer.mode == "int8" and not keep_mapped()
-            if copy:
-                for buffer in ("qweight", "scales", "bias"):
+            copied: tuple[str, ...] = ()
+            if layer.mode == "int8" and on_cpu and not keep_mapped():
+                copied = ("qweight", "scales", "bias")
+                for buffer in copied:
                     if getattr(layer, buffer) is not None:
                         setattr(layer, buffer, getattr(layer, buffer).clone())
-            if copy or getattr(layer, "tiles", None) is not None:  # int4: copied into the tiles
-                for key in ("qweight", "scales", "mins", "zeros", "bias"):
-                    if prefix + key in state:
-                        release_mapped_pages(state[prefix + key])
+            elif getattr(layer, "tiles", None) is not None:
+                copied = ("qweight", "scales", "mins", "zeros")  # int4: into the kernels' tiles
+            for key in copied:
+                if prefix + key in state:
+                    release_mapped_pages(state[prefix + key])
             if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
                 raise ModelLoadError(
                     f"quantized layer {name} is {layer.in_features}x{layer.out_features}, "
