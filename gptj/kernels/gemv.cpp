@@ -115,10 +115,10 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
                 w[i] = len == QB8     ? vi_load(W + r * K + k0 + i * VB)
                        : i * VB < len ? vi_load_n(W + r * K + k0 + i * VB, len - i * VB)
                                       : vi_zero();
-            // prefetch the next tile (the rows that follow) into L2: one core's demand misses
-            // and the hardware prefetcher alone do not keep enough reads in flight
+            // prefetch the next tile (the rows that follow; hint: simd.h): one core's demand
+            // misses and the hardware prefetcher alone do not keep enough reads in flight
             for (int i = 0; i < QB8 / 64; ++i)
-                _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), _MM_HINT_T1);
+                _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), GQ_STREAM_HINT);
             for (int m = 0; m < MT; ++m)
                 for (int i = 0; i < NV; ++i) d[r][m] = dot_s8s8(d[r][m], w[i], x[m][i]);
         }
@@ -593,9 +593,9 @@ static inline void i4_tile(const uint8_t* T, int64_t tb, int64_t K, const int8_t
         for (int m = 0; m < MT; ++m) acc[j][m] = vf_zero();
     for (int64_t b = 0; b < full; ++b) {
         const uint8_t* p = T + b * TBLK;
-        // the same block of the next tile, into L2: the hardware prefetcher alone falls behind
-        // once several activation rows make a block slow (measured: up to 2.5x slower)
-        for (int i = 0; i < TBLK; i += 64) _mm_prefetch((const char*)(p + tb + i), _MM_HINT_T1);
+        // the same block of the next tile (hint: simd.h): the hardware prefetcher alone falls
+        // behind once several activation rows make a block slow (measured: up to 2.5x slower)
+        for (int i = 0; i < TBLK; i += 64) _mm_prefetch((const char*)(p + tb + i), GQ_STREAM_HINT);
         vf s[NP], mv[NP];
         block_lanes((const uint16_t*)(p + 256), s);
         block_lanes((const uint16_t*)(p + 288), mv);

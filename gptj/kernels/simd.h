@@ -26,6 +26,15 @@
 #define GQ_VNNI 0
 #endif
 
+// The hint of the GEMVs' software prefetch of weights, which are read once per token, a tile
+// ahead: non-temporal on AMD (GQ_PREFETCH_NTA, set by gptj/kernels/__init__.py), into L2
+// elsewhere (Intel fills only L1 on a non-temporal prefetch, which a tile of distance overruns).
+#if defined(GQ_PREFETCH_NTA) && GQ_PREFETCH_NTA
+#define GQ_STREAM_HINT _MM_HINT_NTA
+#else
+#define GQ_STREAM_HINT _MM_HINT_T1
+#endif
+
 #if GQ_AVX512 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define GQ_AMX 1
 #else
