@@ -108,6 +108,20 @@ def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     assert Path(second.stdout.strip()) == path and path.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize(
+    ("vendor", "forced", "nta"),
+    [("AuthenticAMD", "", True), ("GenuineIntel", "", False), ("", "", False), ("GenuineIntel", "nta", True),
+     ("AuthenticAMD", "T1", False), ("AuthenticAMD", "bogus", True)],
+)  # fmt: skip
+def test_the_prefetch_hint_follows_the_vendor(monkeypatch: pytest.MonkeyPatch, vendor: str, forced: str, nta: bool) -> None:
+    """Non-temporal weight prefetches on AMD, L2 ones elsewhere (Intel fills only L1 on a
+    non-temporal prefetch); GPTJ_PREFETCH forces either."""
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setenv("GPTJ_PREFETCH", forced)
+    assert (kernels.prefetch_flags() == ["-DGQ_PREFETCH_NTA=1"]) is nta
+    assert kernels.prefetch_flags() in ([], ["-DGQ_PREFETCH_NTA=1"])
+
+
 def test_no_compiler_means_torch_ops(tmp_path: Path) -> None:
     """No g++ (and an empty cache): a warning, and torch's ops serve."""
     out = in_fresh_process(ACTIVE, CXX=str(tmp_path / "no-such-compiler"), PATH=str(tmp_path),
