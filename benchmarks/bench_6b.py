@@ -9,8 +9,8 @@ GPT-J), on one synthetic checkpoint in the exact Hugging Face layout, in one run
 Each engine runs in its own process, so its peak RSS is its own. Measured: decode ms/token
 (median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
 size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth
-(measured again after each engine) and the decode floor it sets for each weight size. Prints a markdown table and writes a PNG chart
-next to the checkpoints.
+(measured again after each engine) and the decode floor it sets for each weight size. Prints a
+markdown table and writes a PNG chart next to the checkpoints.
 
 The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt AVX2 library; they
 are skipped without it): benchmarks/ggml_gptj.py converts the checkpoint to the GGML files once

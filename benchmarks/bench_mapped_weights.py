@@ -12,25 +12,18 @@ bandwidth (bench_6b's) before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from bench_6b import run_worker
 
 import gptj
 from gptj.quant import kernel_name
 
-HERE = Path(__file__).resolve().parent
-
 
 def bandwidth() -> float:
-    out = subprocess.run([sys.executable, str(HERE / "bench_6b.py"), "--worker", "bandwidth"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[7:])["bandwidth_gbs"]
+    return run_worker("bandwidth")["bandwidth_gbs"]  # bench_6b's, in a process of its own
 
 
 def decode_ms(model: gptj.Model, tokens: int) -> float:

@@ -161,10 +161,13 @@ def _unpack_int4(q: Tensor, groups: int) -> Tensor:
     return torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
 
 
+_INT4_BLOCK_BYTES = 320  # a tile's block of 4 groups (gemv.cpp's TBLK): 4 x 64 nibble bytes, 16 scales, 16 mins
+
+
 def _int4_tile_bytes(in_features: int) -> int:
     """Bytes of one tile of 4 int4 rows (gemv.h): whole blocks of 4 groups, then a shorter last one."""
     full, t = divmod(in_features // GROUP_SIZE, 4)
-    return full * 320 + (64 * t + 64 if t else 0)
+    return full * _INT4_BLOCK_BYTES + (64 * t + 64 if t else 0)
 
 
 def untile_int4(tiles: Tensor, out_features: int, in_features: int) -> dict[str, Tensor]:
@@ -174,7 +177,7 @@ def untile_int4(tiles: Tensor, out_features: int, in_features: int) -> dict[str,
     nt = (n + 3) // 4
     tiles = tiles.reshape(nt, _int4_tile_bytes(k))
     qs, ss, ms = [], [], []
-    for start, groups, count in ((0, 4, full), (full * 320, t, 1 if t else 0)):
+    for start, groups, count in ((0, 4, full), (full * _INT4_BLOCK_BYTES, t, 1 if t else 0)):
         if not count:
             continue
         blk = tiles[:, start : start + count * (64 * groups + 64)].reshape(nt, count, 64 * groups + 64)

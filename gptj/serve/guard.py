@@ -137,9 +137,9 @@ class RequestCounts:
 class Guard:
     """ASGI middleware, outermost of the app's own: counts the request, refuses foreign Host
     names (DNS rebinding), bodies over MAX_BODY_BYTES (also chunked ones, as they stream), bodies
-    that take over BODY_TIMEOUT_S (408) and missing or wrong API keys; tells the routes the caller's tenant (`request.state.tenant`,
-    the index of its key); adds the security headers; turns any exception that escapes the
-    routes into a counted JSON 500."""
+    that take over BODY_TIMEOUT_S (408) and missing or wrong API keys; tells the routes the
+    caller's tenant (`request.state.tenant`, the index of its key); adds the security headers;
+    turns any exception that escapes the routes into a counted JSON 500."""
 
     def __init__(self, app, *, api_keys: Sequence[str] = (), hosts: frozenset[str] | None = LOOPBACK_NAMES,  # noqa: ANN001
                  counts: RequestCounts, label: Callable[[str], str]) -> None:
