@@ -32,10 +32,11 @@ Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measure
   ``amx`` variant). Without them (``none``: no compiler, GPTJ_QUANT_KERNEL=0) or for shapes they
   do not take, torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` serve.
 * dequantize + GEMM: the weight dequantized to bfloat16 into a reused buffer, in big chunks of
-  rows, and torch's GEMM. Only where the CPU multiplies bf16 natively (AMX, AVX512-BF16) and
-  the batch is big enough (``kernel_max_rows``) does this beat the integer kernels; where bf16
-  is emulated (AVX2) the alternative would be a float32 GEMM, which the int8 dot products
-  outrun at any size, so prefill takes the kernels too, and is then bit-exact with decode.
+  rows, and torch's GEMM. Only where the CPU multiplies bf16 natively (AMX, AVX512-BF16 without
+  VNNI) and the batch is big enough (``kernel_max_rows``) does this beat the integer kernels;
+  where bf16 is emulated (AVX2) the alternative would be a float32 GEMM, which the int8 dot
+  products outrun at any size, so prefill takes the kernels too, and is then bit-exact with
+  decode (as on AVX512-VNNI without AMX, whose integer GEMMs beat an AVX512-BF16 one).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _KB = 32  # the kernel takes in_features that are a multiple of this
 # Most rows that go through the kernels where a bf16 GEMM is native (GPTJ_QUANT_DECODE_MAX_ROWS
 # overrides): past these, dequantize + bf16 GEMM wins (bench_linear.py finds the crossover).
 KERNEL_MAX_ROWS_AMX_BF16 = {"int8": 32, "int4": 32}  # AMX bf16 GEMMs
-KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX (int8 with VNNI: no limit)
+KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX or VNNI (with VNNI: no limit)
 # With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows.
 AMX_INT8_KERNEL_MAX_ROWS = 256
 # torch's int8/int4 ops (no kernels): beyond this, dequantize + GEMM
@@ -231,9 +232,9 @@ def native_bf16() -> bool:
 
 def kernel_max_rows(mode: str) -> int:
     """Most rows that take the GEMV kernels (or torch's quantized ops) rather than dequantize +
-    GEMM. Unbounded where bf16 is not native (float32 GEMMs are slower than the int8 kernels at
-    any batch size), and for int8 on AVX512-VNNI without AMX (benchmarks/results/gptj-6b-zen5.md).
-    GPTJ_QUANT_DECODE_MAX_ROWS overrides."""
+    GEMM. Unbounded where bf16 is not native (float32 GEMMs are slower than the integer kernels
+    at any batch size), and on AVX512-VNNI without AMX, where the kernels' GEMMs outrun an
+    AVX512-BF16 one (benchmarks/results/gptj-6b-zen5.md). GPTJ_QUANT_DECODE_MAX_ROWS overrides."""
     if "GPTJ_QUANT_DECODE_MAX_ROWS" in os.environ:
         return int(os.environ["GPTJ_QUANT_DECODE_MAX_ROWS"])
     lib = native_kernel()
@@ -246,8 +247,8 @@ def kernel_max_rows(mode: str) -> int:
     flags = kernels.cpu_flags()
     if "amx_bf16" in flags:
         return KERNEL_MAX_ROWS_AMX_BF16[mode]
-    if mode == "int8" and kernels.active_variant() == "avx512vnni":
-        return sys.maxsize  # its many-row loop (lanes = activation rows) beats an AVX512-BF16 GEMM
+    if kernels.active_variant() == "avx512vnni":
+        return sys.maxsize  # its GEMMs (lanes = weight rows) beat an AVX512-BF16 GEMM
     return KERNEL_MAX_ROWS_AVX512_BF16[mode]
 
 

@@ -373,19 +373,26 @@ static inline void transpose_lanes(vi* r) {
     for (int i = 0; i < LW; ++i) r[i] = t[i];
 }
 
-// A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q,
-// comp[b][j] = 128 * the sum of row j over block b.
-static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp) {
-    const int64_t nb = (K + QB8 - 1) / QB8;
-    for (int v = 0; v < NV8; ++v)
+// NV x LW rows of bytes at `rows` (row stride K; ncols real, the rest read as zeros) in VNNI's
+// layout: wp[q][j] = the 4 bytes of row j at k = 4q.
+template <int NV>
+static void transpose_panel(const uint8_t* rows, int64_t K, int ncols, int32_t* wp) {
+    for (int v = 0; v < NV; ++v)
         for (int64_t k0 = 0; k0 < K; k0 += VB) {
             const int len = (int)std::min<int64_t>(VB, K - k0);  // a multiple of 32
             vi r[LW];
             for (int i = 0; i < LW; ++i)
-                r[i] = LW * v + i < ncols ? vi_load_n(W + (LW * v + i) * K + k0, len) : vi_zero();
+                r[i] = LW * v + i < ncols ? vi_load_n(rows + (LW * v + i) * K + k0, len) : vi_zero();
             transpose_lanes(r);
-            for (int i = 0; i < len / 4; ++i) vi_store(wp + ((k0 / 4 + i) * NV8 + v) * LW, r[i]);
+            for (int i = 0; i < len / 4; ++i) vi_store(wp + ((k0 / 4 + i) * NV + v) * LW, r[i]);
         }
+}
+
+// A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q,
+// comp[b][j] = 128 * the sum of row j over block b.
+static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    transpose_panel<NV8>((const uint8_t*)W, K, ncols, wp);
     if (!GQ_VNNI) return;  // x is not flipped there: nothing to subtract
     const vi ones = vi_set1_8(1);
     for (int64_t b = 0; b < nb; ++b)
@@ -623,29 +630,6 @@ static inline void i4_tile(const uint8_t* T, int64_t tb, int64_t K, const int8_t
     }
 }
 
-void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
-                 float* y, void* scratch, int nthreads) {
-    const int64_t ng = K / 32;
-    int8_t* xq = (int8_t*)scratch;
-    float* xs = (float*)(xq + M * K);
-    float* xsum = xs + M * ng;
-    quant_act(x, M, K, QB4, GPV, xq, xs, xsum, nullptr, nthreads);
-    const int64_t nt = (N + 3) / 4, tb = int4_tile_bytes(K);
-#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
-    for (int64_t tile = 0; tile < nt; ++tile) {
-        const int64_t n = tile * 4;
-        const int rows = (int)std::min<int64_t>(4, N - n);
-        const float* b = bias ? bias + n : nullptr;
-        int64_t m = 0;
-        for (; m + M4 <= M; m += M4)
-            i4_tile<M4>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
-                        rows);
-        for (; m < M; ++m)
-            i4_tile<1>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
-                       rows);
-    }
-}
-
 // Where row n's group g lies in the tiles: its 16 nibble bytes, its scale and its min.
 struct Int4At {
     const uint8_t* q;
@@ -677,6 +661,170 @@ void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, i
                 memcpy(s + 16 + 4 * r, mn + n * ng + g, 2 * t);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------- int4 weights, GEMM
+// From GEMM4_MIN_ROWS rows on, as for int8: lanes are weight rows. Per call each panel of NP4
+// rows is unpacked from the tiles to one byte a value (0..15) in VNNI's layout, with its scales
+// and mins as floats, and 4 bytes of an activation row are broadcast against it. The values are
+// unsigned, the activations signed: dpbusd's operands as they are, with nothing to flip or
+// subtract; without VNNI maddubs' int16 pair sums add up over a group (8 x 2 x 15 x 127 <= 32767)
+// and widen once. The float terms are gemv.h's, group by group, and the sum P_i of one residue
+// i = g % 4 is taken at a time (GR4 x NV4 accumulators, not 4x that), so the bits are those of
+// the tiles' loop above. The tiles' loop reduces lanes and converts per 4 rows and group; this
+// pays that once per group and register block.
+// activation rows x weight vectors per register block, measured best at 512 rows on the Zen 5
+#if GQ_AVX512
+constexpr int GR4 = 6, NV4 = 2;  // 4 x 2, 5 x 2, 8 x 1, 10 x 1, 3 x 3: slower
+#else
+constexpr int GR4 = 3, NV4 = 2;  // 2 x 2, 4 x 1, 5 x 1: slower
+#endif
+constexpr int NP4 = LW * NV4;  // weight rows per panel: whole tiles
+// below these the tiles' loop is as fast (with VNNI's dpbusd it keeps up longer)
+#ifndef GEMM4_MIN_ROWS
+#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 128 : 64)
+#endif
+
+// P_i of MR activation rows x NP4 weight rows (pout [MR][NP4]) for the groups g = i, i + 4, ..
+template <int MR>
+static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
+                                int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t i,
+                                float* pout) {
+    vf P[MR][NV4];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV4; ++v) P[r][v] = vf_zero();
+    for (int64_t g = i; g < ng; g += 4) {
+        vi D[MR][NV4];
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV4; ++v) D[r][v] = vi_zero();
+        for (int64_t q = 8 * g; q < 8 * g + 8; ++q) {
+            vi w[NV4];
+            for (int v = 0; v < NV4; ++v) w[v] = vi_load(wp + (q * NV4 + v) * LW);
+            for (int r = 0; r < MR; ++r) {
+                const vi xb = vi_bcast32(xq + r * K + 4 * q);
+                for (int v = 0; v < NV4; ++v)
+#if GQ_VNNI
+                    D[r][v] = dot_u8s8(D[r][v], w[v], xb);
+#else
+                    D[r][v] = vi_add16(D[r][v], vi_maddubs(w[v], xb));
+#endif
+            }
+        }
+        vf s[NV4], m[NV4];
+        for (int v = 0; v < NV4; ++v) {
+            s[v] = vf_ld(sp + g * NP4 + v * LW);
+            m[v] = vf_ld(mp + g * NP4 + v * LW);
+        }
+        for (int r = 0; r < MR; ++r) {
+            const vf xv = vf_set(xs[r * ng + g]), sv = vf_set(xsum[r * ng + g]);
+            for (int v = 0; v < NV4; ++v) {
+#if GQ_VNNI
+                const vf d = vf_cvt(D[r][v]);
+#else
+                const vf d = vf_cvt(vi_widen16(D[r][v]));
+#endif
+                P[r][v] = vf_add(P[r][v], vf_add(vf_mul(d, vf_mul(s[v], xv)), vf_mul(m[v], sv)));
+            }
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV4; ++v) vf_st(pout + r * NP4 + v * LW, P[r][v]);
+}
+
+// y [MR rows, ncols] of one panel: (P_0 + P_1) + (P_2 + P_3) (+ bias)
+template <int MR>
+static inline void i4_gemm_block(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
+                                 int64_t K, const float* xs, const float* xsum, const float* bias, float* y,
+                                 int64_t ldy, int ncols) {
+    const int64_t ng = K / 32;
+    alignas(64) float p[4][MR * NP4];
+    for (int i = 0; i < 4; ++i) i4_gemm_pass<MR>(wp, sp, mp, xq, K, xs, xsum, ng, i, p[i]);
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV4; ++v) {
+            const int n = std::min(LW, ncols - LW * v);
+            if (n <= 0) break;
+            const int o = r * NP4 + v * LW;
+            vf out =
+                vf_add(vf_add(vf_ld(p[0] + o), vf_ld(p[1] + o)), vf_add(vf_ld(p[2] + o), vf_ld(p[3] + o)));
+            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
+            vf_store_n(y + r * ldy + LW * v, out, n);
+        }
+}
+
+// Rows [n0, n0 + ncols) of the tiles as a panel: wp in VNNI's layout (rows: scratch of NP4 x K
+// bytes), sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g (zeros past ncols).
+static void pack_panel4(const uint8_t* T, int64_t K, int64_t n0, int ncols, uint8_t* rows, int32_t* wp,
+                        float* sp, float* mp) {
+    const int64_t ng = K / 32, tb = int4_tile_bytes(K);
+    for (int j = 0; j < NP4; ++j)
+        for (int64_t g = 0; g < ng; ++g) {
+            uint8_t* out = rows + j * K + 32 * g;
+            if (j >= ncols) {
+                memset(out, 0, 32);
+                sp[g * NP4 + j] = mp[g * NP4 + j] = 0.f;
+                continue;
+            }
+            const Int4At at = int4_at(T, tb, ng, n0 + j, g);
+            const __m128i b = _mm_loadu_si128((const __m128i*)at.q);  // byte j: value j, value j + 16
+            _mm_storeu_si128((__m128i*)out, _mm_and_si128(b, _mm_set1_epi8(15)));
+            _mm_storeu_si128((__m128i*)(out + 16), _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)));
+            sp[g * NP4 + j] = _cvtsh_ss(*at.s);
+            mp[g * NP4 + j] = _cvtsh_ss(*at.m);
+        }
+    transpose_panel<NV4>(rows, K, NP4, wp);
+}
+
+static void linear_int4_gemm(const uint8_t* T, const float* bias, int64_t N, int64_t K, const int8_t* xq,
+                             const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
+    const int64_t ng = K / 32, panels = (N + NP4 - 1) / NP4;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<uint8_t> rows(NP4 * K);
+        std::vector<int32_t> wp(K / 4 * NP4);
+        std::vector<float> sp(ng * NP4), mp(ng * NP4);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < panels; ++p) {
+            const int64_t n0 = p * NP4;
+            const int ncols = (int)std::min<int64_t>(NP4, N - n0);
+            pack_panel4(T, K, n0, ncols, rows.data(), wp.data(), sp.data(), mp.data());
+            const float* b = bias ? bias + n0 : nullptr;
+            int64_t m = 0;
+            for (; m + GR4 <= M; m += GR4)
+                i4_gemm_block<GR4>(wp.data(), sp.data(), mp.data(), xq + m * K, K, xs + m * ng, xsum + m * ng,
+                                   b, y + m * N + n0, N, ncols);
+            for (; m < M; ++m)
+                i4_gemm_block<1>(wp.data(), sp.data(), mp.data(), xq + m * K, K, xs + m * ng, xsum + m * ng,
+                                 b, y + m * N + n0, N, ncols);
+        }
+    }
+}
+
+void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+                 float* y, void* scratch, int nthreads) {
+    const int64_t ng = K / 32;
+    int8_t* xq = (int8_t*)scratch;
+    float* xs = (float*)(xq + M * K);
+    float* xsum = xs + M * ng;
+    if (M >= GEMM4_MIN_ROWS) {  // xq in the order of x
+        quant_act(x, M, K, QB4, 0, xq, xs, xsum, nullptr, nthreads);
+        linear_int4_gemm(T, bias, N, K, xq, xs, xsum, M, y, nthreads);
+        return;
+    }
+    quant_act(x, M, K, QB4, GPV, xq, xs, xsum, nullptr, nthreads);
+    const int64_t nt = (N + 3) / 4, tb = int4_tile_bytes(K);
+#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
+    for (int64_t tile = 0; tile < nt; ++tile) {
+        const int64_t n = tile * 4;
+        const int rows = (int)std::min<int64_t>(4, N - n);
+        const float* b = bias ? bias + n : nullptr;
+        int64_t m = 0;
+        for (; m + M4 <= M; m += M4)
+            i4_tile<M4>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
+                        rows);
+        for (; m < M; ++m)
+            i4_tile<1>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
+                       rows);
     }
 }
 

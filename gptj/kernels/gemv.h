@@ -14,8 +14,8 @@
 //         P_i = sum of c_g over g = i, i + 4, i + 8, ... in order (i = 0..3)
 //         y = (P_0 + P_1) + (P_2 + P_3) (+ bias)     D_g = sum over g of q * xq, X_g = sum of xq
 // How the integer sums are formed differs with the number of rows (int8: lanes = k for a few
-// rows, lanes = activation rows from 16, lanes = weight rows from 64 with AVX-512 VNNI, AMX
-// tiles) and never changes them.
+// rows, lanes = activation rows from 16, lanes = weight rows from 64, AMX tiles; int4: tiles of
+// 4 weight rows, lanes = weight rows from 64 or 128) and never changes them.
 #pragma once
 
 #include <stdint.h>

@@ -162,6 +162,11 @@ static inline vi dot_u8s8(vi acc, vi u, vi s) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 }
 #endif
+// u * s pairs as int16 (maddubs, which saturates: exact while 2 * u * |s| <= 32767), int16 sums,
+// and the int16 pairs of a summed into int32
+static inline vi vi_maddubs(vi u, vi s) { return _mm512_maddubs_epi16(u, s); }
+static inline vi vi_add16(vi a, vi b) { return _mm512_add_epi16(a, b); }
+static inline vi vi_widen16(vi a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
 // |w| and x with w's sign (x where w is 0: its product is 0): maddubs' u8 x s8 form of w * x
 static inline vi abs_s8(vi w) { return _mm512_abs_epi8(w); }
 static inline vi sign_s8(vi x, vi w) { return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), vi_zero(), x); }
@@ -238,6 +243,9 @@ static inline vi dot_u8s8(vi acc, vi u, vi s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 #endif
+static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
+static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
+static inline vi vi_widen16(vi a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 static inline vi abs_s8(vi w) { return _mm256_sign_epi8(w, w); }
 static inline vi sign_s8(vi x, vi w) { return _mm256_sign_epi8(x, w); }
 #endif

@@ -51,9 +51,10 @@ def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -> None:
     q = layer(n, k, mode)
-    # 17, 40: AMX's groups of 16, a pass of 32, the many-row loop (lanes = activation rows); 70:
-    # AVX-512 VNNI's GEMM panels (lanes = weight rows), with a last partial register block
-    rows = (1, 3) if n * k > 4e6 else (1, 3, 17, 40, 70)
+    # 17, 40: AMX's groups of 16, a pass of 32, the many-row loop (lanes = activation rows); 70
+    # and 130: the GEMMs' panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or, with
+    # AVX-512 VNNI, 128), with a last partial register block
+    rows = (1, 3) if n * k > 4e6 else (1, 3, 17, 40, 70, 130)
     with kernels.use(variant):
         for m in rows:
             x = activations(m, k)
@@ -107,9 +108,9 @@ def test_dequantize_gemm_is_the_same_in_every_variant(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_prefill_on_the_kernels_is_decode_bit_for_bit(mode: str) -> None:
     """Where bf16 is emulated (AVX2 variants stand for such CPUs), a float32 GEMM is slower than
-    the int8 kernels at any batch size, and on AVX512-VNNI without AMX the int8 kernel's
-    many-row loop beats a bf16 GEMM: a long prompt takes the kernels there, and its 600 rows
-    give the bits each row gets alone, as in decode."""
+    the integer kernels at any batch size, and on AVX512-VNNI without AMX their GEMMs beat a
+    bf16 one: a long prompt takes the kernels there, and its 600 rows give the bits each row
+    gets alone, as in decode."""
     q = layer(256, 576, mode)
     x = activations(600, 576)
     ran = 0
@@ -160,7 +161,7 @@ def test_reference_activation_rounding() -> None:
 
 def test_kernel_rows_limit_follows_the_variant() -> None:
     """int8 batches take AMX tiles up to AMX_INT8_KERNEL_MAX_ROWS; without native bf16 every
-    batch takes the kernels, and int8 on AVX512-VNNI without AMX too; otherwise batches past the
+    batch takes the kernels, and on AVX512-VNNI without AMX too; otherwise batches past the
     crossover dequantize + GEMM in bf16."""
     flags = kernels.cpu_flags()
     for variant in VARIANTS:
@@ -172,7 +173,7 @@ def test_kernel_rows_limit_follows_the_variant() -> None:
                 limit = quant.kernel_max_rows(mode)
                 if variant == "amx" and mode == "int8":
                     assert limit == quant.AMX_INT8_KERNEL_MAX_ROWS
-                elif not bf16 or (variant, mode) == ("avx512vnni", "int8") and "amx_bf16" not in flags:
-                    assert limit > 1 << 30  # (the VNNI int8 loop beats an AVX512-BF16 GEMM)
+                elif not bf16 or variant == "avx512vnni" and "amx_bf16" not in flags:
+                    assert limit > 1 << 30  # (the VNNI GEMMs beat an AVX512-BF16 GEMM)
                 else:
                     assert 16 <= limit <= 256
