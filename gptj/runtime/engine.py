@@ -335,20 +335,39 @@ class Engine:
         or the chunk's own logits are wanted (the prompt's logprobs)."""
         if r.prompt_infos is not None or self.device.type != "cpu":
             return False
-        chunk = r.prompt_ids[r.prefilled : min(r.prefilled + self.prefill_chunk, r.prefill_target)]
+        end = min(r.prefilled + self.prefill_chunk, r.prefill_target)
+        chunk = r.prompt_ids[r.prefilled : end]
+        fold = self._takes_last_token(r, end, len(decoding) + len(chunk) + 1)
+        if fold:
+            chunk = [*chunk, r.prompt_ids[-1]]
         runs = [(d.row, [d.next_input]) for d in decoding] + [(r.row, chunk)]
-        logits = self._forward_runs(runs, torch.arange(len(decoding)))
+        wanted = list(range(len(decoding))) + ([len(decoding) + len(chunk) - 1] if fold else [])
+        logits = self._forward_runs(runs, torch.tensor(wanted, dtype=torch.long))
         if logits is None:
             return False
         r.prefilled += len(chunk)
         self.rows.tokens[r.row].extend(chunk)
         self._prompt_done(r)
-        if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
+        if r.prefilled == len(r.prompt_ids) and not fold:  # max_new_tokens == 0: the prompt was all
             self._retire(r, "length")
         for i, d in enumerate(decoding):
             self._fed(d, d.next_input)
             self._accept(d, logits[i])
+        if fold:
+            self._accept(r, logits[len(decoding)])
         return True
+
+    def _takes_last_token(self, r: _Request, end: int, step_tokens: int) -> bool:
+        """Whether the prompt chunk that ends at `end` also takes the prompt's last token, whose
+        logits then give the first token: one pass over the weights fewer before it. Only where
+        the fused step runs the whole step (`step_tokens` tokens), which gives every token the
+        bits of a one-token decode step, so the text is what the separate step would give."""
+        return (
+            end == r.prefill_target == len(r.prompt_ids) - 1
+            and r.prompt_infos is None
+            and self.device.type == "cpu"
+            and runner.exact_step(self.model, step_tokens)
+        )
 
     def _forward_runs(self, runs: list[tuple[int, list[int]]], wanted: torch.Tensor) -> torch.Tensor | None:
         """One fused pass over runs of tokens, each (cache row, tokens) written at the row's next
@@ -366,18 +385,25 @@ class Engine:
 
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled
-        chunk = r.prompt_ids[start : min(start + self.prefill_chunk, r.prefill_target)]
+        end = min(start + self.prefill_chunk, r.prefill_target)
+        chunk = r.prompt_ids[start:end]
+        fold = self._takes_last_token(r, end, len(chunk) + 1)
+        if fold:
+            chunk = [*chunk, r.prompt_ids[-1]]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         # the last token's step samples; the chunk's logits are wanted only for the prompt's logprobs
-        logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1),
-                                logits=r.prompt_infos is not None)
-        if logits is not None:
+        logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1), last_only=fold,
+                                logits=fold or r.prompt_infos is not None)  # fmt: skip
+        if logits is not None and not fold:
             self._add_prompt_logprobs(r, logits[0].cpu(), start)
         r.prefilled += len(chunk)
         self.rows.tokens[r.row].extend(chunk)
         self._prompt_done(r)
-        if r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
+        if fold:
+            assert logits is not None
+            self._accept(r, logits[0, -1])
+        elif r.prefilled == len(r.prompt_ids):  # max_new_tokens == 0: the prompt was all
             self._retire(r, "length")
 
     def _add_prompt_logprobs(self, r: _Request, logits: torch.Tensor, start: int) -> None:

@@ -193,5 +193,6 @@ class _Request:
         takes like a generated token. A prompt's first logits then come from the same kind of
         step whether its prefix was cached or not, so a seed gives the same text either way
         (with int8 activations, a prefill's and a decode step's logits differ enough to change
-        a draw)."""
+        a draw). Where the fused step serves, which gives every token a decode step's bits, the
+        last chunk takes the last token too (the engine's `_takes_last_token`)."""
         return len(self.prompt_ids) - (1 if self.params.max_new_tokens else 0)

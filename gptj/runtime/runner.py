@@ -56,6 +56,11 @@ def forward_ragged(
     return model.head(x[:, wanted])[0] if wanted.numel() else x.new_empty(0)
 
 
+def exact_step(model: torch.nn.Module, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens runs in the fused C++ step, token by token exact."""
+    return tokens <= cpu_decode.max_entries() and exact_multi_token(model)
+
+
 def exact_multi_token(model: torch.nn.Module) -> bool:
     """Whether a step of several tokens per row gives each token the bits of a one-token step
     (the fused C++ step: decode.h), which speculative decoding needs to keep the text unchanged."""

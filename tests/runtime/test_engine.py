@@ -9,6 +9,7 @@ import torch
 
 import gptj
 from gptj.loading.random_checkpoint import make_random_checkpoint
+from gptj.runtime import runner
 from gptj.runtime.sampling import InvalidRequest
 
 
@@ -243,6 +244,36 @@ def test_same_seed_same_text_with_and_without_a_cached_prefix(mode: str) -> None
         again = model.generate(prompt, **settings)
         assert again.cached_prompt_tokens == first.prompt_tokens - 1  # all but the last token reused
         assert again.text == first.text
+    finally:
+        model.engine.shutdown(grace=0)
+
+
+def test_the_first_token_rides_in_the_prompts_last_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the fused step serves (every token gets a one-token step's bits), the prompt's last
+    token goes in with its last chunk: the first token costs one pass over the weights, not a
+    chunk's pass and then a decode step's. Its logits are those of the separate step, which a
+    cached prefix still takes."""
+    model = gptj.load(quantize="int8", speculative="none")
+    passes: list[int] = []  # tokens per pass over the weights
+
+    def counting(real):  # noqa: ANN001, ANN202
+        def step(model_, ids, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            passes.append(ids.numel())
+            return real(model_, ids, *args, **kwargs)
+
+        return step
+
+    monkeypatch.setattr(runner, "forward", counting(runner.forward))
+    monkeypatch.setattr(runner, "forward_ragged", counting(runner.forward_ragged))
+    try:
+        prompt = "The old lighthouse keeper climbed the stairs and"
+        settings = dict(max_new_tokens=3, temperature=0.8, seed=11, logprobs=4, ignore_eos=True)
+        first = model.generate(prompt, **settings)
+        assert passes == [first.prompt_tokens, 1, 1]  # the whole prompt, then a step per token
+        passes.clear()
+        again = model.generate(prompt, **settings)
+        assert again.cached_prompt_tokens == first.prompt_tokens - 1 and passes == [1, 1, 1]
+        assert again.token_infos == first.token_infos  # the same logprobs, to the last bit
     finally:
         model.engine.shutdown(grace=0)
 
