@@ -8,6 +8,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include <vector>
+
 #include "gemv.h"
 #include "simd.h"
 
@@ -216,6 +218,111 @@ static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 #define ATT_G 4        // query heads per task, at most
 #define ATT_CHUNK 256  // keys per chunk: an entry of n keys has ceil(n / ATT_CHUNK) chunks
 
+// Up to ATT_G consecutive entries of one row (a prompt's chunk), one query head each (kv heads
+// not grouped), over one chunk of keys: each key and value is read once for all QT of them,
+// where attend_v reads them once per entry. Entry t has n[t] keys (n ascending), its scores at
+// s + t * ATT_CHUNK, and gets attend_v<NV, 1>'s operations in its order: the 4-key groups of
+// scores the entries share, then each entry's own rest as attend_v takes it; the output summed
+// key by key, a few vectors of the head at a time.
+template <int NV, typename CT>
+static void scores_rest(const float* q, const CT* K, int64_t j, int64_t n, float scale, float* s) {
+    constexpr int64_t hd = NV * FW;
+    for (; j + 4 <= n; j += 4) {
+        vf a[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+        for (int i = 0; i < NV; ++i) {
+            const vf qv = vf_ld(q + i * FW);
+            for (int u = 0; u < 4; ++u) a[u] = vf_fma(qv, vf_ld(K + (j + u) * hd + i * FW), a[u]);
+        }
+        _mm_storeu_ps(s + j, _mm_mul_ps(vf_sum4(a), _mm_set1_ps(scale)));
+    }
+    for (; j < n; ++j) {
+        vf a = vf_zero();
+        for (int i = 0; i < NV; ++i) a = vf_fma(vf_ld(q + i * FW), vf_ld(K + j * hd + i * FW), a);
+        s[j] = vf_sum(a) * scale;
+    }
+}
+
+template <int NV, int QT, typename CT>
+static void attend_tile(const float* const* q, const CT* K, const CT* V, const int64_t* n, float scale,
+                        float* s, float* const* o, float* const* m, float* const* l) {
+    constexpr int64_t hd = NV * FW;
+    constexpr int IB = NV < 4 ? NV : 4;  // vectors of the head per pass over the values
+    int64_t j = 0;
+    for (; j + 4 <= n[0]; j += 4) {
+        vf a[QT][4];
+        for (int t = 0; t < QT; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = vf_zero();
+        for (int i = 0; i < NV; ++i) {
+            vf k[4];
+            for (int u = 0; u < 4; ++u) k[u] = vf_ld(K + (j + u) * hd + i * FW);
+            for (int t = 0; t < QT; ++t) {
+                const vf qv = vf_ld(q[t] + i * FW);
+                for (int u = 0; u < 4; ++u) a[t][u] = vf_fma(qv, k[u], a[t][u]);
+            }
+        }
+        for (int t = 0; t < QT; ++t)
+            _mm_storeu_ps(s + t * ATT_CHUNK + j, _mm_mul_ps(vf_sum4(a[t]), _mm_set1_ps(scale)));
+    }
+    for (int t = 0; t < QT; ++t) {
+        scores_rest<NV>(q[t], K, j, n[t], scale, s + t * ATT_CHUNK);
+        chunk_softmax(s + t * ATT_CHUNK, 1, n[t], m[t], l[t], 1);
+    }
+    for (int i0 = 0; i0 < NV; i0 += IB) {
+        vf acc[QT][IB];
+        for (int t = 0; t < QT; ++t)
+            for (int i = 0; i < IB; ++i) acc[t][i] = vf_zero();
+        for (j = 0; j < n[QT - 1]; ++j) {
+            vf v[IB];
+            for (int i = 0; i < IB; ++i) v[i] = vf_ld(V + j * hd + (i0 + i) * FW);
+            for (int t = 0; t < QT; ++t) {
+                if (j >= n[t]) continue;  // only in the last few keys: n differs by one from entry to entry
+                const vf p = vf_set(s[t * ATT_CHUNK + j]);
+                for (int i = 0; i < IB; ++i) acc[t][i] = vf_fma(p, v[i], acc[t][i]);
+            }
+        }
+        for (int t = 0; t < QT; ++t)
+            for (int i = 0; i < IB; ++i) vf_st(o[t] + (i0 + i) * FW, acc[t][i]);
+    }
+}
+
+// The tile of `count` (2..ATT_G) entries where head_dim is NV vectors for an NV attend_v takes;
+// false where it is not
+template <int NV, typename CT>
+static bool attend_tile_n(int count, const float* const* q, const CT* K, const CT* V, const int64_t* n,
+                          float scale, float* s, float* const* o, float* const* m, float* const* l) {
+    switch (count) {
+        case 2: attend_tile<NV, 2>(q, K, V, n, scale, s, o, m, l); return true;
+        case 3: attend_tile<NV, 3>(q, K, V, n, scale, s, o, m, l); return true;
+        case 4: attend_tile<NV, 4>(q, K, V, n, scale, s, o, m, l); return true;
+    }
+    return false;
+}
+
+// head_dim's whole vectors where attend_chunk takes them with attend_v (one query head per kv
+// head), else 0: no tiles
+static inline int tile_vectors(int64_t hd) {
+    switch (hd) {
+        case FW: return 1;
+        case 2 * FW: return 2;
+        case 4 * FW: return 4;
+        case 8 * FW: return 8;
+        case 16 * FW: return 16;
+    }
+    return 0;
+}
+
+template <typename CT>
+static void attend_tile_any(int nv, int count, const float* const* q, const CT* K, const CT* V,
+                            const int64_t* n, float scale, float* s, float* const* o, float* const* m,
+                            float* const* l) {
+    switch (nv) {
+        case 1: attend_tile_n<1>(count, q, K, V, n, scale, s, o, m, l); break;
+        case 2: attend_tile_n<2>(count, q, K, V, n, scale, s, o, m, l); break;
+        case 4: attend_tile_n<4>(count, q, K, V, n, scale, s, o, m, l); break;
+        case 8: attend_tile_n<8>(count, q, K, V, n, scale, s, o, m, l); break;
+        default: attend_tile_n<16>(count, q, K, V, n, scale, s, o, m, l); break;
+    }
+}
+
 // Chunks per (entry, kv head): a function of the entry's own key count only, so that its
 // attention is the same float operations whatever else is in the step and however many threads
 // run it (a token's logits do not depend on its batch, nor on how many tokens a step takes).
@@ -271,20 +378,49 @@ static void attention_step(const float* q, int64_t q_stride, const CT* kl, const
     // in parallel only where it outweighs waking the threads (the results are the same)
     const bool par = B * nh * (maxpos + 1) * hd >= 32768;
     const int64_t C = n_chunks(maxpos + 1), hg = (group + ATT_G - 1) / ATT_G;
-    // tasks: (entry, kv head, batch of up to ATT_G of its query heads, chunk of keys)
+    // tiles: runs of up to ATT_G entries of one row at consecutive positions (a prompt's chunk)
+    // where a kv head has one query head; else one entry each
+    const int nv = group == 1 ? tile_vectors(hd) : 0;
+    static thread_local std::vector<int64_t> starts;
+    starts.clear();
+    for (int64_t b = 0; b < B; ++b)
+        if (!nv || b == 0 || rows[b] != rows[b - 1] || pos[b] != pos[b - 1] + 1 || b - starts.back() == ATT_G)
+            starts.push_back(b);
+    starts.push_back(B);
+    const int64_t ntiles = (int64_t)starts.size() - 1;
+    const int64_t* tile_at = starts.data();
+    // tasks: (tile of entries, kv head, batch of up to ATT_G of its query heads, chunk of keys)
 #pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
-    for (int64_t task = 0; task < B * nkv * hg * C; ++task) {
+    for (int64_t task = 0; task < ntiles * nkv * hg * C; ++task) {
         const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv,
-                      b = task / (C * hg * nkv);
-        const int64_t h0 = kvh * group + hb * ATT_G, n = pos[b] + 1;
+                      tile = task / (C * hg * nkv);
+        const int64_t h0 = kvh * group + hb * ATT_G, j0 = c * ATT_CHUNK;
         const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
-        const int64_t j0 = c * ATT_CHUNK, j1 = j0 + ATT_CHUNK < n ? j0 + ATT_CHUNK : n;
-        const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
-        if (j1 <= j0) continue;                    // past this entry's keys
+        float* s = scores + ATT_G * ATT_CHUNK * omp_get_thread_num();
+        int64_t b = tile_at[tile];
+        while (b < tile_at[tile + 1] && pos[b] + 1 <= j0) ++b;  // entries with no keys in this chunk
+        const int count = (int)(tile_at[tile + 1] - b);
+        if (!count) continue;
         const int64_t at = rows[b] * row_stride + (kvh * max_len + j0) * hd;
-        attend_chunk(q + b * q_stride + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale,
-                     scores + ATT_G * ATT_CHUNK * omp_get_thread_num(), po + pi * hd, C * hd, pm + pi,
-                     pl + pi, C);
+        if (count == 1) {
+            const int64_t n = pos[b] + 1, j1 = j0 + ATT_CHUNK < n ? j0 + ATT_CHUNK : n;
+            const int64_t pi = (b * nh + h0) * C + c;  // head h0's part; head h0 + t's is C further on
+            attend_chunk(q + b * q_stride + h0 * hd, G, hd, kl + at, vl + at, j1 - j0, scale, s, po + pi * hd,
+                         C * hd, pm + pi, pl + pi, C);
+            continue;
+        }
+        const float* qt[ATT_G];
+        float *ot[ATT_G], *mt[ATT_G], *lt[ATT_G];
+        int64_t nt[ATT_G];
+        for (int t = 0; t < count; ++t) {
+            const int64_t e = b + t, n = pos[e] + 1, pi = (e * nh + h0) * C + c;
+            nt[t] = (j0 + ATT_CHUNK < n ? j0 + ATT_CHUNK : n) - j0;
+            qt[t] = q + e * q_stride + h0 * hd;
+            ot[t] = po + pi * hd;
+            mt[t] = pm + pi;
+            lt[t] = pl + pi;
+        }
+        attend_tile_any(nv, count, qt, kl + at, vl + at, nt, scale, s, ot, mt, lt);
     }
     for (int64_t bh = 0; bh < B * nh; ++bh) {  // combine the entry's chunks: softmax over all its keys
         const int64_t pi = bh * C, Cb = n_chunks(pos[bh / nh] + 1);

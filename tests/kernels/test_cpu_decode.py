@@ -348,23 +348,27 @@ def test_models_do_not_import_the_kernels() -> None:
 
 
 @pytest.mark.parametrize("variant", [v for v in kernels.available_variants() if v != kernels.NONE])
-@pytest.mark.parametrize("arch", ["llama", "gptj"])
+@pytest.mark.parametrize("arch", ["llama", "gptj", "gptj-6b-heads"])
 def test_a_tokens_logits_do_not_depend_on_its_step(arch: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What speculative decoding and batching rely on: a token's logits are the same bits whether
     its step takes it alone, with the drafted tokens after it (T tokens of one row, causal among
-    themselves), beside other rows, or on one thread or two; also past 512 keys, where its
-    attention splits into chunks."""
+    themselves: GPT-J's attention reads each key once for up to 4 of them), beside other rows,
+    or on one thread or two; also past 512 keys, where its attention splits into chunks."""
+    cache_dtype = torch.float32
     if arch == "llama":
         model = tiny_llama(CONFIGS["gqa"], "int8", seed=5)
-    else:
+    elif arch == "gptj":
         model = tiny_gptj(GPTJ_CONFIGS["hd32-rot16"], "int4", fused=True, seed=5)
+    else:  # GPT-J-6B's head size, and its bfloat16 cache
+        model = tiny_gptj(GPTJ_CONFIGS["hd256-rot64"], "int8", fused=True, seed=5)
+        cache_dtype = torch.bfloat16
     monkeypatch.setenv("GPTJ_FAST_DECODE", "1")
     torch.manual_seed(5)
-    start, T = 600, 6
+    start, T = 600, 7  # a tile of 4 entries and one of 3
     ids = torch.randint(0, 101, (3, start + T))
 
     def fresh_cache() -> KVCache:
-        cache = cache_for(model, 3, max_len=start + T + 2)
+        cache = cache_for(model, 3, max_len=start + T + 2, dtype=cache_dtype)
         with torch.no_grad():  # the prompts: the torch path, the same in every case
             for r in range(3):
                 model(ids[r : r + 1, :start], torch.arange(start)[None], cache, slice(r, r + 1), logits=False)
