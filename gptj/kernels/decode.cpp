@@ -209,6 +209,9 @@ static void attend_chunk(const float* q, int G, int64_t hd, const CT* K, const C
         case 16 * FW:
             done = attend_nv<16>(q, G, K, V, n, scale, s, o, os, m, l, ms);
             break;  // GPT-J-6B, AVX-512
+        case 32 * FW:
+            done = G == 1 && attend_nv<32>(q, G, K, V, n, scale, s, o, os, m, l, ms);
+            break;  // GPT-J-6B, AVX2 (its query spills to the stack, which L1 serves)
     }
     if (!done) attend_any(q, G, hd, K, V, n, scale, s, o, os, m, l, ms);
 }
@@ -306,6 +309,7 @@ static inline int tile_vectors(int64_t hd) {
         case 4 * FW: return 4;
         case 8 * FW: return 8;
         case 16 * FW: return 16;
+        case 32 * FW: return 32;
     }
     return 0;
 }
@@ -319,7 +323,8 @@ static void attend_tile_any(int nv, int count, const float* const* q, const CT* 
         case 2: attend_tile_n<2>(count, q, K, V, n, scale, s, o, m, l); break;
         case 4: attend_tile_n<4>(count, q, K, V, n, scale, s, o, m, l); break;
         case 8: attend_tile_n<8>(count, q, K, V, n, scale, s, o, m, l); break;
-        default: attend_tile_n<16>(count, q, K, V, n, scale, s, o, m, l); break;
+        case 16: attend_tile_n<16>(count, q, K, V, n, scale, s, o, m, l); break;
+        default: attend_tile_n<32>(count, q, K, V, n, scale, s, o, m, l); break;
     }
 }
 
