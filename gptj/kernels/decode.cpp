@@ -7,6 +7,7 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <vector>
 
@@ -446,6 +447,41 @@ static void attention_step(const float* q, int64_t q_stride, const CT* kl, const
     }
 }
 
+// ---------------------------------------------------------------- the cache's pages
+// The KV cache is an anonymous mapping whose pages are faulted in as positions are first
+// written. A prompt's chunk writes hundreds of positions of one row, one token after another
+// on one thread, while the others wait: its pages are populated up front instead, in one call
+// per layer and head, on every thread.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; elsewhere the call fails and the writes fault as before
+#endif
+constexpr int64_t POPULATE_MIN_ENTRIES = 64;  // decode steps (a token a row) do not ask
+
+template <typename CT>
+static void populate_rows(CT* kc, CT* vc, int64_t n_layers, int64_t nkv, int64_t B, const int64_t* pos,
+                          const int64_t* rows, int64_t cache_rows, int64_t max_len, int64_t hd,
+                          int nthreads) {
+    if (B < POPULATE_MIN_ENTRIES) return;
+    const uintptr_t page = 4096;
+    for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {  // runs of one row
+        int64_t lo = pos[b0], hi = pos[b0];
+        for (b1 = b0 + 1; b1 < B && rows[b1] == rows[b0]; ++b1) {
+            lo = pos[b1] < lo ? pos[b1] : lo;
+            hi = pos[b1] > hi ? pos[b1] : hi;
+        }
+        if (b1 - b0 < POPULATE_MIN_ENTRIES) continue;
+        const int64_t ranges = n_layers * nkv * 2;
+#pragma omp parallel for schedule(dynamic) num_threads(nthreads)
+        for (int64_t i = 0; i < ranges; ++i) {
+            const int64_t l = i / (2 * nkv), j = i / 2 % nkv;
+            CT* base = (i % 2 ? vc : kc) + ((l * cache_rows + rows[b0]) * nkv + j) * max_len * hd;
+            const uintptr_t a = (uintptr_t)(base + lo * hd) & ~(page - 1);
+            const uintptr_t e = ((uintptr_t)(base + (hi + 1) * hd) + page - 1) & ~(page - 1);
+            madvise((void*)a, e - a, MADV_POPULATE_WRITE);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- Llama decode step
 
 int64_t llama_decode_scratch(const LlamaDims* d, int64_t B, int64_t max_len, int nthreads) {
@@ -473,6 +509,7 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
     const AttnScratch sc = attn_scratch(act + align64(B * I), B, nh, hd, max_len, nthreads);
     void* gemv = sc.gemv;
     const int64_t row_stride = nkv * max_len * hd, layer_stride = cache_rows * row_stride;
+    populate_rows(kc, vc, d->n_layers, nkv, B, pos, rows, cache_rows, max_len, hd, nthreads);
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const LlamaLayer& L = layers[l];
         rms_norm_rows(x, L.ln1, B, H, d->eps, h);
@@ -568,6 +605,7 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
     const AttnScratch sc = attn_scratch(ef + align64(B * I), B, nh, hd, max_len, nthreads);
     void* gemv = sc.gemv;
     const int64_t row_stride = nh * max_len * hd, layer_stride = cache_rows * row_stride;
+    populate_rows(kc, vc, d->n_layers, nh, B, pos, rows, cache_rows, max_len, hd, nthreads);
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GptjLayer& L = layers[l];
         layer_norm_rows(x, L.ln_w, L.ln_b, B, H, d->eps, h);
