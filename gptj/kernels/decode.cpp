@@ -198,21 +198,25 @@ static bool attend_nv(const float* q, int G, const CT* K, const CT* V, int64_t n
 }
 
 // n >= 1 keys
+// head_dim as a number of whole vectors that attend_v takes (GPT-J-6B's 256: 16 with AVX-512,
+// 32 with AVX2, whose query then spills to the stack, which L1 serves), else 0: attend_any
+static inline int head_vectors(int64_t hd) {
+    for (int nv = 1; nv <= 32; nv *= 2)
+        if (hd == nv * FW) return nv;
+    return 0;
+}
+
 template <typename CT>
 static void attend_chunk(const float* q, int G, int64_t hd, const CT* K, const CT* V, int64_t n, float scale,
                          float* s, float* o, int64_t os, float* m, float* l, int64_t ms) {
     bool done = false;
-    switch (hd) {
-        case FW: done = attend_nv<1>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
-        case 2 * FW: done = attend_nv<2>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
-        case 4 * FW: done = attend_nv<4>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
-        case 8 * FW: done = attend_nv<8>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
-        case 16 * FW:
-            done = attend_nv<16>(q, G, K, V, n, scale, s, o, os, m, l, ms);
-            break;  // GPT-J-6B, AVX-512
-        case 32 * FW:
-            done = G == 1 && attend_nv<32>(q, G, K, V, n, scale, s, o, os, m, l, ms);
-            break;  // GPT-J-6B, AVX2 (its query spills to the stack, which L1 serves)
+    switch (head_vectors(hd)) {
+        case 1: done = attend_nv<1>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 2: done = attend_nv<2>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 4: done = attend_nv<4>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 8: done = attend_nv<8>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 16: done = attend_nv<16>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
+        case 32: done = attend_nv<32>(q, G, K, V, n, scale, s, o, os, m, l, ms); break;
     }
     if (!done) attend_any(q, G, hd, K, V, n, scale, s, o, os, m, l, ms);
 }
@@ -288,31 +292,15 @@ static void attend_tile(const float* const* q, const CT* K, const CT* V, const i
     }
 }
 
-// The tile of `count` (2..ATT_G) entries where head_dim is NV vectors for an NV attend_v takes;
-// false where it is not
+// The tile of `count` (2..ATT_G) entries whose heads are NV vectors (head_vectors)
 template <int NV, typename CT>
-static bool attend_tile_n(int count, const float* const* q, const CT* K, const CT* V, const int64_t* n,
+static void attend_tile_n(int count, const float* const* q, const CT* K, const CT* V, const int64_t* n,
                           float scale, float* s, float* const* o, float* const* m, float* const* l) {
     switch (count) {
-        case 2: attend_tile<NV, 2>(q, K, V, n, scale, s, o, m, l); return true;
-        case 3: attend_tile<NV, 3>(q, K, V, n, scale, s, o, m, l); return true;
-        case 4: attend_tile<NV, 4>(q, K, V, n, scale, s, o, m, l); return true;
+        case 2: attend_tile<NV, 2>(q, K, V, n, scale, s, o, m, l); break;
+        case 3: attend_tile<NV, 3>(q, K, V, n, scale, s, o, m, l); break;
+        default: attend_tile<NV, 4>(q, K, V, n, scale, s, o, m, l); break;
     }
-    return false;
-}
-
-// head_dim's whole vectors where attend_chunk takes them with attend_v (one query head per kv
-// head), else 0: no tiles
-static inline int tile_vectors(int64_t hd) {
-    switch (hd) {
-        case FW: return 1;
-        case 2 * FW: return 2;
-        case 4 * FW: return 4;
-        case 8 * FW: return 8;
-        case 16 * FW: return 16;
-        case 32 * FW: return 32;
-    }
-    return 0;
 }
 
 template <typename CT>
@@ -386,7 +374,7 @@ static void attention_step(const float* q, int64_t q_stride, const CT* kl, const
     const int64_t C = n_chunks(maxpos + 1), hg = (group + ATT_G - 1) / ATT_G;
     // tiles: runs of up to ATT_G entries of one row at consecutive positions (a prompt's chunk)
     // where a kv head has one query head; else one entry each
-    const int nv = group == 1 ? tile_vectors(hd) : 0;
+    const int nv = group == 1 ? head_vectors(hd) : 0;  // where a lone entry takes attend_v too
     static thread_local std::vector<int64_t> starts;
     starts.clear();
     for (int64_t b = 0; b < B; ++b)

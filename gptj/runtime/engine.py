@@ -335,11 +335,7 @@ class Engine:
         or the chunk's own logits are wanted (the prompt's logprobs)."""
         if r.prompt_infos is not None or self.device.type != "cpu":
             return False
-        end = min(r.prefilled + self.prefill_chunk, r.prefill_target)
-        chunk = r.prompt_ids[r.prefilled : end]
-        fold = self._takes_last_token(r, end, len(decoding) + len(chunk) + 1)
-        if fold:
-            chunk = [*chunk, r.prompt_ids[-1]]
+        chunk, fold = self._next_chunk(r, len(decoding))
         runs = [(d.row, [d.next_input]) for d in decoding] + [(r.row, chunk)]
         wanted = list(range(len(decoding))) + ([len(decoding) + len(chunk) - 1] if fold else [])
         logits = self._forward_runs(runs, torch.tensor(wanted, dtype=torch.long))
@@ -357,17 +353,20 @@ class Engine:
             self._accept(r, logits[len(decoding)])
         return True
 
-    def _takes_last_token(self, r: _Request, end: int, step_tokens: int) -> bool:
-        """Whether the prompt chunk that ends at `end` also takes the prompt's last token, whose
-        logits then give the first token: one pass over the weights fewer before it. Only where
-        the fused step runs the whole step (`step_tokens` tokens), which gives every token the
-        bits of a one-token decode step, so the text is what the separate step would give."""
-        return (
+    def _next_chunk(self, r: _Request, beside: int) -> tuple[list[int], bool]:
+        """The prompt's next chunk, in a step with `beside` other tokens, and whether it also takes
+        the prompt's last token, whose logits then give the first token: one pass over the weights
+        fewer before it. Only where the fused step runs the whole step, which gives every token
+        the bits of a one-token decode step, so the text is what the separate step would give."""
+        end = min(r.prefilled + self.prefill_chunk, r.prefill_target)
+        chunk = r.prompt_ids[r.prefilled : end]
+        fold = (
             end == r.prefill_target == len(r.prompt_ids) - 1
             and r.prompt_infos is None
             and self.device.type == "cpu"
-            and runner.exact_step(self.model, step_tokens)
+            and runner.exact_step(self.model, beside + len(chunk) + 1)
         )
+        return ([*chunk, r.prompt_ids[-1]] if fold else chunk), fold
 
     def _forward_runs(self, runs: list[tuple[int, list[int]]], wanted: torch.Tensor) -> torch.Tensor | None:
         """One fused pass over runs of tokens, each (cache row, tokens) written at the row's next
@@ -385,14 +384,10 @@ class Engine:
 
     def _prefill_chunk(self, r: _Request) -> None:
         start = r.prefilled
-        end = min(start + self.prefill_chunk, r.prefill_target)
-        chunk = r.prompt_ids[start:end]
-        fold = self._takes_last_token(r, end, len(chunk) + 1)
-        if fold:
-            chunk = [*chunk, r.prompt_ids[-1]]
+        chunk, fold = self._next_chunk(r, 0)
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        # the last token's step samples; the chunk's logits are wanted only for the prompt's logprobs
+        # logits: the last token's where the chunk takes it, else only for the prompt's logprobs
         logits = runner.forward(self.model, ids, positions, self.cache, slice(r.row, r.row + 1), last_only=fold,
                                 logits=fold or r.prompt_infos is not None)  # fmt: skip
         if logits is not None and not fold:

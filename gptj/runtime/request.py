@@ -194,5 +194,5 @@ class _Request:
         step whether its prefix was cached or not, so a seed gives the same text either way
         (with int8 activations, a prefill's and a decode step's logits differ enough to change
         a draw). Where the fused step serves, which gives every token a decode step's bits, the
-        last chunk takes the last token too (the engine's `_takes_last_token`)."""
+        last chunk takes the last token too (the engine's `_next_chunk`)."""
         return len(self.prompt_ids) - (1 if self.params.max_new_tokens else 0)

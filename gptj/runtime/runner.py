@@ -27,8 +27,7 @@ def forward(
         cache is None
         or positions is None
         or input_ids.device.type != "cpu"
-        or input_ids.numel() > cpu_decode.max_entries()
-        or not exact_multi_token(model)
+        or not exact_step(model, input_ids.numel())
     ):
         return model(input_ids, positions, cache, rows, last_only=last_only, logits=logits)
     x = model.embed(input_ids)
@@ -47,7 +46,7 @@ def forward_ragged(
     and a newcomer's prompt chunk share one pass over the weights. Returns the float32 logits of
     the tokens at indices `wanted` [W, vocab], or None (nothing done) where the fused step does
     not serve: the caller then steps as before."""
-    if input_ids.device.type != "cpu" or input_ids.numel() > cpu_decode.max_entries() or not exact_multi_token(model):
+    if input_ids.device.type != "cpu" or not exact_step(model, input_ids.numel()):
         return None
     x = model.embed(input_ids[None])
     cos, sin = model.rotary(positions[None])
