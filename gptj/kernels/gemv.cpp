@@ -286,7 +286,7 @@ constexpr int GR = 4, NV8 = 3;  // 6 x 2, 5 x 2, 3 x 4: slower
 #elif GQ_AVX512
 constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
 #elif GQ_VNNI
-constexpr int GR = 3, NV8 = 2;  // 16 registers; 2 x 2, 2 x 3, 4 x 1, 4 x 2: slower
+constexpr int GR = 4, NV8 = 3;  // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
 #else
 constexpr int GR = 4, NV8 = 1;  // 2 x 2, 3 x 2, 2 x 3, 4 x 2: slower
 #endif
@@ -299,9 +299,11 @@ template <int MR>
 static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const uint8_t* xu, int64_t K,
                                  const float* xs, int64_t nb, const float* ws, const float* bias, float* y,
                                  int64_t ldy, int ncols) {
-    vf f[MR][NV8];  // the float sums of gemv.h, per activation row and weight vector
+    // the float sums of gemv.h, per activation row and weight vector: in memory, touched once per
+    // block, so that the int32 accumulators can have the registers (16 of them without AVX-512)
+    alignas(64) float f[MR][NV8][LW];
     for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV8; ++v) f[i][v] = vf_zero();
+        for (int v = 0; v < NV8; ++v) vf_st(f[i][v], vf_zero());
     for (int64_t b = 0; b < nb; ++b) {
         const int64_t q0 = b * QB8 / 4, q1 = std::min<int64_t>(b * QB8 + QB8, K) / 4;
         vi c[MR][NV8];
@@ -329,14 +331,14 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const u
         for (int i = 0; i < MR; ++i) {
             const vf s = vf_set(xs[i * nb + b]);
             for (int v = 0; v < NV8; ++v)
-                f[i][v] = vf_add(f[i][v], vf_mul(vf_cvt(vi_sub(c[i][v], cv[v])), s));
+                vf_st(f[i][v], vf_add(vf_ld(f[i][v]), vf_mul(vf_cvt(vi_sub(c[i][v], cv[v])), s)));
         }
     }
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV8; ++v) {
             const int n = std::min(LW, ncols - LW * v);
             if (n <= 0) break;
-            vf out = vf_mul(f[i][v], vf_load_n(ws + LW * v, n));
+            vf out = vf_mul(vf_ld(f[i][v]), vf_load_n(ws + LW * v, n));
             if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
             vf_store_n(y + i * ldy + LW * v, out, n);
         }
@@ -677,13 +679,19 @@ void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, i
 // activation rows x weight vectors per register block, measured best at 512 rows on the Zen 5
 #if GQ_AVX512
 constexpr int GR4 = 6, NV4 = 2;  // 4 x 2, 5 x 2, 8 x 1, 10 x 1, 3 x 3: slower
+#elif GQ_VNNI
+constexpr int GR4 = 4, NV4 = 3;  // 3 x 2, 4 x 2: slower; 6 x 2 as fast
 #else
-constexpr int GR4 = 3, NV4 = 2;  // 2 x 2, 4 x 1, 5 x 1: slower
+constexpr int GR4 = 3, NV4 = 2;  // 2 x 2, 4 x 1, 5 x 1, 4 x 2: slower
 #endif
+// With 16 registers, AVX-VNNI's dpbusd leaves room for more int32 accumulators once the float
+// sums P live in memory (touched once per group); maddubs' temporaries do not, nor does it pay
+// with 32 registers.
+constexpr bool P_IN_MEMORY = GQ_VNNI && !GQ_AVX512;
 constexpr int NP4 = LW * NV4;  // weight rows per panel: whole tiles
 // below these the tiles' loop is as fast (with VNNI's dpbusd it keeps up longer)
 #ifndef GEMM4_MIN_ROWS
-#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 128 : 64)
+#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 96 : 64)
 #endif
 
 // P_i of MR activation rows x NP4 weight rows (pout [MR][NP4]) for the groups g = i, i + 4, ..
@@ -691,9 +699,13 @@ template <int MR>
 static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
                                 int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t i,
                                 float* pout) {
-    vf P[MR][NV4];
+    vf P[MR][NV4];  // unused where P_IN_MEMORY: the sums are kept in pout
     for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV4; ++v) P[r][v] = vf_zero();
+        for (int v = 0; v < NV4; ++v)
+            if constexpr (P_IN_MEMORY)
+                vf_st(pout + r * NP4 + v * LW, vf_zero());
+            else
+                P[r][v] = vf_zero();
     for (int64_t g = i; g < ng; g += 4) {
         vi D[MR][NV4];
         for (int r = 0; r < MR; ++r)
@@ -724,12 +736,17 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
 #else
                 const vf d = vf_cvt(vi_widen16(D[r][v]));
 #endif
-                P[r][v] = vf_add(P[r][v], vf_add(vf_mul(d, vf_mul(s[v], xv)), vf_mul(m[v], sv)));
+                const vf t = vf_add(vf_mul(d, vf_mul(s[v], xv)), vf_mul(m[v], sv));
+                if constexpr (P_IN_MEMORY)
+                    vf_st(pout + r * NP4 + v * LW, vf_add(vf_ld(pout + r * NP4 + v * LW), t));
+                else
+                    P[r][v] = vf_add(P[r][v], t);
             }
         }
     }
-    for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV4; ++v) vf_st(pout + r * NP4 + v * LW, P[r][v]);
+    if constexpr (!P_IN_MEMORY)
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV4; ++v) vf_st(pout + r * NP4 + v * LW, P[r][v]);
 }
 
 // y [MR rows, ncols] of one panel: (P_0 + P_1) + (P_2 + P_3) (+ bias)
