@@ -383,11 +383,13 @@ static void attention_step(const float* q, int64_t q_stride, const CT* kl, const
     starts.push_back(B);
     const int64_t ntiles = (int64_t)starts.size() - 1;
     const int64_t* tile_at = starts.data();
-    // tasks: (tile of entries, kv head, batch of up to ATT_G of its query heads, chunk of keys)
+    // tasks: (kv head, batch of up to ATT_G of its query heads, chunk of keys, tile of entries),
+    // the tile fastest: the tiles of a prompt's chunk read one chunk of keys and values after
+    // another while it is in L2, not all of a head's for each tile
 #pragma omp parallel for schedule(dynamic) num_threads(nthreads) if (par)
     for (int64_t task = 0; task < ntiles * nkv * hg * C; ++task) {
-        const int64_t c = task % C, hb = task / C % hg, kvh = task / (C * hg) % nkv,
-                      tile = task / (C * hg * nkv);
+        const int64_t tile = task % ntiles, c = task / ntiles % C, hb = task / (ntiles * C) % hg,
+                      kvh = task / (ntiles * C * hg);
         const int64_t h0 = kvh * group + hb * ATT_G, j0 = c * ATT_CHUNK;
         const int G = (int)(group - hb * ATT_G < ATT_G ? group - hb * ATT_G : ATT_G);
         float* s = scores + ATT_G * ATT_CHUNK * omp_get_thread_num();
