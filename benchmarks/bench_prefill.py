@@ -28,7 +28,7 @@ def main() -> None:
     model = gptj.load(args.checkpoint, progress=False, prefix_cache=False, speculative="none")
     model.generate(prompt_ids(8), max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up: kernels, plans
     print(f"kernels: {kernel_name()}; prompt {args.prompt} tokens", flush=True)
-    ids = prompt_ids(args.prompt)
+    ids = [t % model.config.vocab_size for t in prompt_ids(args.prompt)]  # GPT-J's unchanged
     for i in range(args.repeats):
         t = time.perf_counter()
         next(iter(model.submit(ids, max_new_tokens=1, temperature=0, ignore_eos=True)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
@@ -87,7 +88,21 @@ class Model:
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
             return self.tokenizer.encode_prompt(prompt)
-        return list(prompt)
+        # as the server's routes check them: an id past the embedding's rows would fail in the step
+        ids: list[int] = []
+        for t in prompt:
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                ids.append(operator.index(t))  # int, numpy's and torch's integers
+            except TypeError:
+                raise InvalidRequest("prompt", f"token ids must be integers, got {t!r}") from None
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest("prompt", f"token id {bad} is outside 0..{self.config.vocab_size - 1}")
+        return ids
 
     def submit(self, prompt: str | Sequence[int], preset: str | None = None, **settings: object) -> RequestHandle:
         if preset is not None:  # the preset's template around the prompt, its settings under ours

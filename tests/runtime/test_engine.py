@@ -85,6 +85,17 @@ def test_invalid_settings_name_the_field(tiny: gptj.Model) -> None:
         tiny.generate(PROMPT, temprature=0.5)
 
 
+def test_bad_token_id_prompts_name_the_field(tiny: gptj.Model) -> None:
+    rows = tiny.config.vocab_size  # 50400: past the tokenizer's 50257, still an embedding row
+    for ids, says in [([1, rows], f"token id {rows} is outside 0..{rows - 1}"), ([-1], "token id -1 is outside"),
+                      ([], "must not be empty"), ([1, 2.5], "must be integers"), ([True], "must be integers")]:
+        with pytest.raises(InvalidRequest) as err:
+            tiny.generate(ids, max_new_tokens=2)
+        assert err.value.field == "prompt" and says in str(err.value)
+    assert len(tiny.generate([1, rows - 1], max_new_tokens=2, ignore_eos=True).tokens) == 2
+    assert len(tiny.generate(torch.tensor([1, 2]), max_new_tokens=2, ignore_eos=True).tokens) == 2
+
+
 # ---- stops and limits ----------------------------------------------------------------------------
 
 
