@@ -691,7 +691,7 @@ constexpr bool P_IN_MEMORY = GQ_VNNI && !GQ_AVX512;
 constexpr int NP4 = LW * NV4;  // weight rows per panel: whole tiles
 // below these the tiles' loop is as fast (with VNNI's dpbusd it keeps up longer)
 #ifndef GEMM4_MIN_ROWS
-#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 96 : 64)
+#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : 64)
 #endif
 
 // P_i of MR activation rows x NP4 weight rows (pout [MR][NP4]) for the groups g = i, i + 4, ..
@@ -771,24 +771,60 @@ static inline void i4_gemm_block(const int32_t* wp, const float* sp, const float
 
 // Rows [n0, n0 + ncols) of the tiles as a panel: wp in VNNI's layout (rows: scratch of NP4 x K
 // bytes), sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g (zeros past ncols).
+// Whole tiles' whole blocks are read in their own order, their 16 scales and 16 mins converted
+// 4 at a time and transposed to groups x rows; the rest goes group by group through int4_at.
 static void pack_panel4(const uint8_t* T, int64_t K, int64_t n0, int ncols, uint8_t* rows, int32_t* wp,
                         float* sp, float* mp) {
     const int64_t ng = K / 32, tb = int4_tile_bytes(K);
-    for (int j = 0; j < NP4; ++j)
-        for (int64_t g = 0; g < ng; ++g) {
-            uint8_t* out = rows + j * K + 32 * g;
-            if (j >= ncols) {
-                memset(out, 0, 32);
-                sp[g * NP4 + j] = mp[g * NP4 + j] = 0.f;
+    const __m128i lo = _mm_set1_epi8(15);
+    for (int j0 = 0; j0 < NP4; j0 += 4) {  // a tile of 4 rows (NP4 is whole tiles; n0 starts one)
+        const uint8_t* tile = T + (n0 + j0) / 4 * tb;
+        for (int64_t g0 = 0; g0 < ng; g0 += 4) {  // a block of 4 groups
+            const uint8_t* p = tile + g0 / 4 * TBLK;
+            const int t = (int)std::min<int64_t>(4, ng - g0);
+            if (j0 + 4 > ncols || t < 4) {  // the panel's last rows, the last partial block
+                for (int r = 0; r < 4; ++r)
+                    for (int i = 0; i < t; ++i) {
+                        const int j = j0 + r;
+                        const int64_t g = g0 + i;
+                        uint8_t* out = rows + j * K + 32 * g;
+                        if (j >= ncols) {
+                            memset(out, 0, 32);
+                            sp[g * NP4 + j] = mp[g * NP4 + j] = 0.f;
+                            continue;
+                        }
+                        const Int4At at = int4_at(T, tb, ng, n0 + j, g);
+                        const __m128i q = _mm_loadu_si128((const __m128i*)at.q);  // byte k: values k, k + 16
+                        _mm_storeu_si128((__m128i*)out, _mm_and_si128(q, lo));
+                        _mm_storeu_si128((__m128i*)(out + 16), _mm_and_si128(_mm_srli_epi16(q, 4), lo));
+                        sp[g * NP4 + j] = _cvtsh_ss(*at.s);
+                        mp[g * NP4 + j] = _cvtsh_ss(*at.m);
+                    }
                 continue;
             }
-            const Int4At at = int4_at(T, tb, ng, n0 + j, g);
-            const __m128i b = _mm_loadu_si128((const __m128i*)at.q);  // byte j: value j, value j + 16
-            _mm_storeu_si128((__m128i*)out, _mm_and_si128(b, _mm_set1_epi8(15)));
-            _mm_storeu_si128((__m128i*)(out + 16), _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)));
-            sp[g * NP4 + j] = _cvtsh_ss(*at.s);
-            mp[g * NP4 + j] = _cvtsh_ss(*at.m);
+            // whole: row r's group i at p + 64 r + 16 i; scales (then mins) of (r, i) at 4 r + i
+            for (int r = 0; r < 4; ++r)
+                for (int i = 0; i < 4; ++i) {
+                    const __m128i q = _mm_loadu_si128((const __m128i*)(p + 64 * r + 16 * i));
+                    uint8_t* out = rows + (j0 + r) * K + 32 * (g0 + i);
+                    _mm_storeu_si128((__m128i*)out, _mm_and_si128(q, lo));
+                    _mm_storeu_si128((__m128i*)(out + 16), _mm_and_si128(_mm_srli_epi16(q, 4), lo));
+                }
+            const uint16_t* h = (const uint16_t*)(p + 256);
+            for (int k = 0; k < 2; ++k, h += 16) {  // scales, then mins: rows x groups -> groups x rows
+                __m128 c0 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)h));
+                __m128 c1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 4)));
+                __m128 c2 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 8)));
+                __m128 c3 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 12)));
+                _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+                float* d = (k ? mp : sp) + g0 * NP4 + j0;
+                _mm_storeu_ps(d, c0);
+                _mm_storeu_ps(d + NP4, c1);
+                _mm_storeu_ps(d + 2 * NP4, c2);
+                _mm_storeu_ps(d + 3 * NP4, c3);
+            }
         }
+    }
     transpose_panel<NV4>(rows, K, NP4, wp);
 }
 

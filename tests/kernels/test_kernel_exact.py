@@ -53,7 +53,7 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
     q = layer(n, k, mode)
     # 17, 40: AMX's groups of 16, a pass of 32, the many-row loop (lanes = activation rows); 70
     # and 130: the GEMMs' panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or, with
-    # AVX-512 VNNI, 96), with a last partial register block
+    # AVX-512 VNNI, 72), with a last partial register block
     rows = (1, 3) if n * k > 4e6 else (1, 3, 17, 40, 70, 130)
     with kernels.use(variant):
         for m in rows:
