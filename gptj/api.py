@@ -43,6 +43,19 @@ def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
         raise InvalidRequest("logit_bias", f"token id {bad} is outside 0..{vocab_size - 1}")
 
 
+def check_token_ids(ids: Sequence[object], vocab_size: int, field: str) -> list[int]:
+    """A prompt's token ids as ints (numpy's and torch's integers pass), each a row of the
+    embedding (0..vocab_size-1): one past them would fail inside the step."""
+    for t in ids:
+        if isinstance(t, bool) or not hasattr(type(t), "__index__"):
+            raise InvalidRequest(field, f"token ids must be integers, got {t!r}")
+    out = [operator.index(t) for t in ids]  # type: ignore[call-overload]
+    bad = next((t for t in out if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(field, f"token id {bad} is outside 0..{vocab_size - 1}")
+    return out
+
+
 class Model:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, info: ModelInfo, max_batch: int = 1,
                  context_length: int | None = None, prefix_cache: bool = True,
@@ -88,20 +101,9 @@ class Model:
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
             return self.tokenizer.encode_prompt(prompt)
-        # as the server's routes check them: an id past the embedding's rows would fail in the step
-        ids: list[int] = []
-        for t in prompt:
-            try:
-                if isinstance(t, bool):
-                    raise TypeError
-                ids.append(operator.index(t))  # int, numpy's and torch's integers
-            except TypeError:
-                raise InvalidRequest("prompt", f"token ids must be integers, got {t!r}") from None
+        ids = check_token_ids(prompt, self.config.vocab_size, "prompt")
         if not ids:
             raise InvalidRequest("prompt", "must not be empty")
-        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest("prompt", f"token id {bad} is outside 0..{self.config.vocab_size - 1}")
         return ids
 
     def submit(self, prompt: str | Sequence[int], preset: str | None = None, **settings: object) -> RequestHandle:

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 
 from gptj import quant
-from gptj.api import Model, check_logit_bias, sampling_params
+from gptj.api import Model, check_logit_bias, check_token_ids, sampling_params
 from gptj.chat import ChatSession
 from gptj.errors import InvalidRequest
 from gptj.runtime.engine import Completion, RequestHandle, TokenInfo
@@ -219,10 +219,8 @@ class LocalBackend:
                     raise APIError(400, f"{field}: must not be empty", field)
                 prompts.append((await self.encode(item, field), item))
                 continue
-            bad = [t for t in item if not 0 <= t < vocab]
-            if bad:
-                raise APIError(400, f"{field}: token id {bad[0]} is outside 0..{vocab - 1}", field)
-            prompts.append((list(item), self.tokenizer.decode(item)))
+            ids = check_token_ids(item, vocab, field)
+            prompts.append((ids, self.tokenizer.decode(ids)))
         return prompts
 
     async def submit_batch(self, prompts: list[list[int]], settings: dict, n: int, logprobs: int | None,
