@@ -172,7 +172,13 @@ Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int 
 // weight rows) measured no faster; what mattered was how often the weights are read.
 constexpr int ML = VB / 4;  // activation rows per vector
 #ifndef BCAST_MIN_ROWS
-#define BCAST_MIN_ROWS ML  // from here on the loop above loses: one vector of rows is full
+// from here on the loop above loses (measured at GPT-J's shapes): with AVX512-VNNI, once more than
+// half a vector of rows is real; otherwise once a vector is full
+#if GQ_AVX512 && GQ_VNNI
+#define BCAST_MIN_ROWS (ML / 2 + 1)
+#else
+#define BCAST_MIN_ROWS ML
+#endif
 #endif
 // Rows past the last full vector, up to this many, take the loop above in the same pass over each
 // weight block (from cache): a vector of mostly padding costs as much as a full one (17 rows
@@ -190,7 +196,8 @@ constexpr int ML = VB / 4;  // activation rows per vector
 // y[m][r] for m < rows.
 template <int R>
 static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const float* bias, const int32_t* xp,
-                            const float* xsp, const int32_t* xip, int rows, float* y, int64_t ldy) {
+                            const float* xsp, const int32_t* xip, int rows, float* y, int64_t ldy,
+                            bool prefetch = false) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     vf acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vf_zero();
@@ -198,6 +205,13 @@ static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const f
         const int64_t q0 = b * QB8 / 4, q1 = (b * QB8 + QB8 < K ? b * QB8 + QB8 : K) / 4;
         vi s[R];
         for (int r = 0; r < R; ++r) s[r] = vi_zero();
+        // `prefetch`: block b of the R weight rows that follow (the tile this thread most likely
+        // takes next), as i8_tile does: R rows read 4 bytes at a time leave the hardware
+        // prefetcher behind. Asked for in a chunk's last group, so it lands just before its use.
+        if (prefetch)
+            for (int r = 0; r < R; ++r)
+                for (int i = 0; i < QB8; i += 64)
+                    _mm_prefetch((const char*)(W + (R + r) * K + b * QB8 + i), GQ_STREAM_HINT);
         for (int64_t q = q0; q < q1; ++q) {
             const vi xv = vi_load(xp + q * ML);
             for (int r = 0; r < R; ++r) s[r] = dot_s8s8(s[r], vi_bcast32(W + r * K + 4 * q), xv);
@@ -229,7 +243,8 @@ static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const f
 static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                               const Int8Act& a, int64_t M, float* y, int nthreads) {
     const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4;
-    const int64_t tail = M % ML <= BCAST_TAIL_ROWS ? M % ML : 0, mv = M - tail, groups = (mv + ML - 1) / ML;
+    const int64_t tail = M > ML && M % ML <= BCAST_TAIL_ROWS ? M % ML : 0, mv = M - tail;
+    const int64_t groups = (mv + ML - 1) / ML;
     // packed activations: per group, [nq][ML] int32, then its scales [nb][ML] and 128 * block sums
     const int64_t per_group = nq * ML + 2 * nb * ML;
     static thread_local std::vector<int32_t> buf;
@@ -270,7 +285,7 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
                 float* yg = y + g * ML * N;
                 if (n + RB <= N)
                     i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, xip, rows, yg + n,
-                                 N);
+                                 N, g == g1 - 1 && n + 2 * RB <= N);
                 else
                     for (int64_t j = n; j < N; ++j)
                         i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, xip, rows,

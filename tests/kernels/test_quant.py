@@ -118,7 +118,7 @@ def test_dispatch_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == ["decode", "prefill"]
 
 
-@pytest.mark.parametrize("rows", [2, 3, 16, 17, 32, 33, 50])
+@pytest.mark.parametrize("rows", [2, 3, 12, 16, 17, 29, 32, 33, 50])
 def test_int8_kernel_batch_equals_its_rows_one_at_a_time(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Batches take another loop than one row (AMX tiles where the CPU has them: 16 weight rows
     # by up to 2 x 16 activation rows, activation blocks of 128 and a last 32 at in 576), and
