@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's context window (default 2048, GPT-J's; it sizes the KV cache; 0: the model's)")
     p.add_argument("--parallel", type=int, default=8, help="the server's batch rows (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="the server's queue limit (default 64)")
-    p.add_argument("--concurrency", default="1,4,8", help="client counts, one level each (default 1,4,8)")
+    p.add_argument("--concurrency", default="1,4,8",
+                   help="client counts, one level each, in this order; a count given again is averaged (default 1,4,8)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per level (default 30)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="the server's per-request limit (default 120 s)")
@@ -252,11 +253,18 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(table(levels))
             if levels and warm:
-                base_tps = levels[0].tokens / levels[0].wall if levels[0].wall else 0.0
-                for lv in levels[1:]:
-                    if base_tps:
-                        print(f"{lv.concurrency} clients: {lv.tokens / lv.wall / base_tps:.1f}x the aggregate tokens/s "
-                              f"of {levels[0].concurrency}")
+                # a level given twice (--concurrency 1,8,1,8: interleaved, as a VM's bandwidth drifts)
+                # counts with the mean of its runs
+                by_count: dict[int, list[float]] = {}
+                for lv in levels:
+                    by_count.setdefault(lv.concurrency, []).append(lv.tokens / lv.wall if lv.wall else 0.0)
+                first = levels[0].concurrency
+                base_tps = statistics.mean(by_count[first])
+                for count, runs in by_count.items():
+                    if count != first and base_tps:
+                        print(f"{count} clients: {statistics.mean(runs) / base_tps:.1f}x the aggregate tokens/s "
+                              f"of {first}" + (f" (means of {len(runs)} and {len(by_count[first])} runs)"
+                                               if len(runs) > 1 or len(by_count[first]) > 1 else ""))
                 change = (levels[-1].rss_after - warm) / warm * 100
                 kept = prefix_cache_bytes(base) / 1024
                 print(f"RSS after the run vs after warm-up: {change:+.1f} %; of that, the prefix cache (bounded "
