@@ -95,8 +95,9 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
                            const int32_t* xis, float* y, int64_t ldy, const float* bias) {
     constexpr int NV = QB8 / VB;
     const int64_t nb = (K + QB8 - 1) / QB8;
-    __m128 acc[MT];
+    __m128 acc[MT];  // lane r: weight row r
     for (int m = 0; m < MT; ++m) acc[m] = _mm_setzero_ps();
+    vf acc_all = vf_zero();  // where MT == FW / 4: lane 4 m + r
     for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * QB8;
         const int len = K - k0 < QB8 ? (int)(K - k0) : QB8;  // the last block: zeros past K
@@ -122,25 +123,36 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
             for (int m = 0; m < MT; ++m)
                 for (int i = 0; i < NV; ++i) d[r][m] = dot_s8s8(d[r][m], w[i], x[m][i]);
         }
-        for (int m = 0; m < MT; ++m) {
-            __m128i sums = vi_fold(sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]));
+        if constexpr (MT == FW / 4) {  // a vector's 128-bit lanes are the MT rows: one fold for all
+            vi t[MT];
+            for (int m = 0; m < MT; ++m) t[m] = sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]);
+            vi sums = vi_fold_each(t);  // lane 4 m + r: S_b of activation row m, weight row r
 #if GQ_VNNI
-            sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * xis[m * nb + b]));
-#else
-            (void)xis;
+            sums = vi_sub(sums, vi_shl7(vi_lanes(xis + b, nb)));
 #endif
-            acc[m] = _mm_add_ps(acc[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(xs[m * nb + b])));
+            acc_all = vf_add(acc_all, vf_mul(vf_cvt(sums), vf_lanes(xs + b, nb)));
+        } else {
+            for (int m = 0; m < MT; ++m) {
+                __m128i sums = vi_fold(sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]));
+#if GQ_VNNI
+                sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * xis[m * nb + b]));
+#endif
+                acc[m] = _mm_add_ps(acc[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(xs[m * nb + b])));
+            }
         }
     }
-    for (int m = 0; m < MT; ++m) {
-        alignas(16) float out[4];
-        _mm_store_ps(out, acc[m]);
+    alignas(64) float out[MT == FW / 4 ? FW : 4 * MT];
+    if constexpr (MT == FW / 4)
+        vf_st(out, acc_all);
+    else
+        for (int m = 0; m < MT; ++m) _mm_store_ps(out + 4 * m, acc[m]);
+    for (int m = 0; m < MT; ++m)
         for (int r = 0; r < R; ++r) {
-            float v = out[r] * ws[r];
+            float v = out[4 * m + r] * ws[r];
             if (bias) v = v + bias[r];
             y[m * ldy + r] = v;
         }
-    }
+    (void)xis;
 }
 
 template <int R>

@@ -154,6 +154,24 @@ static inline __m128i vi_fold(vi a) {  // the sum of a's 128-bit lanes
     const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
+// 128-bit lane m of the result: the sum of t[m]'s 128-bit lanes (m < 4)
+static inline vi vi_fold_each(const vi* t) {
+    const vi u01 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const vi u23 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+// p[m * stride] in every lane of 128-bit lane m
+static inline vf vf_lanes(const float* p, int64_t stride) {
+    return vf_expand4(_mm_setr_ps(p[0], p[stride], p[2 * stride], p[3 * stride]));
+}
+static inline vi vi_lanes(const int32_t* p, int64_t stride) {
+    return _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+        _mm512_castsi128_si512(_mm_setr_epi32(p[0], p[stride], p[2 * stride], p[3 * stride])));
+}
 #if GQ_VNNI
 // dpbusd as inline asm that updates acc in place: with the intrinsic, g++ 12 copies every
 // accumulator of a GEMM register block in and out around each dpbusd (two moves per product
@@ -241,6 +259,16 @@ static inline vi vi_unpacklo64(vi a, vi b) { return _mm256_unpacklo_epi64(a, b);
 static inline vi vi_unpackhi64(vi a, vi b) { return _mm256_unpackhi_epi64(a, b); }
 static inline __m128i vi_fold(vi a) {
     return _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+}
+static inline vi vi_fold_each(const vi* t) {  // lane m: the sum of t[m]'s lanes (m < 2)
+    return _mm256_add_epi32(_mm256_permute2x128_si256(t[0], t[1], 0x20),
+                            _mm256_permute2x128_si256(t[0], t[1], 0x31));
+}
+static inline vf vf_lanes(const float* p, int64_t stride) {
+    return _mm256_set_m128(_mm_set1_ps(p[stride]), _mm_set1_ps(p[0]));
+}
+static inline vi vi_lanes(const int32_t* p, int64_t stride) {
+    return _mm256_set_m128i(_mm_set1_epi32(p[stride]), _mm_set1_epi32(p[0]));
 }
 #if GQ_VNNI
 // in-place asm as above; {vex}: AVX-VNNI's encoding, not AVX512-VNNI's (EVEX)
