@@ -166,6 +166,22 @@ static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const in
     for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
 }
 
+// Weight rows [n, end) against M activation rows: tiles of R8 weight rows, then single rows.
+static inline void i8_rows_span(const int8_t* W, int64_t K, const float* ws, const float* bias,
+                                const int8_t* xq, const float* xs, const int32_t* xis, int64_t M, float* y,
+                                int64_t ldy, int64_t n, int64_t end) {
+    for (int64_t j = n; j < end;) {
+        const float* bj = bias ? bias + j : nullptr;
+        if (j + R8 <= end) {
+            i8_rows<R8>(W + j * K, K, ws + j, xq, xs, xis, M, y + j, ldy, bj);
+            j += R8;
+        } else {
+            i8_rows<1>(W + j * K, K, ws + j, xq, xs, xis, M, y + j, ldy, bj);
+            ++j;
+        }
+    }
+}
+
 Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int nthreads) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     Int8Act a;
@@ -305,15 +321,7 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
                                     yg + j, N);
             }
             if (tail && g1 == groups)  // the rows past the vectors, while this block is in cache
-                for (int64_t j = n, end = std::min(N, n + RB); j < end;) {
-                    const int step = j + R8 <= end ? R8 : 1;
-                    const float* bj = bias ? bias + j : nullptr;
-                    if (step == R8)
-                        i8_rows<R8>(W + j * K, K, ws + j, xqt, xst, xit, tail, y + mv * N + j, N, bj);
-                    else
-                        i8_rows<1>(W + j * K, K, ws + j, xqt, xst, xit, tail, y + mv * N + j, N, bj);
-                    j += step;
-                }
+                i8_rows_span(W, K, ws, bias, xqt, xst, xit, tail, y + mv * N, N, n, std::min(N, n + RB));
         }
     }
 }
@@ -508,11 +516,10 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
 #pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t n = t * R8;
-        if (n + R8 <= N)
+        if (n + R8 <= N)  // (the one-row decode's hot loop: kept free of the span's bookkeeping)
             i8_rows<R8>(W + n * K, K, ws + n, a.xq, a.xs, a.xis, M, y + n, N, bias ? bias + n : nullptr);
         else
-            for (int64_t j = n; j < N; ++j)
-                i8_rows<1>(W + j * K, K, ws + j, a.xq, a.xs, a.xis, M, y + j, N, bias ? bias + j : nullptr);
+            i8_rows_span(W, K, ws, bias, a.xq, a.xs, a.xis, M, y, N, n, N);
     }
 }
 

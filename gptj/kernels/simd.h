@@ -168,9 +168,8 @@ static inline vf vf_lanes(const float* p, int64_t stride) {
     return vf_expand4(_mm_setr_ps(p[0], p[stride], p[2 * stride], p[3 * stride]));
 }
 static inline vi vi_lanes(const int32_t* p, int64_t stride) {
-    return _mm512_permutexvar_epi32(
-        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-        _mm512_castsi128_si512(_mm_setr_epi32(p[0], p[stride], p[2 * stride], p[3 * stride])));
+    return _mm512_castps_si512(
+        vf_expand4(_mm_castsi128_ps(_mm_setr_epi32(p[0], p[stride], p[2 * stride], p[3 * stride]))));
 }
 #if GQ_VNNI
 // dpbusd as inline asm that updates acc in place: with the intrinsic, g++ 12 copies every
