@@ -344,7 +344,7 @@ constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
 #elif GQ_VNNI
 constexpr int GR = 4, NV8 = 3;  // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
 #else
-constexpr int GR = 4, NV8 = 1;  // 2 x 2, 3 x 2, 2 x 3, 4 x 2: slower
+constexpr int GR = 3, NV8 = 2;  // 4 x 1, 4 x 2, 5 x 2, 2 x 3, 3 x 3: slower
 #endif
 constexpr int NP8 = LW * NV8;  // weight rows per panel
 #ifndef GEMM_MIN_ROWS
@@ -352,9 +352,9 @@ constexpr int NP8 = LW * NV8;  // weight rows per panel
 #endif
 
 template <int MR>
-static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const uint8_t* xu, int64_t K,
-                                 const float* xs, int64_t nb, const float* ws, const float* bias, float* y,
-                                 int64_t ldy, int ncols) {
+static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const int32_t* awp,
+                                 const uint8_t* xu, int64_t K, const float* xs, int64_t nb, const float* ws,
+                                 const float* bias, float* y, int64_t ldy, int ncols) {
     // the float sums of gemv.h, per activation row and weight vector: in memory, touched once per
     // block, so that the int32 accumulators can have the registers (16 of them without AVX-512;
     // with 32 it measured as fast as registers)
@@ -367,19 +367,21 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const u
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV8; ++v) c[i][v] = vi_zero();
         for (int64_t q = q0; q < q1; ++q) {
+#if GQ_VNNI
             vi w[NV8];
             for (int v = 0; v < NV8; ++v) w[v] = vi_load(wp + (q * NV8 + v) * LW);
-#if GQ_VNNI
             for (int i = 0; i < MR; ++i) {
                 const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
                 for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], xb, w[v]);
             }
 #else
+            // |w| from the panel, w's sign read from memory by each use: registers for accumulators
             vi aw[NV8];
-            for (int v = 0; v < NV8; ++v) aw[v] = abs_s8(w[v]);
+            for (int v = 0; v < NV8; ++v) aw[v] = vi_load(awp + (q * NV8 + v) * LW);
             for (int i = 0; i < MR; ++i) {
                 const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
-                for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], aw[v], sign_s8(xb, w[v]));
+                for (int v = 0; v < NV8; ++v)
+                    c[i][v] = dot_u8s8(c[i][v], aw[v], sign_s8(xb, vi_load(wp + (q * NV8 + v) * LW)));
             }
 #endif
         }
@@ -447,12 +449,15 @@ static void transpose_panel(const uint8_t* rows, int64_t K, int ncols, int32_t* 
         }
 }
 
-// A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q,
-// comp[b][j] = 128 * the sum of row j over block b.
-static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp) {
+// A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q;
+// with VNNI comp[b][j] = 128 * the sum of row j over block b, without it awp = |wp| bytewise.
+static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp, int32_t* awp) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     transpose_panel<NV8>((const uint8_t*)W, K, ncols, wp);
-    if (!GQ_VNNI) return;  // x is not flipped there: nothing to subtract
+    if (!GQ_VNNI) {  // x is not flipped there: nothing to subtract; maddubs takes |w|
+        for (int64_t i = 0; i < K / 4 * NV8; ++i) vi_store(awp + i * LW, abs_s8(vi_load(wp + i * LW)));
+        return;
+    }
     const vi ones = vi_set1_8(1);
     for (int64_t b = 0; b < nb; ++b)
         for (int v = 0; v < NV8; ++v) {
@@ -481,18 +486,18 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
 #endif
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<int32_t> wp(nq * NP8), comp(nb * NP8);
+        std::vector<int32_t> wp(nq * NP8), comp(nb * NP8), awp(GQ_VNNI ? 0 : nq * NP8);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t n0 = p * NP8, ncols = std::min<int64_t>(NP8, N - n0);
-            pack_panel(W + n0 * K, K, (int)ncols, wp.data(), comp.data());
+            pack_panel(W + n0 * K, K, (int)ncols, wp.data(), comp.data(), awp.data());
             int64_t m = 0;
             for (; m + GR <= M; m += GR)
-                i8_gemm_block<GR>(wp.data(), comp.data(), xu + m * K, K, a.xs + m * nb, nb, ws + n0,
-                                  bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
+                i8_gemm_block<GR>(wp.data(), comp.data(), awp.data(), xu + m * K, K, a.xs + m * nb, nb,
+                                  ws + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
             for (; m < M; ++m)
-                i8_gemm_block<1>(wp.data(), comp.data(), xu + m * K, K, a.xs + m * nb, nb, ws + n0,
-                                 bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
+                i8_gemm_block<1>(wp.data(), comp.data(), awp.data(), xu + m * K, K, a.xs + m * nb, nb,
+                                 ws + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
         }
     }
 }
