@@ -327,6 +327,14 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
 }
 
 // ---------------------------------------------------------------- int8 weights, GEMM
+// g++'s default schedule spills and shuffles the 4 x 3 AVX512-VNNI register block in the inner
+// loop; scheduling before register allocation, with register pressure in view, keeps it in place.
+// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM.
+#if defined(__GNUC__) && !defined(__clang__) && GQ_AVX512 && GQ_VNNI
+#pragma GCC push_options
+#pragma GCC optimize("schedule-insns", "sched-pressure")
+#define GQ_GEMM_SCHED 1
+#endif
 // From GEMM_MIN_ROWS rows on, lanes are weight rows, as in a GEMM microkernel (oneDNN's brgemm):
 // per call each panel of NP8 weight rows is repacked once so that a vector holds LW rows x 4
 // bytes of k (VNNI's layout), 4 bytes of an activation row are broadcast, and GR x NV8
@@ -501,6 +509,10 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
         }
     }
 }
+
+#ifdef GQ_GEMM_SCHED
+#pragma GCC pop_options
+#endif
 
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
