@@ -16,6 +16,11 @@ The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt A
 are skipped without it): benchmarks/ggml_gptj.py converts the checkpoint to the GGML files once
 (kept beside it), and ctransformers runs them with every core, the prompt in one batch where
 ggml's buffer sizing allows it (6B), else in the longest batches it allows (the 1B shape: 32).
+
+`--isa avx2` (or any GPTJ_ISA variant) holds every engine to that instruction set where it can be
+told: ours through GPTJ_ISA, CTranslate2 through CT2_FORCE_CPU_ISA and oneDNN's
+ONEDNN_MAX_CPU_ISA (its int8 GEMM off Intel CPUs), torch through ATEN_CPU_CAPABILITY. ggml's
+prebuilt library is an AVX2 build already. A machine with more then stands in for one with less.
 """
 
 from __future__ import annotations
@@ -34,6 +39,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# GPTJ_ISA variant -> (CT2_FORCE_CPU_ISA, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)
+PEER_ISA = {
+    "avx2": ("AVX2", "AVX2", "avx2"),
+    "avxvnni": ("AVX2", "AVX2_VNNI", "avx2"),
+    "avx512": ("AVX512", "AVX512_CORE", "avx512"),
+    "avx512vnni": ("AVX512", "AVX512_CORE_VNNI", "avx512"),
+    "amx": ("AVX512", "AVX512_CORE_AMX", "avx512"),
+}
+
+
+def force_isa(variant: str) -> None:
+    """Holds this process's workers (they inherit the environment) to one instruction set."""
+    ct2, onednn, aten = PEER_ISA[variant]
+    os.environ.update(
+        GPTJ_ISA=variant, CT2_FORCE_CPU_ISA=ct2, ONEDNN_MAX_CPU_ISA=onednn, ATEN_CPU_CAPABILITY=aten
+    )
 
 
 def peak_rss_gb() -> float:
@@ -357,7 +379,14 @@ def main() -> None:
         default=[],
         help="skip an engine: ours-bf16, ours-int8, ours-int4, transformers, ct2, ggml (both), ggml-q8_0, ggml-q4_0",
     )
+    parser.add_argument(
+        "--isa",
+        choices=sorted(PEER_ISA),
+        help="hold every engine to one instruction set (ours via GPTJ_ISA, the peers' nearest level)",
+    )
     args = parser.parse_args()
+    if args.isa:
+        force_isa(args.isa)
 
     from gptj.loading.random_checkpoint import make_random_checkpoint
 
@@ -452,7 +481,13 @@ def main() -> None:
         f"\nGPT-J ({shape} shape, {n_params / 1e9:.2f}B params, random weights), prompt {args.prompt} tokens, "
         f"{args.tokens} generated (ours: speculative {args.speculative}).\nCPU: {cpu_model()}, {os.cpu_count()} cores; ISA: {isa()}; "
         f"memory bandwidth {bw:.1f} GB/s at the start (each engine's floor: the bandwidth measured around "
-        f"its run); our kernels: {variant}\n"
+        f"its run); our kernels: {variant}"
+        + (
+            f"; every engine held to {args.isa} (CTranslate2 {PEER_ISA[args.isa][0]}, oneDNN {PEER_ISA[args.isa][1]})"
+            if args.isa
+            else ""
+        )
+        + "\n"
     )
     print(
         f"| engine | decode ms/token | floor ms/token | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
