@@ -14,12 +14,16 @@ Formats (portable, plain row-major tensors: what a safetensors file holds):
 Where the C++ kernels serve, an int4 layer holds its weights in their tiled layout instead
 (``tiles``, gptj/kernels/gemv.h: 4 rows at a time, each block's nibbles, scales and mins side by
 side), made once when the layer is built, so that the GEMV reads one sequential stream rather
-than twelve. ``state_dict()``, ``dequantize()`` and ``portable_buffers()`` still give the
-portable buffers above.
+than twelve. Where the variant in use has VNNI and no AMX, an int8 layer likewise holds
+``panels`` (16 rows at a time, 4 bytes of each row side by side, offset by 128: the operand its
+dot-product instruction takes), so that a few activation rows cost little more than one; it goes
+back to rows where another variant, or torch, serves. ``state_dict()``, ``dequantize()`` and
+``portable_buffers()`` still give the portable buffers above.
 
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
 ``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped int8
-ones stay mapped; int4 ones are tiled; older int4 ones are converted). The group size and mode
+ones stay mapped, unless the kernels read panels; int4 ones are tiled; older int4 ones are
+converted). The group size and mode
 follow from the shapes and dtypes.
 
 Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measures them):
@@ -193,6 +197,13 @@ def untile_int4(tiles: Tensor, out_features: int, in_features: int) -> dict[str,
     }
 
 
+def unpanel_int8(panels: Tensor, out_features: int, in_features: int) -> Tensor:
+    """qweight int8 [N, K] from the 16-row panels (gemv.h): [N/16][K/4][16][4] bytes of w ^ 0x80."""
+    n, k = out_features, in_features
+    p = panels.view((n + 15) // 16, k // 4, 16, 4).permute(0, 2, 1, 3).reshape(-1, k)[:n]
+    return (p ^ 0x80).view(torch.int8).contiguous()
+
+
 def convert_int4_zeros(
     qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int = GROUP_SIZE
 ) -> dict[str, Tensor]:
@@ -312,6 +323,9 @@ class QuantizedLinear(nn.Module):
             self.group_size = k
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
             self.register_buffer("scales", torch.empty(n, dtype=torch.float32))
+            # the same weights in 16-row panels (gemv.h), for the kernel variants that read them; while
+            # it is set, qweight is None
+            self.register_buffer("panels", None, persistent=False)
         else:
             self.group_size = g = _group_size(k, group_size)
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))
@@ -361,6 +375,7 @@ class QuantizedLinear(nn.Module):
                     raise ValueError(f"{prefix}{name}: {t.dtype} {list(t.shape)} does not fit a {mode} layer")
                 setattr(mod, name, t if name != "bias" else t.contiguous())
         mod.tile_int4()
+        mod.panel_int8()
         return mod
 
     @classmethod
@@ -374,11 +389,13 @@ class QuantizedLinear(nn.Module):
         if bias is not None:
             mod.bias = bias.detach().to(torch.float32, copy=True)
         mod.tile_int4()
+        mod.panel_int8()
         return mod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._int4pack = None
         self._untile()  # load into the portable buffers, then tile again
+        self._unpanel()
         keys = [prefix + name for name in ("qweight", "scales", "zeros")]
         if self.mode == "int4" and prefix + "mins" not in state_dict and all(k in state_dict for k in keys):
             # an older int4 checkpoint: convert (state_dict is load_state_dict's own copy)
@@ -387,12 +404,16 @@ class QuantizedLinear(nn.Module):
                 state_dict[prefix + name] = t
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.tile_int4()
+        self.panel_int8()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.mode == "int4" and self.tiles is not None:  # the portable buffers, always
+        if self._held_in_kernel_layout():  # the portable buffers, always
             for name, t in self.portable_buffers().items():
                 destination[prefix + name] = t
+
+    def _held_in_kernel_layout(self) -> bool:
+        return self.tiles is not None if self.mode == "int4" else self.panels is not None
 
     # -- the int4 tiles
 
@@ -429,10 +450,49 @@ class QuantizedLinear(nn.Module):
             raise RuntimeError("this int4 layer does not fit the kernels")
         return self.tiles
 
+    # -- the int8 panels
+
+    def panel_int8(self) -> bool:
+        """Puts an int8 layer's weights in 16-row panels where the kernels in use read them (VNNI
+        without AMX); back to rows where they do not. Whether it is in panels now."""
+        if self.mode != "int8":
+            return False
+        lib = native_kernel()
+        want = lib is not None and lib.int8_panels
+        if want == (self.panels is not None):
+            return want
+        if not want:
+            return not self._unpanel()
+        if self.qweight.device.type != "cpu" or not self.kernel_fits():
+            return False
+        with _tiling:
+            if self.panels is None:
+                n, k = self.out_features, self.in_features
+                panels = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
+                lib.gq_pack_int8_panels(self.qweight.data_ptr(), n, k, panels.data_ptr(), torch.get_num_threads())
+                self.panels, self.qweight = panels, None
+        return True
+
+    def _unpanel(self) -> bool:
+        """Back to rows; whether the layer was in panels."""
+        if self.mode != "int8" or self.panels is None:
+            return False
+        with _tiling:
+            if self.panels is not None:
+                self.qweight = unpanel_int8(self.panels, self.out_features, self.in_features)
+                self.panels = None
+        return True
+
+    def _int8_weights(self) -> Tensor:
+        """qweight or the panels: whichever the kernels in use read."""
+        return self.panels if self.panel_int8() else self.qweight
+
     def portable_buffers(self) -> dict[str, Tensor]:
         """``qweight``, ``scales`` (and ``mins``) in the portable format, whatever the layout held."""
         if self.mode == "int4" and self.tiles is not None:
             return untile_int4(self.tiles, self.out_features, self.in_features)
+        if self.mode == "int8" and self.panels is not None:
+            return {"qweight": unpanel_int8(self.panels, self.out_features, self.in_features), "scales": self.scales}
         names = ("qweight", "scales", "mins") if self.mode == "int4" else ("qweight", "scales")
         return {name: getattr(self, name) for name in names}
 
@@ -440,8 +500,9 @@ class QuantizedLinear(nn.Module):
         """What the C++ kernels read, int8 (qweight, scales) or int4 (tiles, None); None where they
         cannot take this layer (its shape, or not on the CPU)."""
         if self.mode == "int8":
-            ok = self.kernel_fits() and self.qweight.device.type == "cpu"
-            return (self.qweight, self.scales) if ok else None
+            if not self.kernel_fits() or self.scales.device.type != "cpu":
+                return None
+            return (self._int8_weights(), self.scales)
         return (self.tiles, None) if self.tile_int4() and self.tiles.device.type == "cpu" else None
 
     def extra_repr(self) -> str:
@@ -464,7 +525,8 @@ class QuantizedLinear(nn.Module):
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
         weight dequantized for the call (one layer's full-precision weight exists at a time)."""
         x2 = x.reshape(-1, self.in_features)
-        self._untile()  # tiles moved here with the module: the GPU reads the portable buffers
+        self._untile()  # tiles or panels moved here with the module: the GPU reads the portable buffers
+        self._unpanel()
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         xt = x2.to(dt).contiguous()
         y = None
@@ -485,7 +547,7 @@ class QuantizedLinear(nn.Module):
 
     def kernel_fits(self) -> bool:
         """Whether the C++ kernels take this layer (in_features a multiple of 32, int4 groups of 32)."""
-        if self.mode == "int4" and self.tiles is not None:
+        if (self.tiles if self.mode == "int4" else self.panels) is not None:
             return True
         ok = self.in_features % _KB == 0 and self.qweight.is_contiguous() and self.scales.is_contiguous()
         return ok and (self.mode == "int8" or (self.group_size == GROUP_SIZE and self.mins.is_contiguous()))
@@ -500,6 +562,7 @@ class QuantizedLinear(nn.Module):
             # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here,
             # but its bf16 kernel gives garbage (or crashes) where in_features % 16 != 0
             dt = torch.bfloat16 if self.in_features % 16 == 0 else torch.float32
+            self._unpanel()
             y = torch._weight_int8pack_mm(x2.to(dt).contiguous(), self.qweight, self.scales.to(dt))
             if self.bias is not None:
                 y = y.float() + self.bias
@@ -515,7 +578,7 @@ class QuantizedLinear(nn.Module):
         threads = torch.get_num_threads()
         if self.mode == "int8":
             lib.gq_linear_int8(
-                self.qweight.data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
+                self._int8_weights().data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
                 xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         else:
@@ -576,6 +639,7 @@ class QuantizedLinear(nn.Module):
         if lib is not None and out.dtype in (torch.float32, torch.bfloat16):
             k = self.in_features
             if self.mode == "int8":
+                self._unpanel()  # dequantization reads rows (the paths that dequantize do not read panels)
                 lib.gq_dequant_int8(
                     self.qweight.data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
                 )
@@ -584,6 +648,7 @@ class QuantizedLinear(nn.Module):
                 lib.gq_dequant_int4(tiles.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
             return
         self._untile()  # torch's ops serve, not the kernels: back to the portable buffers, once
+        self._unpanel()
         part = {name: t[n0:n1] for name, t in self.portable_buffers().items()}
         out.copy_(dequantize_weight(part, out.dtype))
 

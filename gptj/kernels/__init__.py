@@ -1,8 +1,8 @@
 """The C++ kernels in this folder (GEMV, decode step), one shared library per instruction-set variant.
 
 Layout, after ggml's ``ggml-cpu/``: ``simd.h`` (ISA shims), ``gemv.h``/``gemv.cpp`` (int8/int4
-GEMVs and GEMMs, int4's tiled weight layout, dequantization, weight quantization; the exact
-arithmetic is stated in gemv.h),
+GEMVs and GEMMs, int4's tiles and int8's panels (the weight layouts they read), dequantization,
+weight quantization; the exact arithmetic is stated in gemv.h),
 ``amx.cpp`` (int8 batches on AMX tiles), ``decode.h``/``decode.cpp`` (a Llama or GPT-J decode
 step in one call) and ``bindings.cpp`` (the C functions, and ``gq_describe()``: their types and
 the structs' layouts, which this module reads instead of mirroring them by hand).
@@ -285,6 +285,7 @@ class Library:
         if self.variant != name:
             raise KernelUnavailable(f"{path} says it is the {self.variant!r} variant, not {name!r}")
         self.amx = bool(self.gq_amx_ready())  # int8 batches on AMX tiles (the amx variant, where Linux allows)
+        self.int8_panels = bool(self.gq_int8_panels())  # its int8 kernels read 16-row panels (gemv.h)
 
     def linear_scratch_bytes(self, rows: int, in_features: int) -> int:
         """Scratch bytes gq_linear_int8/int4 need (asked once per shape: a call costs a microsecond)."""

@@ -36,6 +36,14 @@ void gq_pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn
     pack_int4_tiles(W, sc, mn, N, K, T, nthreads);
 }
 
+int gq_int8_panels(void) { return int8_panels(); }
+
+int64_t gq_int8_panel_bytes(int64_t N, int64_t K) { return int8_panel_bytes(N, K); }
+
+void gq_pack_int8_panels(const int8_t* W, int64_t N, int64_t K, uint8_t* P, int nthreads) {
+    pack_int8_panels(W, N, K, P, nthreads);
+}
+
 int64_t gq_linear_scratch_bytes(int64_t M, int64_t K) { return linear_scratch_bytes(M, K); }
 
 int gq_amx_ready(void) { return amx_ready(); }
@@ -149,6 +157,9 @@ std::string describe() {
     GQ_FN(gq_int4_tile_bytes)
     GQ_FN(gq_pack_int4_tiles)
     GQ_FN(gq_linear_scratch_bytes)
+    GQ_FN(gq_int8_panels)
+    GQ_FN(gq_int8_panel_bytes)
+    GQ_FN(gq_pack_int8_panels)
     GQ_FN(gq_amx_ready)
     GQ_FN(gq_dequant_int8)
     GQ_FN(gq_dequant_int4)

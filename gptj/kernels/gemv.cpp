@@ -1,6 +1,7 @@
 // The GEMV kernels of gemv.h: activation quantization, int8 and int4 weights (any number of
-// rows; int8 batches may go to amx.cpp instead), dequantization for prefill GEMMs, and weight
-// quantization for loading.
+// rows; int8 weights in rows, or in 16-row panels where the build has VNNI and no AMX; int8
+// batches may go to amx.cpp instead), dequantization for prefill GEMMs, and weight quantization
+// for loading.
 #include "gemv.h"
 
 #include <math.h>
@@ -514,8 +515,160 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
 #pragma GCC pop_options
 #endif
 
+// ---------------------------------------------------------------- int8 weights in panels
+// With VNNI (and no AMX) the int8 weights are held in panels of 16 rows (gemv.h): a vector holds
+// LW rows x 4 bytes of k, as in the GEMM above, but laid out at load, so no call repacks them.
+// The bytes are w + 128, dpbusd's unsigned operand, and 4 signed bytes of an activation row are
+// broadcast against them: S_b = dpbusd sum - 128 * sum(xq over the block), exact. Lanes are weight
+// rows, so no lane sums are reduced: a few activation rows cost little more than one (the tiles
+// above reduce 4 x 4 lane sums per block). The float sequence is gemv.h's: the same bits.
+bool int8_panels() { return GQ_VNNI && !GQ_AMX; }
+
+int64_t int8_panel_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * 16 * K; }
+
+void pack_int8_panels(const int8_t* W, int64_t N, int64_t K, uint8_t* P, int nthreads) {
+    const int64_t np = (N + 15) / 16, nq = K / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t p = 0; p < np; ++p)
+        for (int j = 0; j < 16; ++j) {  // row 16p + j, 4 bytes at a time
+            const int64_t n = 16 * p + j;
+            uint32_t* out = (uint32_t*)(P + p * 16 * K) + j;
+            for (int64_t q = 0; q < nq; ++q) {
+                uint32_t v = 0;
+                if (n < N) memcpy(&v, W + n * K + 4 * q, 4);
+                out[q * 16] = v ^ 0x80808080u;
+            }
+        }
+}
+
+#if GQ_VNNI
+// the vector of rows r0 .. r0 + LW - 1 at k = 4q (r0 a multiple of LW)
+static inline const uint8_t* panel_at(const uint8_t* P, int64_t K, int64_t r0, int64_t q) {
+    return P + (r0 >> 4) * 16 * K + q * 64 + (r0 & 15) * 4;
+}
+
+// MT activation rows against NV vectors of weight rows from r0 (nrows of them real; vectors past
+// the last panel read as zeros): y[m][r0 + j]. `prefetch`: the NV vectors that follow (the tile a
+// thread most likely takes next), one block ahead. With few accumulators, U of each (q's residues
+// mod U): one dpbusd chain would wait on its own latency.
+template <int MT, int NV, bool FULL>
+static inline void i8p_sums(const uint8_t* P, int64_t K, int64_t r0, int nv, const int8_t* xq, int64_t q0,
+                            int64_t q1, vi (&c)[MT][NV]) {
+    constexpr int U = MT * NV >= 8 ? 1 : MT * NV >= 4 ? 2 : 4;  // q1 - q0 is a multiple of 8
+    vi cu[U][MT][NV];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MT; ++m)
+            for (int v = 0; v < NV; ++v) cu[u][m][v] = vi_zero();
+    for (int64_t q = q0; q < q1; q += U)
+        for (int u = 0; u < U; ++u) {
+            vi w[NV];
+            for (int v = 0; v < NV; ++v)
+                w[v] = FULL || v < nv ? vi_load(panel_at(P, K, r0 + v * LW, q + u)) : vi_zero();
+            for (int m = 0; m < MT; ++m) {
+                const int8_t* x = xq + m * K + 4 * (q + u);
+                if constexpr (NV == 1) {  // the broadcast inside the instruction (AVX-512)
+                    cu[u][m][0] = dot_u8s8_bcast(cu[u][m][0], w[0], x);
+                } else {  // one broadcast for the NV products
+                    const vi xb = vi_bcast32(x);
+                    for (int v = 0; v < NV; ++v) cu[u][m][v] = dot_u8s8(cu[u][m][v], w[v], xb);
+                }
+            }
+        }
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+            c[m][v] = cu[0][m][v];
+            for (int u = 1; u < U; ++u) c[m][v] = vi_add(c[m][v], cu[u][m][v]);  // exact
+        }
+}
+
+template <int MT, int NV>
+static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
+                             const float* ws, const float* bias, const int8_t* xq, const float* xs,
+                             const int32_t* xis, float* y, int64_t ldy, bool prefetch) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    const int nv = (int)std::min<int64_t>(NV, (npad - r0) / LW);  // vectors inside the panels
+    alignas(64) float f[MT][NV][LW];                              // gemv.h's float sums, per row and vector
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) vf_st(f[m][v], vf_zero());
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t q0 = b * QB8 / 4, q1 = std::min<int64_t>(b * QB8 + QB8, K) / 4;
+        if (prefetch)  // this block of the next tile's panels: QB8 x 16 bytes each
+            for (int pp = 0; pp < NV * LW / 16; ++pp)
+                for (int64_t i = 0; i < QB8 * 16 / 64; ++i)
+                    _mm_prefetch((const char*)panel_at(P, K, r0 + NV * LW + 16 * pp, q0) + 64 * i,
+                                 _MM_HINT_T0);
+        vi c[MT][NV];
+        if (nv == NV)
+            i8p_sums<MT, NV, true>(P, K, r0, nv, xq, q0, q1, c);
+        else
+            i8p_sums<MT, NV, false>(P, K, r0, nv, xq, q0, q1, c);
+        for (int m = 0; m < MT; ++m) {
+            const vi corr = vi_shl7(vi_set1(xis[m * nb + b]));
+            const vf s = vf_set(xs[m * nb + b]);
+            for (int v = 0; v < NV; ++v)
+                vf_st(f[m][v], vf_add(vf_ld(f[m][v]), vf_mul(vf_cvt(vi_sub(c[m][v], corr)), s)));
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+            const int n = (int)std::min<int64_t>(LW, nrows - LW * v);
+            if (n <= 0) break;
+            vf out = vf_mul(vf_ld(f[m][v]), vf_load_n(ws + LW * v, n));
+            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
+            vf_store_n(y + m * ldy + LW * v, out, n);
+        }
+}
+
+// M activation rows in blocks of MT, then of MT / 2, ..
+template <int MT, int NV>
+static inline void i8p_span(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
+                            const float* ws, const float* bias, const Int8Act& a, int64_t m0, int64_t M,
+                            float* y, int64_t ldy, bool prefetch) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    int64_t m = m0;
+    for (; m + MT <= M; m += MT) {
+        i8p_block<MT, NV>(P, K, r0, nrows, npad, ws, bias, a.xq + m * K, a.xs + m * nb, a.xis + m * nb,
+                          y + m * ldy, ldy, prefetch && m == m0);
+    }
+    if constexpr (MT > 1)
+        if (m < M)
+            i8p_span<MT / 2, NV>(P, K, r0, nrows, npad, ws, bias, a, m, M, y, ldy, prefetch && m == m0);
+}
+
+// activation rows x vectors per block: a panel at a time for a few rows, wider blocks from
+// P_GEMM_MIN_ROWS (measured at GPT-J's shapes on the Zen 5; AVX-512 GEMM 4 x 3, 8 x 2, 5 x 3,
+// 6 x 3: slower; 256-bit 4 x 3, 4 x 2, 6 x 2: slower)
+#if GQ_AVX512
+constexpr int P_MT = 8, P_NV = 1, PG_MT = 6, PG_NV = 2, P_GEMM_MIN_ROWS = 10;
+#else
+constexpr int P_MT = 4, P_NV = 2, PG_MT = 3, PG_NV = 2, P_GEMM_MIN_ROWS = 48;
+#endif
+
+static void linear_int8_panels(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
+                               const Int8Act& a, int64_t M, float* y, int nthreads) {
+    const bool gemm = M >= P_GEMM_MIN_ROWS;
+    const int64_t rows = gemm ? (int64_t)LW * PG_NV : (int64_t)LW * P_NV, npad = (N + 15) / 16 * 16;
+    const int64_t nt = (N + rows - 1) / rows;
+#pragma omp parallel for schedule(dynamic, gemm ? 1 : tile_chunk(nt, nthreads)) num_threads(nthreads)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t r0 = t * rows, nrows = std::min(rows, N - r0);
+        const float* b = bias ? bias + r0 : nullptr;
+        if (gemm)
+            i8p_span<PG_MT, PG_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N, false);
+        else
+            i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N,
+                                 r0 + 2 * rows <= npad);
+    }
+}
+#endif
+
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
+#if GQ_VNNI && !GQ_AMX
+    linear_int8_panels((const uint8_t*)W, ws, bias, N, K, quant_act_int8(x, M, K, scratch, nthreads), M, y,
+                       nthreads);
+    return;
+#endif
     if (M >= 2 && N % 16 == 0 && amx_ready()) {
         linear_int8_amx(W, ws, bias, N, K, x, M, y, scratch, nthreads);
         return;

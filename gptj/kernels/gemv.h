@@ -13,9 +13,10 @@
 //   int4: c_g = float(D_g) * (s_g * xs_g) + m_g * (xs_g * float(X_g))
 //         P_i = sum of c_g over g = i, i + 4, i + 8, ... in order (i = 0..3)
 //         y = (P_0 + P_1) + (P_2 + P_3) (+ bias)     D_g = sum over g of q * xq, X_g = sum of xq
-// How the integer sums are formed differs with the number of rows (int8: lanes = k for a few
-// rows, lanes = activation rows from 16, lanes = weight rows from 64, AMX tiles; int4: tiles of
-// 4 weight rows, lanes = weight rows from 64 or 128) and never changes them.
+// How the integer sums are formed differs with the number of rows and the layout (int8 in rows:
+// lanes = k for a few rows, lanes = activation rows from 16, lanes = weight rows from 64, AMX
+// tiles; int8 in panels: lanes = weight rows; int4: tiles of 4 weight rows, lanes = weight rows
+// from 64 or 128) and never changes them.
 #pragma once
 
 #include <stdint.h>
@@ -36,7 +37,7 @@ Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int 
 // bytes of scratch the linear kernels need for M rows of K inputs
 int64_t linear_scratch_bytes(int64_t M, int64_t K);
 
-// y [M,N] = x [M,K] W^T (+ bias). K % 32 == 0.
+// y [M,N] = x [M,K] W^T (+ bias). K % 32 == 0. W: int8 [N,K], or where int8_panels() its panels.
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads);
 void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
@@ -49,6 +50,14 @@ void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, cons
 int64_t int4_tile_bytes(int64_t K);
 void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
                      uint8_t* T, int nthreads);
+
+// int8 weights as the kernels of builds with VNNI and without AMX read them (int8_panels()): the
+// rows in panels of 16 (the last padded with zero rows), each [K/4][16][4] bytes: panel p, k = 4q,
+// row 16p + j holds w[16p + j][4q .. 4q + 3] + 128 (w ^ 0x80). pack_int8_panels makes them from
+// W int8 [N, K] into int8_panel_bytes(N, K) bytes.
+bool int8_panels();
+int64_t int8_panel_bytes(int64_t N, int64_t K);
+void pack_int8_panels(const int8_t* W, int64_t N, int64_t K, uint8_t* P, int nthreads);
 
 // AMX tiles for int8 batches (amx.cpp): whether this build has them and Linux grants them, and
 // the kernel (M >= 2, N % 16 == 0)

@@ -130,6 +130,7 @@ static inline vi vi_load_n(const void* p, int n) {
 static inline vi vi_zero() { return _mm512_setzero_si512(); }
 static inline void vi_store(void* p, vi a) { _mm512_storeu_si512(p, a); }
 static inline vi vi_set1_8(char c) { return _mm512_set1_epi8(c); }
+static inline vi vi_set1(int32_t a) { return _mm512_set1_epi32(a); }
 static inline vi vi_shl7(vi a) { return _mm512_slli_epi32(a, 7); }
 // the first n floats at p (n <= 16), zeros after; and stored: nothing read or written past them
 static inline vf vf_load_n(const float* p, int n) {
@@ -177,6 +178,11 @@ static inline vi vi_lanes(const int32_t* p, int64_t stride) {
 // instruction), which slowed the int8 and int4 GEMMs by a fifth or more. Same instruction.
 static inline vi dot_u8s8(vi acc, vi u, vi s) {
     asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+}
+// the same with 4 signed bytes at s broadcast to every lane by the instruction (EVEX's {1to16})
+static inline vi dot_u8s8_bcast(vi acc, vi u, const int8_t* s) {
+    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t*)s));
     return acc;
 }
 #else
@@ -239,6 +245,7 @@ static inline vi vi_load_n(const void* p, int n) {  // n = 16, or 32 and more: a
 static inline vi vi_zero() { return _mm256_setzero_si256(); }
 static inline void vi_store(void* p, vi a) { _mm256_storeu_si256((__m256i*)p, a); }
 static inline vi vi_set1_8(char c) { return _mm256_set1_epi8(c); }
+static inline vi vi_set1(int32_t a) { return _mm256_set1_epi32(a); }
 static inline vi vi_shl7(vi a) { return _mm256_slli_epi32(a, 7); }
 // the first n floats at p (n <= 8), zeros after; and stored: nothing read or written past them
 static inline __m256i lanes_below(int n) {
@@ -275,6 +282,7 @@ static inline vi dot_u8s8(vi acc, vi u, vi s) {
     asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
     return acc;
 }
+static inline vi dot_u8s8_bcast(vi acc, vi u, const int8_t* s) { return dot_u8s8(acc, u, vi_bcast32(s)); }
 #else
 static inline vi dot_u8s8(vi acc, vi u, vi s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));

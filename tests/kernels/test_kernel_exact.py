@@ -40,9 +40,9 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 
 def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    b = q.portable_buffers()  # (the layer may hold the kernels' layout: int8 panels, int4 tiles)
     if q.mode == "int8":
-        return int8_linear(x, q.qweight, q.scales, q.bias)
-    b = q.portable_buffers()
+        return int8_linear(x, b["qweight"], b["scales"], q.bias)
     return int4_linear(x, b["qweight"], b["scales"], b["mins"], q.bias)
 
 

@@ -245,6 +245,32 @@ def test_int4_tiles_hold_the_portable_buffers(n: int, k: int) -> None:
     assert q._untile() and q.tiles is None and torch.equal(q.qweight, buffers["qweight"])
 
 
+PANEL_VARIANTS = [v for v in kernels.available_variants() if v in ("avx512vnni", "avxvnni")]
+
+
+@pytest.mark.skipif(not PANEL_VARIANTS, reason="no variant here reads int8 panels (VNNI without AMX)")
+@pytest.mark.parametrize("n, k", [(70, 576), (13, 96), (16, 32), (33, 160)])
+def test_int8_panels_hold_the_portable_buffers(n: int, k: int) -> None:
+    """Where the kernels read 16-row panels (rows padded to 16), the layer holds them and gives back
+    the portable buffers exactly; a variant that reads rows (or torch) gets rows back, with the
+    same bits wherever the kernels serve."""
+    buffers = quantize_weight(torch.randn(n, k), "int8")
+    x = torch.randn(5, k)
+    with kernels.use(PANEL_VARIANTS[0]):
+        q = QuantizedLinear.from_state(dict(buffers))
+        assert q.panels is not None and q.qweight is None
+        assert q.panels.numel() == (n + 15) // 16 * 16 * k
+        assert all(torch.equal(t, buffers[name]) for name, t in q.portable_buffers().items())
+        assert all(torch.equal(t, buffers[name]) for name, t in q.state_dict().items())
+        assert torch.equal(q.dequantize(), quant.dequantize_weight(buffers))
+        y = q(x)
+    with kernels.use("avx2"):
+        assert torch.equal(q(x), y)
+        assert q.panels is None and torch.equal(q.qweight, buffers["qweight"])
+    with kernels.use(PANEL_VARIANTS[-1]):
+        assert torch.equal(q(x), y) and q.panels is not None
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -256,10 +282,11 @@ def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # typ
     # 1. over the loaded tensors: int8 with no copy, int4 tiled where the kernels serve
     r = QuantizedLinear.from_state(loaded, prefix="layer.")
     assert (r.mode, r.in_features, r.out_features, r.group_size) == (q.mode, 384, 48, q.group_size)
-    if mode == "int8" or quant.native_kernel() is None:
+    lib = quant.native_kernel()
+    if lib is None or (mode == "int8" and not lib.int8_panels):
         assert r.qweight.data_ptr() == loaded["layer.qweight"].data_ptr()
-    else:
-        assert r.tiles is not None and r.qweight is None
+    else:  # the kernels' layout: int4 tiles, int8 panels (VNNI without AMX)
+        assert (r.tiles if mode == "int4" else r.panels) is not None and r.qweight is None
     assert all(torch.equal(t, loaded[f"layer.{k}"]) for k, t in r.portable_buffers().items())
     assert torch.equal(r(x), q(x))
     # 2. an empty module filled by load_state_dict
