@@ -157,7 +157,8 @@ def fill(
 
 def keep_mapped() -> bool:
     """GPTJ_MMAP=1: a quantized checkpoint's int8 layers read the mapped file (pages shared with
-    other processes through the page cache) instead of a copy in this process's memory."""
+    other processes through the page cache) instead of a copy in this process's memory, except
+    where the kernels read int8 panels (gptj.quant), which are a copy in any case."""
     return os.environ.get("GPTJ_MMAP", "0") == "1"
 
 
