@@ -374,8 +374,7 @@ class QuantizedLinear(nn.Module):
                 if t.shape != getattr(mod, name).shape or t.dtype != getattr(mod, name).dtype:
                     raise ValueError(f"{prefix}{name}: {t.dtype} {list(t.shape)} does not fit a {mode} layer")
                 setattr(mod, name, t if name != "bias" else t.contiguous())
-        mod.tile_int4()
-        mod.panel_int8()
+        mod._to_kernel_layout()
         return mod
 
     @classmethod
@@ -388,14 +387,12 @@ class QuantizedLinear(nn.Module):
             setattr(mod, name, t)
         if bias is not None:
             mod.bias = bias.detach().to(torch.float32, copy=True)
-        mod.tile_int4()
-        mod.panel_int8()
+        mod._to_kernel_layout()
         return mod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._int4pack = None
-        self._untile()  # load into the portable buffers, then tile again
-        self._unpanel()
+        self._to_rows()  # load into the portable buffers, then back to the kernels' layout
         keys = [prefix + name for name in ("qweight", "scales", "zeros")]
         if self.mode == "int4" and prefix + "mins" not in state_dict and all(k in state_dict for k in keys):
             # an older int4 checkpoint: convert (state_dict is load_state_dict's own copy)
@@ -403,8 +400,7 @@ class QuantizedLinear(nn.Module):
             for name, t in convert_int4_zeros(q, scales, zeros, self.group_size).items():
                 state_dict[prefix + name] = t
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.tile_int4()
-        self.panel_int8()
+        self._to_kernel_layout()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -414,6 +410,14 @@ class QuantizedLinear(nn.Module):
 
     def _held_in_kernel_layout(self) -> bool:
         return self.tiles is not None if self.mode == "int4" else self.panels is not None
+
+    def _to_kernel_layout(self) -> bool:
+        """int4 tiles or int8 panels, where the kernels in use read them; whether it is held so."""
+        return self.tile_int4() if self.mode == "int4" else self.panel_int8()
+
+    def _to_rows(self) -> bool:
+        """Back to the portable buffers (torch's ops, the GPU, loading); whether it was not in them."""
+        return self._untile() if self.mode == "int4" else self._unpanel()
 
     # -- the int4 tiles
 
@@ -462,7 +466,8 @@ class QuantizedLinear(nn.Module):
         if want == (self.panels is not None):
             return want
         if not want:
-            return not self._unpanel()
+            self._unpanel()
+            return False
         if self.qweight.device.type != "cpu" or not self.kernel_fits():
             return False
         with _tiling:
@@ -525,8 +530,7 @@ class QuantizedLinear(nn.Module):
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
         weight dequantized for the call (one layer's full-precision weight exists at a time)."""
         x2 = x.reshape(-1, self.in_features)
-        self._untile()  # tiles or panels moved here with the module: the GPU reads the portable buffers
-        self._unpanel()
+        self._to_rows()  # tiles or panels moved here with the module: the GPU reads the portable buffers
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         xt = x2.to(dt).contiguous()
         y = None
@@ -647,8 +651,7 @@ class QuantizedLinear(nn.Module):
                 tiles = self._tiles()
                 lib.gq_dequant_int4(tiles.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
             return
-        self._untile()  # torch's ops serve, not the kernels: back to the portable buffers, once
-        self._unpanel()
+        self._to_rows()  # torch's ops serve, not the kernels: back to the portable buffers, once
         part = {name: t[n0:n1] for name, t in self.portable_buffers().items()}
         out.copy_(dequantize_weight(part, out.dtype))
 

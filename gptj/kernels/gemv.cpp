@@ -330,7 +330,8 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
 // ---------------------------------------------------------------- int8 weights, GEMM
 // g++'s default schedule spills and shuffles the 4 x 3 AVX512-VNNI register block in the inner
 // loop; scheduling before register allocation, with register pressure in view, keeps it in place.
-// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM.
+// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM. (With VNNI and no AMX
+// the weights are in panels, below: this GEMM then serves the amx build where Linux refuses AMX.)
 #if defined(__GNUC__) && !defined(__clang__) && GQ_AVX512 && GQ_VNNI
 #pragma GCC push_options
 #pragma GCC optimize("schedule-insns", "sched-pressure")
@@ -664,11 +665,10 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
 
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
-#if GQ_VNNI && !GQ_AMX
+#if GQ_VNNI && !GQ_AMX  // W is in panels (int8_panels())
     linear_int8_panels((const uint8_t*)W, ws, bias, N, K, quant_act_int8(x, M, K, scratch, nthreads), M, y,
                        nthreads);
-    return;
-#endif
+#else
     if (M >= 2 && N % 16 == 0 && amx_ready()) {
         linear_int8_amx(W, ws, bias, N, K, x, M, y, scratch, nthreads);
         return;
@@ -691,6 +691,7 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
         else
             i8_rows_span(W, K, ws, bias, a.xq, a.xs, a.xis, M, y, N, n, N);
     }
+#endif
 }
 
 // ---------------------------------------------------------------- int4 weights
