@@ -11,19 +11,20 @@ Formats (portable, plain row-major tensors: what a safetensors file holds):
   w = s * (q - z)) are converted when loaded: m = -s * z, regrouped to 32.
 * ``bias`` float32 [out] when the layer has one.
 
-Where the C++ kernels serve, an int4 layer holds its weights in their tiled layout instead
-(``tiles``, gptj/kernels/gemv.h: 4 rows at a time, each block's nibbles, scales and mins side by
-side), made once when the layer is built, so that the GEMV reads one sequential stream rather
-than twelve. Where the variant in use has VNNI and no AMX, an int8 layer likewise holds
-``panels`` (16 rows at a time, 4 bytes of each row side by side, offset by 128: the operand its
-dot-product instruction takes), so that a few activation rows cost little more than one; it goes
-back to rows where another variant, or torch, serves. ``state_dict()``, ``dequantize()`` and
+Where the C++ kernels serve, an int4 layer holds its weights in their layout instead
+(``panels``, gptj/kernels/gemv.h: 16 rows at a time, group after group, 4 values of each row side
+by side in each nibble vector, then the group's scales and mins), made once when the layer is
+built: the GEMV reads one sequential stream rather than three, unpacks a vector with a mask and a
+shift, and a few activation rows cost little more than one. Where the variant in use has VNNI and
+no AMX, an int8 layer likewise holds ``panels`` (16 rows at a time, 4 bytes of each row side by
+side, offset by 128: the operand its dot-product instruction takes). Either goes back to rows
+where another variant, or torch, serves. ``state_dict()``, ``dequantize()`` and
 ``portable_buffers()`` still give the portable buffers above.
 
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
 ``QuantizedLinear.from_state(tensors)``, which uses the tensors as they are (memory-mapped int8
-ones stay mapped, unless the kernels read panels; int4 ones are tiled; older int4 ones are
-converted). The group size and mode
+ones stay mapped, unless the kernels read panels; int4 ones go into panels; older int4 ones
+are converted). The group size and mode
 follow from the shapes and dtypes.
 
 Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measures them):
@@ -166,34 +167,24 @@ def _unpack_int4(q: Tensor, groups: int) -> Tensor:
     return torch.cat([p & 15, p >> 4], dim=-1).to(torch.float32)
 
 
-_INT4_BLOCK_BYTES = 320  # a tile's block of 4 groups (gemv.cpp's TBLK): 4 x 64 nibble bytes, 16 scales, 16 mins
+_INT4_GROUP_BYTES = 320  # a panel's group (gemv.cpp's GB4): 4 x 64 nibble bytes, 16 scales, 16 mins
 
 
-def _int4_tile_bytes(in_features: int) -> int:
-    """Bytes of one tile of 4 int4 rows (gemv.h): whole blocks of 4 groups, then a shorter last one."""
-    full, t = divmod(in_features // GROUP_SIZE, 4)
-    return full * _INT4_BLOCK_BYTES + (64 * t + 64 if t else 0)
-
-
-def untile_int4(tiles: Tensor, out_features: int, in_features: int) -> dict[str, Tensor]:
-    """The portable int4 buffers (``qweight``, ``scales``, ``mins``) of tiled ones (torch ops, any device)."""
+def unpanel_int4(panels: Tensor, out_features: int, in_features: int) -> dict[str, Tensor]:
+    """The portable int4 buffers (``qweight``, ``scales``, ``mins``) of the 16-row panels (gemv.h;
+    torch ops, any device)."""
     n, k = out_features, in_features
-    full, t = divmod(k // GROUP_SIZE, 4)
-    nt = (n + 3) // 4
-    tiles = tiles.reshape(nt, _int4_tile_bytes(k))
-    qs, ss, ms = [], [], []
-    for start, groups, count in ((0, 4, full), (full * _INT4_BLOCK_BYTES, t, 1 if t else 0)):
-        if not count:
-            continue
-        blk = tiles[:, start : start + count * (64 * groups + 64)].reshape(nt, count, 64 * groups + 64)
-        qs.append(blk[..., : 64 * groups].reshape(nt, count, 4, 16 * groups).transpose(1, 2))
-        fp16 = blk[..., 64 * groups :].contiguous().view(torch.float16).reshape(nt, count, 2, 4, 4)[..., :groups]
-        ss.append(fp16[:, :, 0].transpose(1, 2))
-        ms.append(fp16[:, :, 1].transpose(1, 2))
+    ng, npan = k // GROUP_SIZE, (n + 15) // 16
+    blk = panels.view(npan, ng, _INT4_GROUP_BYTES)
+    chunks = blk[..., :256].reshape(npan, ng, 4, 16, 4)  # [panel, group, chunk c, row j, byte i]
+    lo, hi = chunks & 15, chunks >> 4  # values 8c + i, and 8c + 4 + i
+    vals = torch.stack([lo, hi], dim=3).permute(0, 4, 1, 2, 3, 5).reshape(npan * 16, ng, 32)[:n]
+    qweight = vals[..., :16] | (vals[..., 16:] << 4)  # byte i: values i and i + 16
+    fp16 = blk[..., 256:].contiguous().view(torch.float16).reshape(npan, ng, 2, 16).permute(2, 0, 3, 1)
     return {
-        "qweight": torch.cat([q.reshape(4 * nt, -1) for q in qs], 1)[:n].contiguous(),
-        "scales": torch.cat([x.reshape(4 * nt, -1) for x in ss], 1)[:n].contiguous(),
-        "mins": torch.cat([x.reshape(4 * nt, -1) for x in ms], 1)[:n].contiguous(),
+        "qweight": qweight.reshape(n, k // 2).contiguous(),
+        "scales": fp16[0].reshape(npan * 16, ng)[:n].contiguous(),
+        "mins": fp16[1].reshape(npan * 16, ng)[:n].contiguous(),
     }
 
 
@@ -275,7 +266,7 @@ def prefill_gemm_dtype() -> torch.dtype:
 
 
 _workspace = threading.local()
-_tiling = threading.Lock()  # a layer tiled on first use (built before the kernels were) is tiled once
+_packing = threading.Lock()  # a layer put in panels on first use (built before the kernels were) is packed once
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> Tensor:
@@ -323,16 +314,14 @@ class QuantizedLinear(nn.Module):
             self.group_size = k
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
             self.register_buffer("scales", torch.empty(n, dtype=torch.float32))
-            # the same weights in 16-row panels (gemv.h), for the kernel variants that read them; while
-            # it is set, qweight is None
-            self.register_buffer("panels", None, persistent=False)
         else:
             self.group_size = g = _group_size(k, group_size)
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(n, k // g, dtype=torch.float16))
             self.register_buffer("mins", torch.empty(n, k // g, dtype=torch.float16))
-            # the kernels' layout of the same weights (tile_int4); while it is set, the three above are None
-            self.register_buffer("tiles", None, persistent=False)
+        # the same weights in the kernels' 16-row panels (gemv.h), where the kernels in use read them;
+        # while it is set, qweight (int4: and scales, mins) is None
+        self.register_buffer("panels", None, persistent=False)
         self.register_buffer("bias", torch.empty(n, dtype=torch.float32) if bias else None)
         self._int4pack: tuple[Tensor, Tensor] | None = None  # torch-op fallback, made on demand
 
@@ -409,106 +398,81 @@ class QuantizedLinear(nn.Module):
                 destination[prefix + name] = t
 
     def _held_in_kernel_layout(self) -> bool:
-        return self.tiles is not None if self.mode == "int4" else self.panels is not None
+        return self.panels is not None
+
+    def _panels_wanted(self, lib: kernels.Library | None) -> bool:
+        """Whether the kernels in use read this layer in panels: int4 always, int8 with VNNI and
+        without AMX."""
+        return lib is not None and (self.mode == "int4" or lib.int8_panels)
 
     def _to_kernel_layout(self) -> bool:
-        """int4 tiles or int8 panels, where the kernels in use read them; whether it is held so."""
-        return self.tile_int4() if self.mode == "int4" else self.panel_int8()
-
-    def _to_rows(self) -> bool:
-        """Back to the portable buffers (torch's ops, the GPU, loading); whether it was not in them."""
-        return self._untile() if self.mode == "int4" else self._unpanel()
-
-    # -- the int4 tiles
-
-    def tile_int4(self) -> bool:
-        """Puts an int4 layer's weights in the kernels' tiled layout, where the kernels serve it
-        (on the CPU, groups of 32); whether it is tiled now. The portable buffers are dropped."""
-        if self.mode != "int4":
-            return False
-        if self.tiles is not None:
-            return True
+        """Puts the weights in panels where the kernels in use read them, back in rows where they do
+        not; whether they are in panels now."""
         lib = native_kernel()
-        if lib is None or self.qweight.device.type != "cpu" or not self.kernel_fits():
-            return False
-        with _tiling:
-            if self.tiles is None:
-                n, k = self.out_features, self.in_features
-                tiles = torch.empty((n + 3) // 4 * lib.gq_int4_tile_bytes(k), dtype=torch.uint8)
-                lib.gq_pack_int4_tiles(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), n, k,
-                                       tiles.data_ptr(), torch.get_num_threads())  # fmt: skip
-                self.tiles, self.qweight, self.scales, self.mins = tiles, None, None, None
-        return True
-
-    def _untile(self) -> bool:
-        """Back to the portable buffers; whether the layer was tiled."""
-        if self.mode != "int4" or self.tiles is None:
-            return False
-        for name, t in untile_int4(self.tiles, self.out_features, self.in_features).items():
-            setattr(self, name, t)
-        self.tiles = None
-        return True
-
-    def _tiles(self) -> Tensor:
-        if not self.tile_int4():
-            raise RuntimeError("this int4 layer does not fit the kernels")
-        return self.tiles
-
-    # -- the int8 panels
-
-    def panel_int8(self) -> bool:
-        """Puts an int8 layer's weights in 16-row panels where the kernels in use read them (VNNI
-        without AMX); back to rows where they do not. Whether it is in panels now."""
-        if self.mode != "int8":
-            return False
-        lib = native_kernel()
-        want = lib is not None and lib.int8_panels
+        want = self._panels_wanted(lib)
         if want == (self.panels is not None):
             return want
         if not want:
-            self._unpanel()
+            self._to_rows()
             return False
+        assert lib is not None
         if self.qweight.device.type != "cpu" or not self.kernel_fits():
             return False
-        with _tiling:
+        with _packing:
             if self.panels is None:
-                n, k = self.out_features, self.in_features
-                panels = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
-                lib.gq_pack_int8_panels(self.qweight.data_ptr(), n, k, panels.data_ptr(), torch.get_num_threads())
+                n, k, threads = self.out_features, self.in_features, torch.get_num_threads()
+                if self.mode == "int4":
+                    panels = torch.empty(lib.gq_int4_panel_bytes(n, k), dtype=torch.uint8)
+                    lib.gq_pack_int4_panels(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
+                                            n, k, panels.data_ptr(), threads)  # fmt: skip
+                    self.scales, self.mins = None, None
+                else:
+                    panels = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
+                    lib.gq_pack_int8_panels(self.qweight.data_ptr(), n, k, panels.data_ptr(), threads)
                 self.panels, self.qweight = panels, None
         return True
 
-    def _unpanel(self) -> bool:
-        """Back to rows; whether the layer was in panels."""
-        if self.mode != "int8" or self.panels is None:
+    def _to_rows(self) -> bool:
+        """Back to the portable buffers (torch's ops, the GPU, loading); whether it was in panels."""
+        if self.panels is None:
             return False
-        with _tiling:
+        with _packing:
             if self.panels is not None:
-                self.qweight = unpanel_int8(self.panels, self.out_features, self.in_features)
+                for name, t in self._unpanelled().items():
+                    setattr(self, name, t)
                 self.panels = None
         return True
 
-    def _int8_weights(self) -> Tensor:
-        """qweight or the panels: whichever the kernels in use read."""
-        return self.panels if self.panel_int8() else self.qweight
+    def _unpanelled(self) -> dict[str, Tensor]:
+        """The portable buffers that the panels stand for (int8: qweight; int4: and scales, mins)."""
+        n, k = self.out_features, self.in_features
+        if self.mode == "int4":
+            return unpanel_int4(self.panels, n, k)
+        return {"qweight": unpanel_int8(self.panels, n, k)}
+
+    def _kernel_weight(self) -> Tensor:
+        """What the kernels in use read: the panels, or int8 rows."""
+        if self._to_kernel_layout():
+            return self.panels
+        if self.mode == "int4":
+            raise RuntimeError("this int4 layer does not fit the kernels")
+        return self.qweight
 
     def portable_buffers(self) -> dict[str, Tensor]:
         """``qweight``, ``scales`` (and ``mins``) in the portable format, whatever the layout held."""
-        if self.mode == "int4" and self.tiles is not None:
-            return untile_int4(self.tiles, self.out_features, self.in_features)
-        if self.mode == "int8" and self.panels is not None:
-            return {"qweight": unpanel_int8(self.panels, self.out_features, self.in_features), "scales": self.scales}
+        if self.panels is not None:
+            return {"scales": self.scales, **self._unpanelled()}
         names = ("qweight", "scales", "mins") if self.mode == "int4" else ("qweight", "scales")
         return {name: getattr(self, name) for name in names}
 
     def kernel_weights(self) -> tuple[Tensor, Tensor | None] | None:
-        """What the C++ kernels read, int8 (qweight, scales) or int4 (tiles, None); None where they
-        cannot take this layer (its shape, or not on the CPU)."""
+        """What the C++ kernels read, int8 (rows or panels, scales) or int4 (panels, None); None where
+        they cannot take this layer (its shape, or not on the CPU)."""
         if self.mode == "int8":
             if not self.kernel_fits() or self.scales.device.type != "cpu":
                 return None
-            return (self._int8_weights(), self.scales)
-        return (self.tiles, None) if self.tile_int4() and self.tiles.device.type == "cpu" else None
+            return (self._kernel_weight(), self.scales)
+        return (self.panels, None) if self._to_kernel_layout() and self.panels.device.type == "cpu" else None
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -530,7 +494,7 @@ class QuantizedLinear(nn.Module):
         """On CUDA: torch's int8 GEMV for a few rows where the device has it, else this layer's
         weight dequantized for the call (one layer's full-precision weight exists at a time)."""
         x2 = x.reshape(-1, self.in_features)
-        self._to_rows()  # tiles or panels moved here with the module: the GPU reads the portable buffers
+        self._to_rows()  # panels moved here with the module: the GPU reads the portable buffers
         dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         xt = x2.to(dt).contiguous()
         y = None
@@ -551,7 +515,7 @@ class QuantizedLinear(nn.Module):
 
     def kernel_fits(self) -> bool:
         """Whether the C++ kernels take this layer (in_features a multiple of 32, int4 groups of 32)."""
-        if (self.tiles if self.mode == "int4" else self.panels) is not None:
+        if self.panels is not None:
             return True
         ok = self.in_features % _KB == 0 and self.qweight.is_contiguous() and self.scales.is_contiguous()
         return ok and (self.mode == "int8" or (self.group_size == GROUP_SIZE and self.mins.is_contiguous()))
@@ -566,7 +530,7 @@ class QuantizedLinear(nn.Module):
             # bf16 activations: the op is 2x (M=1) to 20x (M=64) slower with float32 ones here,
             # but its bf16 kernel gives garbage (or crashes) where in_features % 16 != 0
             dt = torch.bfloat16 if self.in_features % 16 == 0 else torch.float32
-            self._unpanel()
+            self._to_rows()
             y = torch._weight_int8pack_mm(x2.to(dt).contiguous(), self.qweight, self.scales.to(dt))
             if self.bias is not None:
                 y = y.float() + self.bias
@@ -582,12 +546,11 @@ class QuantizedLinear(nn.Module):
         threads = torch.get_num_threads()
         if self.mode == "int8":
             lib.gq_linear_int8(
-                self._int8_weights().data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
+                self._kernel_weight().data_ptr(), self.scales.data_ptr(), _ptr(self.bias), n, k,
                 xf.data_ptr(), m, y.data_ptr(), scratch, threads,
             )  # fmt: skip
         else:
-            tiles = self._tiles()
-            lib.gq_linear_int4(tiles.data_ptr(), _ptr(self.bias), n, k, xf.data_ptr(), m, y.data_ptr(), scratch,
+            lib.gq_linear_int4(self._kernel_weight().data_ptr(), _ptr(self.bias), n, k, xf.data_ptr(), m, y.data_ptr(), scratch,
                                threads)  # fmt: skip
         return y
 
@@ -643,13 +606,12 @@ class QuantizedLinear(nn.Module):
         if lib is not None and out.dtype in (torch.float32, torch.bfloat16):
             k = self.in_features
             if self.mode == "int8":
-                self._unpanel()  # dequantization reads rows (the paths that dequantize do not read panels)
+                self._to_rows()  # int8 dequantization reads rows (the paths that dequantize do not read panels)
                 lib.gq_dequant_int8(
                     self.qweight.data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
                 )
             else:
-                tiles = self._tiles()
-                lib.gq_dequant_int4(tiles.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
+                lib.gq_dequant_int4(self._kernel_weight().data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)
             return
         self._to_rows()  # torch's ops serve, not the kernels: back to the portable buffers, once
         part = {name: t[n0:n1] for name, t in self.portable_buffers().items()}

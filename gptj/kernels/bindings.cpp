@@ -24,16 +24,16 @@ void gq_linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t
     linear_int8(W, ws, bias, N, K, x, M, y, scratch, nthreads);
 }
 
-void gq_linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+void gq_linear_int4(const uint8_t* P, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
                     float* y, void* scratch, int nthreads) {
-    linear_int4(T, bias, N, K, x, M, y, scratch, nthreads);
+    linear_int4(P, bias, N, K, x, M, y, scratch, nthreads);
 }
 
-int64_t gq_int4_tile_bytes(int64_t K) { return int4_tile_bytes(K); }
+int64_t gq_int4_panel_bytes(int64_t N, int64_t K) { return int4_panel_bytes(N, K); }
 
-void gq_pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
-                        uint8_t* T, int nthreads) {
-    pack_int4_tiles(W, sc, mn, N, K, T, nthreads);
+void gq_pack_int4_panels(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
+                         uint8_t* P, int nthreads) {
+    pack_int4_panels(W, sc, mn, N, K, P, nthreads);
 }
 
 int gq_int8_panels(void) { return int8_panels(); }
@@ -53,8 +53,8 @@ void gq_dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, i
     dequant_int8(W, ws, n0, n1, K, out, bf16, nthreads);
 }
 
-void gq_dequant_int4(const uint8_t* T, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
-    dequant_int4(T, n0, n1, K, out, bf16, nthreads);
+void gq_dequant_int4(const uint8_t* P, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
+    dequant_int4(P, n0, n1, K, out, bf16, nthreads);
 }
 
 void gq_quantize_int8(const float* w, int64_t n, int64_t k, int8_t* q, float* scales, int nthreads) {
@@ -154,8 +154,8 @@ std::string describe() {
 #define GQ_FN(name) out += std::string("fn " #name " ") + signature(&name) + "\n";
     GQ_FN(gq_linear_int8)
     GQ_FN(gq_linear_int4)
-    GQ_FN(gq_int4_tile_bytes)
-    GQ_FN(gq_pack_int4_tiles)
+    GQ_FN(gq_int4_panel_bytes)
+    GQ_FN(gq_pack_int4_panels)
     GQ_FN(gq_linear_scratch_bytes)
     GQ_FN(gq_int8_panels)
     GQ_FN(gq_int8_panel_bytes)

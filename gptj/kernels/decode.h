@@ -11,12 +11,12 @@ namespace gq {
 #define GQ_DECLARE_FIELD(type, name) type name;
 
 // A quantized linear layer (see gemv.h)
-#define GQ_LINEAR_FIELDS(X)                                          \
-    X(const void*, w)       /* int8 [n,k], or int4 tiles (gemv.h) */ \
-    X(const float*, scales) /* fp32 [n] (int8) */                    \
-    X(const float*, bias)   /* fp32 [n] or null */                   \
-    X(int64_t, n)                                                    \
-    X(int64_t, k)                                                    \
+#define GQ_LINEAR_FIELDS(X)                                                  \
+    X(const void*, w)       /* int8 [n,k] or panels, int4 panels (gemv.h) */ \
+    X(const float*, scales) /* fp32 [n] (int8) */                            \
+    X(const float*, bias)   /* fp32 [n] or null */                           \
+    X(int64_t, n)                                                            \
+    X(int64_t, k)                                                            \
     X(int32_t, bits) /* 8 or 4 */
 struct Linear {
     GQ_LINEAR_FIELDS(GQ_DECLARE_FIELD)

@@ -1,7 +1,7 @@
 // The GEMV kernels of gemv.h: activation quantization, int8 and int4 weights (any number of
-// rows; int8 weights in rows, or in 16-row panels where the build has VNNI and no AMX; int8
-// batches may go to amx.cpp instead), dequantization for prefill GEMMs, and weight quantization
-// for loading.
+// rows; int8 weights in rows, or in 16-row panels where the build has VNNI and no AMX; int4 in
+// 16-row panels; int8 batches may go to amx.cpp instead), dequantization for prefill GEMMs, and
+// weight quantization for loading.
 #include "gemv.h"
 
 #include <math.h>
@@ -18,11 +18,8 @@ namespace gq {
 // x [M,K] fp32 -> xq [M,K] int8, xs [M,nb] scale, and per block (where not null) xsum [M,nb] =
 // xs * sum(xq) (int4) or xis [M,nb] = sum(xq) (int8), for nb = ceil(K/qb) blocks of qb values
 // (the last one K - (nb-1)*qb, a multiple of 32). 256-bit code in every variant.
-// gpv = 0: xq in the order of x. gpv > 0 (int4, qb = 32): the order the int4 kernel reads, in
-// spans of gpv blocks (t <= gpv in the last span): the first 16 values of each of the span's
-// blocks, then the last 16 of each, matching the low and high nibbles of one weight vector.
-static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int8_t* xq, float* xs,
-                      float* xsum, int32_t* xis, int nthreads) {
+static void quant_act(const float* x, int64_t M, int64_t K, int qb, int8_t* xq, float* xs, float* xsum,
+                      int32_t* xis, int nthreads) {
     const int64_t nb = (K + qb - 1) / qb;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
     for (int64_t mb = 0; mb < M * nb; ++mb) {
@@ -43,11 +40,6 @@ static void quant_act(const float* x, int64_t M, int64_t K, int qb, int gpv, int
         __m256i isum = _mm256_setzero_si256();
         int8_t* lo = xq + off;  // where values 0..15 of each 32 go, and values 16..31
         int8_t* hi = lo + 16;
-        if (gpv) {
-            const int64_t first = b / gpv * gpv, t = nb - first < gpv ? nb - first : gpv;
-            lo = xq + row * K + first * 32 + 16 * (b - first);
-            hi = lo + 16 * t;
-        }
         for (int j = 0; j < len; j += 32) {
             // cvtps rounds half to even (the default rounding mode), as torch.round
             const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp + j), vinv));
@@ -189,7 +181,7 @@ Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int 
     a.xq = (int8_t*)scratch;
     a.xs = (float*)(a.xq + M * K);
     a.xis = (int32_t*)(a.xs + M * nb);
-    quant_act(x, M, K, QB8, 0, a.xq, a.xs, nullptr, a.xis, nthreads);
+    quant_act(x, M, K, QB8, a.xq, a.xs, nullptr, a.xis, nthreads);
     return a;
 }
 
@@ -352,7 +344,7 @@ constexpr int GR = 4, NV8 = 3;  // 6 x 2, 5 x 2, 3 x 4: slower
 #elif GQ_AVX512
 constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
 #elif GQ_VNNI
-constexpr int GR = 4, NV8 = 3;  // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
+constexpr int GR = 4, NV8 = 3;   // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
 #else
 constexpr int GR = 3, NV8 = 2;  // 4 x 1, 4 x 2, 5 x 2, 2 x 3, 3 x 3: slower
 #endif
@@ -695,214 +687,161 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
 }
 
 // ---------------------------------------------------------------- int4 weights
-// The kernel reads the tiled layout (gemv.h), one sequential stream per thread: per tile of 4
-// weight rows, per block of 4 groups, the rows' nibbles (64 bytes each, group g's 16 bytes with
-// q[j] | q[j + 16] << 4 at byte j), then their 16 scales and 16 mins (fp16, row r group i at
-// 4 r + i). A step is one weight vector a row: GPV = VB/16 groups, its low nibbles pairing with
-// the first halves of those groups' activations and its high nibbles with the second halves
-// (quant_act stores xq in that order), group i of the step in 128-bit lane i. The 4 rows' lane
-// sums reduce into one vector of D, which a permutation puts in lane GPV r + i (row r, group i).
-// The terms c_g of gemv.h follow lane by lane; the four sums P_0..P_3 (groups g % 4 = i) are NP
-// = 4 / GPV accumulators: step j of a block (groups GPV j ..) adds into accumulator j.
-#define GPV (VB / 16)
-#define NP (4 / GPV)
-#if GQ_AVX512
-#define M4 4
-#else
-#define M4 2
-#endif
-constexpr int TBLK = 320;  // bytes of a whole block: 4 x 64 nibbles, 16 scales, 16 mins
+// The kernels read the panels of gemv.h: per group, 4 chunks of 64 bytes hold the 16 rows' 32
+// values, and one chunk's low and high nibbles are two VNNI-layout vectors (16 rows x 4 values,
+// or 8 rows x 4 in each half of the chunk at 256 bits). Lanes are weight rows: 4 bytes of an
+// activation row are broadcast against a vector, so no lane sums are reduced and a few activation
+// rows cost little more than one. The values are unsigned and the activations signed, dpbusd's
+// operands as they are; without VNNI maddubs' int16 pair sums add up over a group (8 x 2 x 15 x
+// 127 <= 32767) and widen once. The float terms are gemv.h's, group by group into P_(g % 4).
+constexpr int GB4 = 320;      // bytes of a group of a panel: 4 x 64 nibbles, 16 scales, 16 mins
+constexpr int NVP = 16 / LW;  // vectors of a panel
 
-int64_t int4_tile_bytes(int64_t K) {
-    const int64_t ng = K / 32, t = ng % 4;
-    return ng / 4 * TBLK + (t ? 64 * t + 64 : 0);
-}
+int64_t int4_panel_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * (K / 32) * GB4; }
 
-// One weight row's part of D (lo, hi: its nibbles) with one activation row (xl, xh), and D of
-// 4 rows from their parts, lane 4 i + r. Without VNNI the parts are int16 sums: a pair of
-// products <= 2 * 15 * 127, two pairs (lo + hi) <= 7620; AVX2 adds 2 and 4 of them (<= 30480)
-// before widening.
-static inline vi row_part(vi lo, vi hi, vi xl, vi xh) {
-#if GQ_VNNI
-    return dot_u8s8(dot_u8s8(vi_zero(), lo, xl), hi, xh);
-#elif GQ_AVX512
-    return _mm512_add_epi16(_mm512_maddubs_epi16(lo, xl), _mm512_maddubs_epi16(hi, xh));
-#else
-    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-#endif
-}
-
-static inline vi reduce_rows(const vi* p) {
-#if GQ_VNNI
-    return sum_lanes4(p[0], p[1], p[2], p[3]);
-#elif GQ_AVX512
-    vi d[4];
-    for (int r = 0; r < 4; ++r) d[r] = _mm512_madd_epi16(p[r], _mm512_set1_epi16(1));
-    return sum_lanes4(d[0], d[1], d[2], d[3]);
-#else
-    const vi h = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
-    return _mm256_madd_epi16(h, _mm256_set1_epi16(1));
-#endif
-}
-
-// lanes GPV r + i: p[i] for i < t (0 past t), the same for every r
-static inline vf broadcast_by_row(const float* p, int t) {
-#if GQ_AVX512
-    return _mm512_broadcast_f32x4(t == 4 ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps((__mmask8)((1 << t) - 1), p));
-#else
-    if (t == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double*)p));
-    return _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(_mm_load_ss(p))));
-#endif
-}
-
-// lane 4 i + r -> lane GPV r + i
-static inline vi by_row(vi d) {
-#if GQ_AVX512
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
-                                    d);
-#else
-    return _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-#endif
-}
-
-// lanes 0..3: (P_0 + P_1) + (P_2 + P_3) of rows 0..3, from the accumulators (lanes GPV r + i)
-static inline __m128 row_sums(const vf* acc) {
-#if GQ_AVX512
-    const __m512 a =
-        _mm512_add_ps(acc[0], _mm512_permute_ps(acc[0], _MM_SHUFFLE(2, 3, 0, 1)));  // P0+P1, P2+P3
-    const __m512 b = _mm512_add_ps(a, _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2)));
-    const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(first, b));
-#else
-    const __m256 p01 =
-        _mm256_add_ps(acc[0], _mm256_permute_ps(acc[0], _MM_SHUFFLE(2, 3, 0, 1)));  // lane 2r: P0+P1
-    const __m256 p23 =
-        _mm256_add_ps(acc[1], _mm256_permute_ps(acc[1], _MM_SHUFFLE(2, 3, 0, 1)));  // lane 2r: P2+P3
-    const __m256 b = _mm256_add_ps(p01, p23);
-    return _mm256_castps256_ps128(_mm256_permutevar8x32_ps(b, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
-#endif
-}
-
-// A block's 16 fp16 (row r, group i at 4 r + i) as the steps' lanes: out[j] lane GPV r + i holds
-// group GPV j + i. AVX2 steps take 2 groups: dwords 2r + j, gathered by one permutation.
-static inline void block_lanes(const uint16_t* p, vf* out) {
-#if GQ_AVX512
-    out[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-#else
-    const __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i*)p),
-                                                  _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-    out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
-    out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
-#endif
-}
-
-// One step of a tile: the 4 rows' nibbles at w (row stride ws, len bytes a row: 16 per group, len
-// < VB only in the last block), the MT activation rows' halves at xq + m K (len bytes each), their
-// scales xs and xsum at + m ng: acc[m] += float(D) * (s * xs) + mins * xsum (lanes GPV r + i).
-template <int MT>
-static inline void i4_step(const uint8_t* w, int64_t ws, int len, const int8_t* xq, int64_t K,
-                           const float* xs, const float* xsum, int64_t ng, vf s, vf mv, vf (&acc)[MT]) {
-    vi xl[MT], xh[MT], part[MT][4];
-    for (int m = 0; m < MT; ++m) {
-        xl[m] = len == VB ? vi_load(xq + m * K) : vi_load_n(xq + m * K, len);
-        xh[m] = len == VB ? vi_load(xq + m * K + VB) : vi_load_n(xq + m * K + len, len);
-    }
-    for (int r = 0; r < 4; ++r) {
-        const vi wv = len == VB ? vi_load(w + r * ws) : vi_load_n(w + r * ws, len);
-        const vi lo = vi_lo(wv), hi = vi_hi(wv);
-        for (int m = 0; m < MT; ++m) part[m][r] = row_part(lo, hi, xl[m], xh[m]);
-    }
-    for (int m = 0; m < MT; ++m) {
-        const vf xv = broadcast_by_row(xs + m * ng, len / 16), sv = broadcast_by_row(xsum + m * ng, len / 16);
-        const vf d = vf_cvt(by_row(reduce_rows(part[m])));
-        acc[m] = vf_add(acc[m], vf_add(vf_mul(d, vf_mul(s, xv)), vf_mul(mv, sv)));
-    }
-}
-
-// One tile T (4 weight rows, the first `rows` real; tb bytes) against MT activation rows.
-template <int MT>
-static inline void i4_tile(const uint8_t* T, int64_t tb, int64_t K, const int8_t* xq, const float* xs,
-                           const float* xsum, float* y, int64_t ldy, const float* bias, int rows) {
-    const int64_t ng = K / 32, full = ng / 4, t = ng % 4;
-    vf acc[NP][MT];
-    for (int j = 0; j < NP; ++j)
-        for (int m = 0; m < MT; ++m) acc[j][m] = vf_zero();
-    for (int64_t b = 0; b < full; ++b) {
-        const uint8_t* p = T + b * TBLK;
-        // the same block of the next tile (hint: simd.h): the hardware prefetcher alone falls
-        // behind once several activation rows make a block slow (measured: up to 2.5x slower)
-        for (int i = 0; i < TBLK; i += 64) _mm_prefetch((const char*)(p + tb + i), GQ_STREAM_HINT);
-        vf s[NP], mv[NP];
-        block_lanes((const uint16_t*)(p + 256), s);
-        block_lanes((const uint16_t*)(p + 288), mv);
-        for (int j = 0; j < NP; ++j)
-            i4_step<MT>(p + j * VB, 64, VB, xq + b * 128 + j * 2 * VB, K, xs + 4 * b + GPV * j,
-                        xsum + 4 * b + GPV * j, ng, s[j], mv[j], acc[j]);
-    }
-    if (t) {  // the last block, of t groups
-        const uint8_t* p = T + full * TBLK;
-        vf s[NP], mv[NP];
-        block_lanes((const uint16_t*)(p + 64 * t), s);
-        block_lanes((const uint16_t*)(p + 64 * t + 32), mv);
-        for (int j = 0; j < NP && GPV * j < t; ++j) {
-            const int len = 16 * (int)std::min<int64_t>(GPV, t - GPV * j);
-            i4_step<MT>(p + j * VB, 16 * t, len, xq + full * 128 + j * 2 * VB, K, xs + 4 * full + GPV * j,
-                        xsum + 4 * full + GPV * j, ng, s[j], mv[j], acc[j]);
-        }
-    }
-    for (int m = 0; m < MT; ++m) {
-        vf a[NP];
-        for (int j = 0; j < NP; ++j) a[j] = acc[j][m];
-        alignas(16) float out[4];
-        _mm_store_ps(out, row_sums(a));
-        for (int r = 0; r < rows; ++r) y[m * ldy + r] = bias ? out[r] + bias[r] : out[r];
-    }
-}
-
-// Where row n's group g lies in the tiles: its 16 nibble bytes, its scale and its min.
-struct Int4At {
-    const uint8_t* q;
-    const uint16_t* s;
-    const uint16_t* m;
-};
-static inline Int4At int4_at(const uint8_t* T, int64_t tb, int64_t ng, int64_t n, int64_t g) {
-    const int64_t b = g / 4, i = g % 4, t = std::min<int64_t>(4, ng - 4 * b), r = n % 4;
-    const uint8_t* p = T + n / 4 * tb + b * TBLK;
-    const uint16_t* sp = (const uint16_t*)(p + 64 * t) + 4 * r + i;
-    return {p + 16 * t * r + 16 * i, sp, sp + 16};
-}
-
-void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
-                     uint8_t* T, int nthreads) {
-    const int64_t ng = K / 32, tb = int4_tile_bytes(K), nt = (N + 3) / 4;
+void pack_int4_panels(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
+                      uint8_t* P, int nthreads) {
+    const int64_t ng = K / 32, np = (N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t tile = 0; tile < nt; ++tile) {
-        uint8_t* p = T + tile * tb;
-        for (int64_t g = 0; g < ng; g += 4, p += TBLK) {
-            const int t = (int)std::min<int64_t>(4, ng - g);  // groups in this block
-            // zeros where no row or group is (the padding rows of a last tile; a last block's
-            // slots past its t groups): D = 0 and s = m = 0 there, so those lanes add 0
-            if (t < 4 || 4 * tile + 4 > N) memset(p, 0, 64 * t + 64);
-            uint16_t* s = (uint16_t*)(p + 64 * t);
-            for (int64_t r = 0, n = 4 * tile; r < 4 && n < N; ++r, ++n) {
-                memcpy(p + 16 * t * r, W + n * (K / 2) + 16 * g, 16 * t);
-                memcpy(s + 4 * r, sc + n * ng + g, 2 * t);
-                memcpy(s + 16 + 4 * r, mn + n * ng + g, 2 * t);
+    for (int64_t p = 0; p < np; ++p)
+        for (int64_t g = 0; g < ng; ++g) {
+            uint8_t* b = P + (p * ng + g) * GB4;
+            memset(b, 0, GB4);  // padding rows: q = s = m = 0, so their lanes are 0
+            for (int j = 0; j < 16 && 16 * p + j < N; ++j) {
+                const int64_t n = 16 * p + j;
+                const uint8_t* src = W + n * (K / 2) + 16 * g;  // byte i: values i and i + 16
+                auto value = [src](int k) { return k < 16 ? src[k] & 15 : src[k - 16] >> 4; };
+                for (int c = 0; c < 4; ++c)
+                    for (int i = 0; i < 4; ++i)
+                        b[64 * c + 4 * j + i] = (uint8_t)(value(8 * c + i) | value(8 * c + 4 + i) << 4);
+                memcpy(b + 256 + 2 * j, sc + n * ng + g, 2);
+                memcpy(b + 288 + 2 * j, mn + n * ng + g, 2);
             }
         }
+}
+
+// LW fp16 at p as floats
+static inline vf vf_half(const uint8_t* p) {
+#if GQ_AVX512
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#endif
+}
+
+// One group of a panel (b: its 320 bytes) against MT activation rows (xq, xs, xsum at the group;
+// row stride K, ng): P[m][v] += c_g, lane j of vector v for row LW v + j.
+template <int MT>
+static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, const float* xs,
+                             const float* xsum, int64_t ng, vf (&P)[MT][NVP]) {
+    vi D[MT][NVP];  // without VNNI: int16 pair sums
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NVP; ++v) D[m][v] = vi_zero();
+    for (int c = 0; c < 4; ++c)
+        for (int v = 0; v < NVP; ++v) {
+            const vi w = vi_load(b + 64 * c + VB * v);
+            const vi lo = vi_lo(w), hi = vi_hi(w);  // values 8c .. 8c + 3, and 8c + 4 .. 8c + 7
+            for (int m = 0; m < MT; ++m) {
+                const int8_t* x = xq + m * K + 8 * c;
+#if GQ_VNNI
+                D[m][v] = dot_u8s8_bcast(dot_u8s8_bcast(D[m][v], lo, x), hi, x + 4);
+#else
+                D[m][v] = vi_add16(
+                    D[m][v], vi_add16(vi_maddubs(lo, vi_bcast32(x)), vi_maddubs(hi, vi_bcast32(x + 4))));
+#endif
+            }
+        }
+    for (int v = 0; v < NVP; ++v) {
+        const vf s = vf_half(b + 256 + 2 * LW * v), mv = vf_half(b + 288 + 2 * LW * v);
+        for (int m = 0; m < MT; ++m) {
+            const vf d = vf_cvt(GQ_VNNI ? D[m][v] : vi_widen16(D[m][v]));
+            P[m][v] = vf_add(
+                P[m][v], vf_add(vf_mul(d, vf_mul(s, vf_set(xs[m * ng]))), vf_mul(mv, vf_set(xsum[m * ng]))));
+        }
+    }
+}
+
+// One panel (nrows real rows) against MT activation rows: y[m][j] = (P_0 + P_1) + (P_2 + P_3)
+// (+ bias). `ahead`: where to prefetch from, as far ahead of the panel as needed, 4 groups at a time.
+template <int MT>
+static inline void i4p_panel(const uint8_t* p, int64_t K, int nrows, const int8_t* xq, const float* xs,
+                             const float* xsum, const float* bias, float* y, int64_t ldy,
+                             const uint8_t* ahead) {
+    const int64_t ng = K / 32;
+    vf P[4][MT][NVP];
+    for (int i = 0; i < 4; ++i)
+        for (int m = 0; m < MT; ++m)
+            for (int v = 0; v < NVP; ++v) P[i][m][v] = vf_zero();
+    int64_t g = 0;
+    for (; g + 4 <= ng; g += 4) {  // P_i by name, so the accumulators stay in registers
+        if (ahead)
+            for (int i = 0; i < 4 * GB4; i += 64)
+                _mm_prefetch((const char*)(ahead + g * GB4 + i), GQ_STREAM_HINT);
+        i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[0]);
+        i4p_group<MT>(p + (g + 1) * GB4, xq + 32 * (g + 1), K, xs + g + 1, xsum + g + 1, ng, P[1]);
+        i4p_group<MT>(p + (g + 2) * GB4, xq + 32 * (g + 2), K, xs + g + 2, xsum + g + 2, ng, P[2]);
+        i4p_group<MT>(p + (g + 3) * GB4, xq + 32 * (g + 3), K, xs + g + 3, xsum + g + 3, ng, P[3]);
+    }
+    // the last ng % 4 groups (a switch: a reference chosen at run time would keep P in memory)
+    for (int i = 0; g < ng; ++g, ++i) switch (i) {
+            case 0: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[0]); break;
+            case 1: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[1]); break;
+            default: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[2]); break;
+        }
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NVP; ++v) {
+            const int n = std::min(LW, nrows - LW * v);
+            if (n <= 0) break;
+            vf out = vf_add(vf_add(P[0][m][v], P[1][m][v]), vf_add(P[2][m][v], P[3][m][v]));
+            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
+            vf_store_n(y + m * ldy + LW * v, out, n);
+        }
+}
+
+// M activation rows in blocks of MT, then of MT / 2, ..
+template <int MT>
+static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t* xq, const float* xs,
+                            const float* xsum, const float* bias, float* y, int64_t ldy, int64_t M,
+                            const uint8_t* ahead) {
+    const int64_t ng = K / 32;
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT)
+        i4p_panel<MT>(p, K, nrows, xq + m * K, xs + m * ng, xsum + m * ng, bias, y + m * ldy, ldy,
+                      m == 0 ? ahead : nullptr);
+    if constexpr (MT > 1)
+        if (m < M)
+            i4p_span<MT / 2>(p, K, nrows, xq + m * K, xs + m * ng, xsum + m * ng, bias, y + m * ldy, ldy,
+                             M - m, m == 0 ? ahead : nullptr);
+}
+
+// activation rows per block below the GEMM, measured best on the Zen 5 at 6 and 8 rows (AVX-512
+// 8: slower by up to a third without VNNI, whose int16 sums and float sums spill; 256-bit 4: ~8 %)
+constexpr int I4P_MT = GQ_AVX512 ? 4 : 2;
+// how far ahead of a panel the software prefetch reads, in bytes: without it AVX2's one-row GEMV
+// fell a quarter further behind the bandwidth; a whole panel ahead (40-160 KB at GPT-J's
+// sizes) and 4 KB measured no better on the Zen 5
+constexpr int64_t I4P_AHEAD = 16384;
+
+static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
+                               const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
+    const int64_t ng = K / 32, np = (N + 15) / 16;
+#pragma omp parallel for schedule(dynamic, tile_chunk(np, nthreads)) num_threads(nthreads)
+    for (int64_t p = 0; p < np; ++p) {
+        const int nrows = (int)std::min<int64_t>(16, N - 16 * p);
+        const int64_t at = p * ng * GB4;  // panels follow each other: one stream
+        const uint8_t* ahead = at + ng * GB4 + I4P_AHEAD <= np * ng * GB4 ? P + at + I4P_AHEAD : nullptr;
+        i4p_span<I4P_MT>(P + p * ng * GB4, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p,
+                         N, M, ahead);
     }
 }
 
 // ---------------------------------------------------------------- int4 weights, GEMM
-// From GEMM4_MIN_ROWS rows on, as for int8: lanes are weight rows. Per call each panel of NP4
-// rows is unpacked from the tiles to one byte a value (0..15) in VNNI's layout, with its scales
-// and mins as floats, and 4 bytes of an activation row are broadcast against it. The values are
-// unsigned, the activations signed: dpbusd's operands as they are, with nothing to flip or
-// subtract; without VNNI maddubs' int16 pair sums add up over a group (8 x 2 x 15 x 127 <= 32767)
-// and widen once. The float terms are gemv.h's, group by group, and the sum P_i of one residue
-// i = g % 4 is taken at a time (GR4 x NV4 accumulators, not 4x that), so the bits are those of
-// the tiles' loop above. The tiles' loop reduces lanes and converts per 4 rows and group; this
-// pays that once per group and register block.
+// From GEMM4_MIN_ROWS rows on, the panels' nibbles are unpacked once per call into one byte a
+// value (NP4 rows, VNNI's layout), and their scales and mins into floats, and 4 bytes of an
+// activation row are broadcast against them in register blocks of GR4 rows x NV4 vectors. The
+// sum P_i of one residue i = g % 4 is taken at a time (GR4 x NV4 accumulators, not 4x that), so
+// the bits are those of the loop above; this pays the unpacking once per call and the float
+// terms once per group and register block.
 // activation rows x weight vectors per register block, measured best at 512 rows on the Zen 5
 #if GQ_AVX512
 constexpr int GR4 = 6, NV4 = 2;  // 4 x 2, 5 x 2, 8 x 1, 10 x 1, 3 x 3: slower
@@ -996,78 +935,50 @@ static inline void i4_gemm_block(const int32_t* wp, const float* sp, const float
         }
 }
 
-// A group's 16 nibble bytes (byte k: values k and k + 16) as its 32 values, one byte each
-static inline void unpack_group(const uint8_t* q, uint8_t* out) {
-    const __m128i b = _mm_loadu_si128((const __m128i*)q), lo = _mm_set1_epi8(15);
-    _mm_storeu_si128((__m128i*)out, _mm_and_si128(b, lo));
-    _mm_storeu_si128((__m128i*)(out + 16), _mm_and_si128(_mm_srli_epi16(b, 4), lo));
-}
-
-// Rows [n0, n0 + ncols) of the tiles as a panel: wp in VNNI's layout (rows: scratch of NP4 x K
-// bytes), sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g (zeros past ncols).
-// Whole tiles' whole blocks are read in their own order, their 16 scales and 16 mins converted
-// 4 at a time and transposed to groups x rows; the rest goes group by group through int4_at.
-static void pack_panel4(const uint8_t* T, int64_t K, int64_t n0, int ncols, uint8_t* rows, int32_t* wp,
-                        float* sp, float* mp) {
-    const int64_t ng = K / 32, tb = int4_tile_bytes(K);
-    for (int j0 = 0; j0 < NP4; j0 += 4) {  // a tile of 4 rows (NP4 is whole tiles; n0 starts one)
-        const uint8_t* tile = T + (n0 + j0) / 4 * tb;
-        for (int64_t g0 = 0; g0 < ng; g0 += 4) {  // a block of 4 groups
-            const uint8_t* p = tile + g0 / 4 * TBLK;
-            const int t = (int)std::min<int64_t>(4, ng - g0);
-            if (j0 + 4 > ncols || t < 4) {  // the panel's last rows, the last partial block
-                for (int r = 0; r < 4; ++r)
-                    for (int i = 0; i < t; ++i) {
-                        const int j = j0 + r;
-                        const int64_t g = g0 + i;
-                        uint8_t* out = rows + j * K + 32 * g;
-                        if (j >= ncols) {
-                            memset(out, 0, 32);
-                            sp[g * NP4 + j] = mp[g * NP4 + j] = 0.f;
-                            continue;
-                        }
-                        const Int4At at = int4_at(T, tb, ng, n0 + j, g);
-                        unpack_group(at.q, out);
-                        sp[g * NP4 + j] = _cvtsh_ss(*at.s);
-                        mp[g * NP4 + j] = _cvtsh_ss(*at.m);
-                    }
-                continue;
+// Rows [n0, n0 + NP4) of the panels (npad rows in them; zeros past) unpacked: wp in VNNI's layout,
+// sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g. A vector of LW rows is one
+// half (256-bit) or the whole (512-bit) of each chunk of a panel.
+static void pack_panel4(const uint8_t* P, int64_t K, int64_t npad, int64_t n0, int32_t* wp, float* sp,
+                        float* mp) {
+    const int64_t ng = K / 32;
+    for (int v = 0; v < NV4; ++v) {
+        const int64_t r = n0 + LW * v;
+        if (r >= npad) {
+            for (int64_t q = 0; q < K / 4; ++q) vi_store(wp + (q * NV4 + v) * LW, vi_zero());
+            for (int64_t g = 0; g < ng; ++g) {
+                vf_st(sp + g * NP4 + LW * v, vf_zero());
+                vf_st(mp + g * NP4 + LW * v, vf_zero());
             }
-            // whole: row r's group i at p + 64 r + 16 i; scales (then mins) of (r, i) at 4 r + i
-            for (int r = 0; r < 4; ++r)
-                for (int i = 0; i < 4; ++i)
-                    unpack_group(p + 64 * r + 16 * i, rows + (j0 + r) * K + 32 * (g0 + i));
-            const uint16_t* h = (const uint16_t*)(p + 256);
-            for (int k = 0; k < 2; ++k, h += 16) {  // scales, then mins: rows x groups -> groups x rows
-                __m128 c0 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)h));
-                __m128 c1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 4)));
-                __m128 c2 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 8)));
-                __m128 c3 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(h + 12)));
-                _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
-                float* d = (k ? mp : sp) + g0 * NP4 + j0;
-                _mm_storeu_ps(d, c0);
-                _mm_storeu_ps(d + NP4, c1);
-                _mm_storeu_ps(d + 2 * NP4, c2);
-                _mm_storeu_ps(d + 3 * NP4, c3);
+            continue;
+        }
+        const uint8_t* base = P + r / 16 * ng * GB4;
+        const int half = (int)(r % 16) / LW;
+        for (int64_t g = 0; g < ng; ++g) {
+            const uint8_t* b = base + g * GB4;
+            for (int c = 0; c < 4; ++c) {
+                const vi w = vi_load(b + 64 * c + VB * half);
+                const int64_t q = 8 * g + 2 * c;
+                vi_store(wp + (q * NV4 + v) * LW, vi_lo(w));
+                vi_store(wp + ((q + 1) * NV4 + v) * LW, vi_hi(w));
             }
+            vf_st(sp + g * NP4 + LW * v, vf_half(b + 256 + 2 * LW * half));
+            vf_st(mp + g * NP4 + LW * v, vf_half(b + 288 + 2 * LW * half));
         }
     }
-    transpose_panel<NV4>(rows, K, NP4, wp);
 }
 
-static void linear_int4_gemm(const uint8_t* T, const float* bias, int64_t N, int64_t K, const int8_t* xq,
+static void linear_int4_gemm(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
                              const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
-    const int64_t ng = K / 32, panels = (N + NP4 - 1) / NP4;
+    const int64_t ng = K / 32, panels = (N + NP4 - 1) / NP4, npad = (N + 15) / 16 * 16;
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<uint8_t> rows(NP4 * K);
         std::vector<int32_t> wp(K / 4 * NP4);
         std::vector<float> sp(ng * NP4), mp(ng * NP4);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t n0 = p * NP4;
             const int ncols = (int)std::min<int64_t>(NP4, N - n0);
-            pack_panel4(T, K, n0, ncols, rows.data(), wp.data(), sp.data(), mp.data());
+            pack_panel4(P, K, npad, n0, wp.data(), sp.data(), mp.data());
             const float* b = bias ? bias + n0 : nullptr;
             int64_t m = 0;
             for (; m + GR4 <= M; m += GR4)
@@ -1080,32 +991,17 @@ static void linear_int4_gemm(const uint8_t* T, const float* bias, int64_t N, int
     }
 }
 
-void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+void linear_int4(const uint8_t* P, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
                  float* y, void* scratch, int nthreads) {
     const int64_t ng = K / 32;
     int8_t* xq = (int8_t*)scratch;
     float* xs = (float*)(xq + M * K);
     float* xsum = xs + M * ng;
-    if (M >= GEMM4_MIN_ROWS) {  // xq in the order of x
-        quant_act(x, M, K, QB4, 0, xq, xs, xsum, nullptr, nthreads);
-        linear_int4_gemm(T, bias, N, K, xq, xs, xsum, M, y, nthreads);
-        return;
-    }
-    quant_act(x, M, K, QB4, GPV, xq, xs, xsum, nullptr, nthreads);
-    const int64_t nt = (N + 3) / 4, tb = int4_tile_bytes(K);
-#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
-    for (int64_t tile = 0; tile < nt; ++tile) {
-        const int64_t n = tile * 4;
-        const int rows = (int)std::min<int64_t>(4, N - n);
-        const float* b = bias ? bias + n : nullptr;
-        int64_t m = 0;
-        for (; m + M4 <= M; m += M4)
-            i4_tile<M4>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
-                        rows);
-        for (; m < M; ++m)
-            i4_tile<1>(T + tile * tb, tb, K, xq + m * K, xs + m * ng, xsum + m * ng, y + m * N + n, N, b,
-                       rows);
-    }
+    quant_act(x, M, K, QB4, xq, xs, xsum, nullptr, nthreads);
+    if (M >= GEMM4_MIN_ROWS)
+        linear_int4_gemm(P, bias, N, K, xq, xs, xsum, M, y, nthreads);
+    else
+        linear_int4_panels(P, bias, N, K, xq, xs, xsum, M, y, nthreads);
 }
 
 // ---------------------------------------------------------------- dequantization (prefill)
@@ -1124,11 +1020,9 @@ static inline dv dv_set(float a) { return _mm512_set1_ps(a); }
 static inline dv dv_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
-static inline __m512i du_u8(const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+static inline dv dv_u8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
-static inline dv dv_lo(__m512i b) { return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))); }
-static inline dv dv_hi(__m512i b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
 static inline void put(void* out, int64_t j, dv v, int bf16) {
     if (!bf16) {
         _mm512_storeu_ps((float*)out + j, v);
@@ -1149,11 +1043,9 @@ static inline dv dv_set(float a) { return _mm256_set1_ps(a); }
 static inline dv dv_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
-static inline __m256i du_u8(const uint8_t* p) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+static inline dv dv_u8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
-static inline dv dv_lo(__m256i b) { return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))); }
-static inline dv dv_hi(__m256i b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)); }
 static inline void put(void* out, int64_t j, dv v, int bf16) {
     if (!bf16) {
         _mm256_storeu_ps((float*)out + j, v);
@@ -1184,19 +1076,26 @@ void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int6
     }
 }
 
-void dequant_int4(const uint8_t* T, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
-    const int64_t ng = K / 32, tb = int4_tile_bytes(K);
+void dequant_int4(const uint8_t* P, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads) {
+    const int64_t ng = K / 32;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = n0; n < n1; ++n) {
         void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
+        const int j = (int)(n % 16);
         for (int64_t g = 0; g < ng; ++g) {
-            const Int4At at = int4_at(T, tb, ng, n, g);
-            const dv vs = dv_set(_cvtsh_ss(*at.s)), vm = dv_set(_cvtsh_ss(*at.m));
-            for (int j = 0; j < 16; j += DW) {  // byte j: value j (low nibble), value j + 16 (high)
-                const auto b = du_u8(at.q + j);
-                put(o, g * 32 + j, dv_add(dv_mul(dv_lo(b), vs), vm), bf16);
-                put(o, g * 32 + 16 + j, dv_add(dv_mul(dv_hi(b), vs), vm), bf16);
-            }
+            const uint8_t* b = P + (n / 16 * ng + g) * GB4;
+            const dv s = dv_set(_cvtsh_ss(((const uint16_t*)(b + 256))[j]));
+            const dv m = dv_set(_cvtsh_ss(((const uint16_t*)(b + 288))[j]));
+            // row j's 4 bytes of each chunk c: values 8c .. 8c + 3 (low nibbles), 8c + 4 .. (high)
+            const __m128i w =
+                _mm_setr_epi32(*(const int32_t*)(b + 4 * j), *(const int32_t*)(b + 64 + 4 * j),
+                               *(const int32_t*)(b + 128 + 4 * j), *(const int32_t*)(b + 192 + 4 * j));
+            const __m128i lo = _mm_and_si128(w, _mm_set1_epi8(15));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(w, 4), _mm_set1_epi8(15));
+            alignas(16) uint8_t v[32];  // the 32 values in order
+            _mm_store_si128((__m128i*)v, _mm_unpacklo_epi32(lo, hi));
+            _mm_store_si128((__m128i*)(v + 16), _mm_unpackhi_epi32(lo, hi));
+            for (int k = 0; k < 32; k += DW) put(o, g * 32 + k, dv_add(dv_mul(dv_u8(v + k), s), m), bf16);
         }
     }
 }

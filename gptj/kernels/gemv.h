@@ -15,8 +15,7 @@
 //         y = (P_0 + P_1) + (P_2 + P_3) (+ bias)     D_g = sum over g of q * xq, X_g = sum of xq
 // How the integer sums are formed differs with the number of rows and the layout (int8 in rows:
 // lanes = k for a few rows, lanes = activation rows from 16, lanes = weight rows from 64, AMX
-// tiles; int8 in panels: lanes = weight rows; int4: tiles of 4 weight rows, lanes = weight rows
-// from 64 or 128) and never changes them.
+// tiles; int8 and int4 in panels: lanes = weight rows) and never changes them.
 #pragma once
 
 #include <stdint.h>
@@ -40,16 +39,18 @@ int64_t linear_scratch_bytes(int64_t M, int64_t K);
 // y [M,N] = x [M,K] W^T (+ bias). K % 32 == 0. W: int8 [N,K], or where int8_panels() its panels.
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads);
-void linear_int4(const uint8_t* T, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
+void linear_int4(const uint8_t* P, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
                  float* y, void* scratch, int nthreads);
 
-// int4 weights as the kernel reads them (gemv.cpp): the rows in tiles of 4 (the last padded with
-// zero rows), each int4_tile_bytes(K) long, a block of 4 groups after another. pack_int4_tiles
-// makes them from W uint8 [N, K/2] (group g: bytes 16 g .., byte j = q[j] | q[j + 16] << 4) and
-// fp16 sc, mn [N, K/32] (w = s * q + m).
-int64_t int4_tile_bytes(int64_t K);
-void pack_int4_tiles(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
-                     uint8_t* T, int nthreads);
+// int4 weights as the kernels read them: the rows in panels of 16 (the last padded with zero rows),
+// each a group of 32 values after another, GB4 = 320 bytes a group: 4 chunks of 64 bytes, then
+// the 16 rows' fp16 scales, then their 16 mins. Byte 4j + i of chunk c holds row j's value 8c + i
+// in its low nibble and value 8c + 4 + i in its high one. pack_int4_panels makes them from W
+// uint8 [N, K/2] (group g: bytes 16 g .., byte i = q[i] | q[i + 16] << 4) and fp16 sc, mn [N, K/32]
+// (w = s * q + m) into int4_panel_bytes(N, K) bytes.
+int64_t int4_panel_bytes(int64_t N, int64_t K);
+void pack_int4_panels(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
+                      uint8_t* P, int nthreads);
 
 // int8 weights as the kernels of builds with VNNI and without AMX read them (int8_panels()): the
 // rows in panels of 16 (the last padded with zero rows), each [K/4][16][4] bytes: panel p, k = 4q,
@@ -69,7 +70,7 @@ void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_
 // values torch's dequantize_weight gives.
 void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16,
                   int nthreads);
-void dequant_int4(const uint8_t* T, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads);
+void dequant_int4(const uint8_t* P, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads);
 
 // Weight quantization (loading): the bytes quant.quantize_weight's torch code gives.
 void quantize_int8(const float* w, int64_t n, int64_t k, int8_t* q, float* scales, int nthreads);

@@ -26,9 +26,9 @@
 #define GQ_VNNI 0
 #endif
 
-// The hint of the GEMVs' software prefetch of weights, which are read once per token, a tile
+// The hint of the GEMVs' software prefetch of weights, which are read once per token, some KB
 // ahead: non-temporal on AMD (GQ_PREFETCH_NTA, set by gptj/kernels/__init__.py), into L2
-// elsewhere (Intel fills only L1 on a non-temporal prefetch, which a tile of distance overruns).
+// elsewhere (Intel fills only L1 on a non-temporal prefetch, which that distance overruns).
 #if defined(GQ_PREFETCH_NTA) && GQ_PREFETCH_NTA
 #define GQ_STREAM_HINT _MM_HINT_NTA
 #else

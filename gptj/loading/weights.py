@@ -164,8 +164,8 @@ def keep_mapped() -> bool:
 
 def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor], on_cpu: bool = True) -> None:
     """Replaces each Linear whose `qweight` is in `state` by a QuantizedLinear over those
-    tensors, copied into this process's memory (int4: into the kernels' tiles; int8: into their
-    panels where the kernels read them) and their mapped pages dropped, and removes its tensors
+    tensors, copied into this process's memory (int4: into the kernels' panels; int8: into
+    theirs where the kernels read them) and their mapped pages dropped, and removes its tensors
     from `state`.
 
     Decode streams every weight each token, and from anonymous memory it does so measurably
@@ -184,8 +184,8 @@ def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor], o
                 for buffer in copied:
                     if getattr(layer, buffer) is not None:
                         setattr(layer, buffer, getattr(layer, buffer).clone())
-            elif getattr(layer, "tiles", None) is not None:
-                copied = ("qweight", "scales", "mins", "zeros")  # int4: into the kernels' tiles
+            elif layer.mode == "int4" and layer.panels is not None:
+                copied = ("qweight", "scales", "mins", "zeros")  # int4: into the kernels' panels
             if layer.mode == "int8" and layer.panels is not None and "qweight" not in copied:
                 copied += ("qweight",)  # into the kernels' panels, mapped or not
             for key in copied:

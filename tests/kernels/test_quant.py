@@ -230,19 +230,27 @@ def test_int4_layout() -> None:
 
 
 @pytest.mark.skipif(quant.native_kernel() is None, reason="no kernel variant runs on this machine")
-@pytest.mark.parametrize("n, k", [(70, 576), (13, 96), (5, 32), (33, 160), (8, 512)])
-def test_int4_tiles_hold_the_portable_buffers(n: int, k: int) -> None:
-    """The kernels' tiled layout (rows padded to 4, a last block of fewer groups) gives back the
-    portable buffers exactly: in state_dict, dequantize and the GPU's untiled copy."""
+@pytest.mark.parametrize("n, k", [(70, 576), (13, 96), (5, 32), (33, 160), (16, 512)])
+def test_int4_panels_hold_the_portable_buffers(n: int, k: int) -> None:
+    """The kernels' int4 panels (rows padded to 16, a group after another) give back the portable
+    buffers exactly: in state_dict, dequantize and the rows that torch's ops and the GPU read; a
+    layer taken back to rows gets panels again, with the same bits, in every variant."""
     buffers = quantize_weight(torch.randn(n, k), "int4")
     q = QuantizedLinear.from_state(dict(buffers))
-    assert q.tiles is not None and q.qweight is None
-    assert q.tiles.numel() == (n + 3) // 4 * quant._int4_tile_bytes(k)
+    assert q.panels is not None and q.qweight is None and q.scales is None
+    assert q.panels.numel() == (n + 15) // 16 * (k // 32) * 320
     for name, t in q.portable_buffers().items():
         assert torch.equal(t, buffers[name]), name
     assert all(torch.equal(t, buffers[name]) for name, t in q.state_dict().items())
     assert torch.equal(q.dequantize(), quant.dequantize_weight(buffers))
-    assert q._untile() and q.tiles is None and torch.equal(q.qweight, buffers["qweight"])
+    x = torch.randn(3, k)
+    y = q(x)
+    assert q._to_rows() and q.panels is None
+    assert all(torch.equal(getattr(q, name), t) for name, t in buffers.items())
+    for variant in kernels.available_variants():
+        if variant != kernels.NONE:
+            with kernels.use(variant):
+                assert torch.equal(q(x), y) and q.panels is not None, variant
 
 
 PANEL_VARIANTS = [v for v in kernels.available_variants() if v in ("avx512vnni", "avxvnni")]
@@ -279,14 +287,14 @@ def test_safetensors_round_trip(mode: str, bias: bool, tmp_path) -> None:  # typ
     save_file({f"layer.{k}": v for k, v in q.state_dict().items()}, str(path))
     x = torch.randn(3, 384)
     loaded = load_file(str(path))
-    # 1. over the loaded tensors: int8 with no copy, int4 tiled where the kernels serve
+    # 1. over the loaded tensors: int8 with no copy, int4 in panels where the kernels serve
     r = QuantizedLinear.from_state(loaded, prefix="layer.")
     assert (r.mode, r.in_features, r.out_features, r.group_size) == (q.mode, 384, 48, q.group_size)
     lib = quant.native_kernel()
     if lib is None or (mode == "int8" and not lib.int8_panels):
         assert r.qweight.data_ptr() == loaded["layer.qweight"].data_ptr()
-    else:  # the kernels' layout: int4 tiles, int8 panels (VNNI without AMX)
-        assert (r.tiles if mode == "int4" else r.panels) is not None and r.qweight is None
+    else:  # the kernels' layout: int4 panels, int8 panels (VNNI without AMX)
+        assert r.panels is not None and r.qweight is None
     assert all(torch.equal(t, loaded[f"layer.{k}"]) for k, t in r.portable_buffers().items())
     assert torch.equal(r(x), q(x))
     # 2. an empty module filled by load_state_dict
