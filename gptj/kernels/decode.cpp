@@ -24,7 +24,14 @@ static void run_linear(const Linear& L, const float* x, int64_t M, float* y, voi
 }
 
 // ---------------------------------------------------------------- norms, rotary, activations
-static void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, float eps, float* out) {
+// The row-wise steps between the GEMVs split their rows between the threads where a prompt's
+// chunk gives them enough values (a decode row stays on one thread); each row is computed alone,
+// so the bits do not depend on the split or on the rows beside it.
+constexpr int64_t PAR_VALUES = 1 << 16;
+
+static void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, float eps, float* out,
+                          int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * H >= PAR_VALUES)
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * H;
         float ss = 0.f;
@@ -34,6 +41,17 @@ static void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, 
         float* o = out + m * H;
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) o[j] = xr[j] * r * w[j];
+    }
+}
+
+// x += a, or x += a + b (the sum of a and b taken first)
+static void add_rows(float* x, const float* a, const float* b, int64_t n, int nthreads) {
+    if (b) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n >= PAR_VALUES)
+        for (int64_t i = 0; i < n; ++i) x[i] += a[i] + b[i];
+    } else {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads) if (n >= PAR_VALUES)
+        for (int64_t i = 0; i < n; ++i) x[i] += a[i];
     }
 }
 
@@ -502,7 +520,7 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
     populate_rows(kc, vc, d->n_layers, nkv, B, pos, rows, cache_rows, max_len, hd, nthreads);
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const LlamaLayer& L = layers[l];
-        rms_norm_rows(x, L.ln1, B, H, d->eps, h);
+        rms_norm_rows(x, L.ln1, B, H, d->eps, h, nthreads);
         run_linear(L.qkv, h, B, qkv, gemv, nthreads);
         float* kl = kc + l * layer_stride;
         float* vl = vc + l * layer_stride;
@@ -518,12 +536,13 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
         }
         attention_step(qkv, qkv_w, kl, vl, B, pos, rows, nh, nkv, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.o, att, B, t, gemv, nthreads);
-        for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
-        rms_norm_rows(x, L.ln2, B, H, d->eps, h);
+        add_rows(x, t, nullptr, B * H, nthreads);
+        rms_norm_rows(x, L.ln2, B, H, d->eps, h, nthreads);
         run_linear(L.gate_up, h, B, gu, gemv, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (B * I >= PAR_VALUES)
         for (int64_t b = 0; b < B; ++b) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, I, act + b * I);
         run_linear(L.down, act, B, t, gemv, nthreads);
-        for (int64_t i = 0; i < B * H; ++i) x[i] += t[i];
+        add_rows(x, t, nullptr, B * H, nthreads);
     }
     return 0;
 }
@@ -532,7 +551,8 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
 // h = layer_norm(x); x += out(attention(rotary(q(h)), rotary(k(h)), v(h))) + fc_out(gelu(fc_in(h)))
 
 static void layer_norm_rows(const float* x, const float* w, const float* b, int64_t M, int64_t H, float eps,
-                            float* out) {
+                            float* out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * H >= PAR_VALUES)
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * H;
         float sum = 0.f;
@@ -598,7 +618,7 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
     populate_rows(kc, vc, d->n_layers, nh, B, pos, rows, cache_rows, max_len, hd, nthreads);
     for (int64_t l = 0; l < d->n_layers; ++l) {
         const GptjLayer& L = layers[l];
-        layer_norm_rows(x, L.ln_w, L.ln_b, B, H, d->eps, h);
+        layer_norm_rows(x, L.ln_w, L.ln_b, B, H, d->eps, h, nthreads);
         // q, k, v of row b at qkv + b * stride, + ko, + vo
         int64_t stride = 3 * H, ko = H, vo = 2 * H;
         if (L.k.w) {
@@ -625,9 +645,10 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
         attention_step(qkv, stride, kl, vl, B, pos, rows, nh, nh, hd, max_len, maxpos, sc, att, nthreads);
         run_linear(L.out, att, B, t1, gemv, nthreads);
         run_linear(L.fc_in, h, B, f, gemv, nthreads);
-        gelu_tanh(f, B * I, ef);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (B * I >= PAR_VALUES)
+        for (int64_t b = 0; b < B; ++b) gelu_tanh(f + b * I, I, ef + b * I);
         run_linear(L.fc_out, f, B, t2, gemv, nthreads);
-        for (int64_t i = 0; i < B * H; ++i) x[i] += t1[i] + t2[i];
+        add_rows(x, t1, t2, B * H, nthreads);
     }
 }
 
