@@ -12,11 +12,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from gptj.chat import ChatSession, PlayScript, normalise_messages
 from gptj.cli import common
 from gptj.errors import InvalidRequest
+
+if TYPE_CHECKING:  # gptj.chat imports jinja2: loaded by the commands that chat, not by `gptj --help`
+    from gptj.chat import ChatSession
 
 MAX_SAVED_BYTES = 64 << 20  # a conversation file that /load reads at once
 
@@ -168,11 +170,15 @@ def load_conversation(path: Path) -> tuple[str | None, list[dict]]:
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError("system: must be a string or null")
+    from gptj.chat import normalise_messages
+
     messages = normalise_messages(data["messages"])  # InvalidRequest (a ValueError) names the bad message
     return system, messages
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from gptj.chat import ChatSession, PlayScript
+
     model = common.model_from_args(args)
     common.print_weights(model, args)
     script = None

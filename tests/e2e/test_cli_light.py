@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# Runs the CLI in a fresh interpreter and says on the last line of stderr whether torch was imported.
+# Runs the CLI in a fresh interpreter and says on the last lines of stderr whether jinja2, then
+# torch, were imported.
 PROBE = """
 import sys
 from gptj.cli import main
@@ -17,6 +18,7 @@ try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
+print("jinja2 imported" if "jinja2" in sys.modules else "no jinja2", file=sys.stderr)
 print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stderr)
 sys.exit(code or 0)
 """
@@ -42,6 +44,14 @@ def test_commands_without_a_model_do_not_import_torch(args: list[str]) -> None:
     out = probe(*args)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "no torch", out.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["presets"], ["tokenize", "Hello world"]])
+def test_commands_that_do_not_chat_do_not_import_jinja2(args: list[str]) -> None:
+    """Chat templates (jinja2) load with the commands that chat, not with `gptj --help`."""
+    out = probe(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-2] == "no jinja2", out.stderr
 
 
 def test_import_gptj_is_lazy_and_gptj_load_still_works() -> None:
