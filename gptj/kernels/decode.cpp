@@ -157,16 +157,17 @@ static void attend_any(const float* q, int G, int64_t hd, const CT* K, const CT*
     }
 }
 
-// head_dim = NV float vectors: the G heads' queries and outputs stay in registers
+// The scores of keys [j, n) for G query heads (q: G heads of NV float vectors), s[t * ss + j] =
+// (q_t . k_j) * scale: four keys at a time (4G independent FMA chains, one reduction), then one by
+// one. attend_v and attend_tile's rests both take it, so a key's score has the same bits in each.
 template <int NV, int G, typename CT>
-static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float scale, float* s, float* o,
-                     int64_t os, float* m, float* l, int64_t ms) {
+static inline void head_scores(const float* q, const CT* K, int64_t j, int64_t n, float scale, float* s,
+                               int64_t ss) {
     constexpr int64_t hd = NV * FW;
     vf qv[G][NV];
     for (int t = 0; t < G; ++t)
         for (int i = 0; i < NV; ++i) qv[t][i] = vf_ld(q + t * hd + i * FW);
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {  // four keys at a time: 4G independent FMA chains, one reduction
+    for (; j + 4 <= n; j += 4) {
         vf a[G][4];
         for (int t = 0; t < G; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = vf_zero();
         for (int i = 0; i < NV; ++i)
@@ -175,7 +176,7 @@ static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float 
                 for (int t = 0; t < G; ++t) a[t][u] = vf_fma(qv[t][i], k, a[t][u]);
             }
         for (int t = 0; t < G; ++t)
-            _mm_storeu_ps(s + t * n + j, _mm_mul_ps(vf_sum4(a[t]), _mm_set1_ps(scale)));
+            _mm_storeu_ps(s + t * ss + j, _mm_mul_ps(vf_sum4(a[t]), _mm_set1_ps(scale)));
     }
     for (; j < n; ++j) {
         vf a[G];
@@ -184,13 +185,21 @@ static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float 
             const vf k = vf_ld(K + j * hd + i * FW);
             for (int t = 0; t < G; ++t) a[t] = vf_fma(qv[t][i], k, a[t]);
         }
-        for (int t = 0; t < G; ++t) s[t * n + j] = vf_sum(a[t]) * scale;
+        for (int t = 0; t < G; ++t) s[t * ss + j] = vf_sum(a[t]) * scale;
     }
+}
+
+// head_dim = NV float vectors: the G heads' queries and outputs stay in registers
+template <int NV, int G, typename CT>
+static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float scale, float* s, float* o,
+                     int64_t os, float* m, float* l, int64_t ms) {
+    constexpr int64_t hd = NV * FW;
+    head_scores<NV, G>(q, K, 0, n, scale, s, n);
     chunk_softmax(s, G, n, m, l, ms);
     vf acc[G][NV];
     for (int t = 0; t < G; ++t)
         for (int i = 0; i < NV; ++i) acc[t][i] = vf_zero();
-    for (j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
         vf p[G];
         for (int t = 0; t < G; ++t) p[t] = vf_set(s[t * n + j]);
         for (int i = 0; i < NV; ++i) {
@@ -248,26 +257,8 @@ static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 // not grouped), over one chunk of keys: each key and value is read once for all QT of them,
 // where attend_v reads them once per entry. Entry t has n[t] keys (n ascending), its scores at
 // s + t * ATT_CHUNK, and gets attend_v<NV, 1>'s operations in its order: the 4-key groups of
-// scores the entries share, then each entry's own rest as attend_v takes it; the output summed
+// scores the entries share, then each entry's own rest through head_scores; the output summed
 // key by key, a few vectors of the head at a time.
-template <int NV, typename CT>
-static void scores_rest(const float* q, const CT* K, int64_t j, int64_t n, float scale, float* s) {
-    constexpr int64_t hd = NV * FW;
-    for (; j + 4 <= n; j += 4) {
-        vf a[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
-        for (int i = 0; i < NV; ++i) {
-            const vf qv = vf_ld(q + i * FW);
-            for (int u = 0; u < 4; ++u) a[u] = vf_fma(qv, vf_ld(K + (j + u) * hd + i * FW), a[u]);
-        }
-        _mm_storeu_ps(s + j, _mm_mul_ps(vf_sum4(a), _mm_set1_ps(scale)));
-    }
-    for (; j < n; ++j) {
-        vf a = vf_zero();
-        for (int i = 0; i < NV; ++i) a = vf_fma(vf_ld(q + i * FW), vf_ld(K + j * hd + i * FW), a);
-        s[j] = vf_sum(a) * scale;
-    }
-}
-
 template <int NV, int QT, typename CT>
 static void attend_tile(const float* const* q, const CT* K, const CT* V, const int64_t* n, float scale,
                         float* s, float* const* o, float* const* m, float* const* l) {
@@ -289,7 +280,7 @@ static void attend_tile(const float* const* q, const CT* K, const CT* V, const i
             _mm_storeu_ps(s + t * ATT_CHUNK + j, _mm_mul_ps(vf_sum4(a[t]), _mm_set1_ps(scale)));
     }
     for (int t = 0; t < QT; ++t) {
-        scores_rest<NV>(q[t], K, j, n[t], scale, s + t * ATT_CHUNK);
+        head_scores<NV, 1>(q[t], K, j, n[t], scale, s + t * ATT_CHUNK, 0);
         chunk_softmax(s + t * ATT_CHUNK, 1, n[t], m[t], l[t], 1);
     }
     for (int i0 = 0; i0 < NV; i0 += IB) {
