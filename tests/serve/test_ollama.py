@@ -75,6 +75,21 @@ def test_chat_plain_and_streamed(client: ollama.Client, local_url: str) -> None:
     assert "".join(p.message.content for p in parts) == expected and parts[-1].done
 
 
+def test_chat_continues_a_final_assistant_message(client: ollama.Client, local_url: str) -> None:
+    """As Ollama: a last message of the assistant's is a prefill that the reply goes on with, the
+    text that vLLM's continue_final_message gives on the OpenAI route."""
+    prefill = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+    body = {"messages": prefill, "max_tokens": 8, "temperature": 0, "continue_final_message": True,
+            "add_generation_prompt": False}
+    r = httpx.post(f"{local_url}/v1/chat/completions", json=body, timeout=120)
+    expected = r.json()["choices"][0]["message"]["content"]
+    assert "Paris" in expected
+    reply = client.chat(model="x", messages=prefill, options={"temperature": 0, "num_predict": 8})
+    assert reply.message.content == expected
+    parts = list(client.chat(model="x", messages=prefill, options={"temperature": 0, "num_predict": 8}, stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+
+
 def test_options_are_applied(client: ollama.Client) -> None:
     short = client.generate(model="x", prompt=PROMPT, raw=True, options={"temperature": 0, "num_predict": 3})
     assert short.eval_count == 3 and short.done_reason == "length"

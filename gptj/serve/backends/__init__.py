@@ -54,11 +54,13 @@ class Backend(Protocol):
                             token_healing: bool = True) -> str: ...
 
     def generate(self, request: Request, *, prompt: str | None = None, messages: list[dict] | None = None,
-                 settings: dict, abort: asyncio.Event | None = None) -> AsyncIterator[str | Generated]:
+                 settings: dict, abort: asyncio.Event | None = None,
+                 continue_final_message: bool = False) -> AsyncIterator[str | Generated]:
         """Text deltas, then one Generated. The first item is an empty delta, sent once the
         request is accepted: bad settings, a full queue or an upstream error raise before it,
         so a router can still answer with an HTTP error. `prompt` is continued as it is;
-        `messages` ({role, content}) go through the model's chat template. Setting `abort`, or
+        `messages` ({role, content}) go through the model's chat template, the last one, the
+        assistant's, left open with `continue_final_message` (vLLM's). Setting `abort`, or
         the client disconnecting, stops the generation (finish_reason "cancelled"; a
         disconnect raises ClientDisconnected at the end instead). Close it (`aclosing`) when
         leaving early: that cancels the generation too."""

@@ -296,7 +296,8 @@ class LocalBackend:
         return self.chat.template is not None
 
     async def generate(self, request: Request, *, prompt: str | None = None, messages: list[dict] | None = None,
-                       settings: dict, abort: asyncio.Event | None = None) -> AsyncIterator[str | Generated]:
+                       settings: dict, abort: asyncio.Event | None = None,
+                       continue_final_message: bool = False) -> AsyncIterator[str | Generated]:
         """Text deltas, then a Generated (see gptj.serve.backends.Backend.generate)."""
         settings = dict(settings)
         field = "messages" if messages is not None else "prompt"
@@ -304,7 +305,8 @@ class LocalBackend:
             if not messages:
                 raise APIError(400, "messages: must not be empty", "messages")
             # templating and tokenizing a long conversation take a while: off the event loop
-            prompt, settings, _ = await asyncio.to_thread(self.chat.prepare, messages, settings)
+            prompt, settings, _ = await asyncio.to_thread(self.chat.prepare, messages, settings,
+                                                          continue_final_message=continue_final_message)
         if not prompt:
             raise APIError(400, f"{field}: must not be empty", field)
         ids = await self.encode(prompt, field)
@@ -322,7 +324,10 @@ class LocalBackend:
         t0 = time.monotonic()
         try:
             yield ""
-            text, lstrip = "", messages is not None and not self.chat.template  # the play script's space after "Name:"
+            # the play script's space after "Name:" goes; a continued message's text goes on as it is
+            lstrip = (messages is not None and not self.chat.template
+                      and not self.chat.continues(messages, continue_final_message))
+            text = ""
             async for _, item in self.stream_all(handles):
                 if isinstance(item, Completion):
                     if interruption.disconnected:

@@ -313,7 +313,8 @@ class UpstreamBackend:
         return True  # the upstream's chat endpoint lays messages out (vLLM: its --chat-template)
 
     async def generate(self, request: Request, *, prompt: str | None = None, messages: list[dict] | None = None,
-                       settings: dict, abort: asyncio.Event | None = None) -> AsyncIterator[str | Generated]:
+                       settings: dict, abort: asyncio.Event | None = None,
+                       continue_final_message: bool = False) -> AsyncIterator[str | Generated]:
         """Text deltas, then a Generated, from the upstream's /v1/completions or
         /v1/chat/completions streamed (see gptj.serve.backends.Backend.generate)."""
         field = "messages" if messages is not None else "prompt"
@@ -323,6 +324,8 @@ class UpstreamBackend:
         body.update(model=await self.upstream.model_id(), stream=True, stream_options={"include_usage": True})
         if messages is not None:
             path, body["messages"] = "chat/completions", messages
+            if continue_final_message:  # vLLM's pair: the last message stays open, no new turn
+                body.update(continue_final_message=True, add_generation_prompt=False)
         else:
             path, body["prompt"] = "completions", prompt
         t0 = time.monotonic()

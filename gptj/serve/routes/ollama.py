@@ -272,7 +272,8 @@ def router(backend: Backend) -> APIRouter:
 
     @router.post("/api/chat")
     async def chat(body: ChatBody, request: Request) -> Response:
-        """The assistant's next message in `messages`."""
+        """The assistant's next message in `messages`, or the rest of the last one where it is the
+        assistant's (a prefill)."""
         refuse(body)
         if body.tools:
             raise APIError(400, "tools: the model does not support tools", "tools")
@@ -286,7 +287,9 @@ def router(backend: Backend) -> APIRouter:
                                  "message": {"role": "assistant", "content": ""}, "done": True,
                                  "done_reason": "unload" if unload else "load"})
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        gen = backend.generate(request, messages=messages, settings=settings_of(body.options, body.format))
+        # as Ollama: a last message of the assistant's is continued, not answered (a prefill)
+        gen = backend.generate(request, messages=messages, settings=settings_of(body.options, body.format),
+                               continue_final_message=messages[-1]["role"] == "assistant")
         return await respond(request, body.stream, name, gen,
                              lambda text, done: {"message": {"role": "assistant", "content": text}, "done": done})
 
