@@ -19,7 +19,7 @@ VARIANTS = [v for v in kernels.available_variants() if v != kernels.NONE]
 pytestmark = pytest.mark.skipif(not VARIANTS, reason="no kernel variant runs on this machine")
 
 # (out, in): SmolLM2's 576-wide layers (blocks of 128 and a last 64; an odd number of int4
-# groups), a GPT-J-sized square, and widths that leave partial vectors and row tiles
+# groups), a GPT-J-sized square, and widths that leave partial vectors and panels
 SHAPES = [(1536, 576), (576, 1536), (4096, 4096), (70, 96)]
 
 
@@ -40,7 +40,7 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 
 def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    b = q.portable_buffers()  # (the layer may hold the kernels' layout: int8 panels, int4 tiles)
+    b = q.portable_buffers()  # (the layer may hold the kernels' layout: int8 or int4 panels)
     if q.mode == "int8":
         return int8_linear(x, b["qweight"], b["scales"], q.bias)
     return int4_linear(x, b["qweight"], b["scales"], b["mins"], q.bias)
@@ -67,7 +67,7 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_batch_equals_its_rows_one_at_a_time(variant: str, mode: str) -> None:
     """A request's tokens must not depend on who shares its batch: int8 batches take another
-    loop than one row (AMX tiles in the amx variant), int4 ones tiles of several rows."""
+    loop than one row (AMX tiles in the amx variant), int4 ones blocks of several rows."""
     q = layer(1536, 576, mode)
     x = activations(33, 576)
     with kernels.use(variant):
