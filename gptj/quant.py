@@ -393,12 +393,9 @@ class QuantizedLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._held_in_kernel_layout():  # the portable buffers, always
+        if self.panels is not None:  # the portable buffers, always
             for name, t in self.portable_buffers().items():
                 destination[prefix + name] = t
-
-    def _held_in_kernel_layout(self) -> bool:
-        return self.panels is not None
 
     def _panels_wanted(self, lib: kernels.Library | None) -> bool:
         """Whether the kernels in use read this layer in panels: int4 always, int8 with VNNI and
@@ -468,11 +465,10 @@ class QuantizedLinear(nn.Module):
     def kernel_weights(self) -> tuple[Tensor, Tensor | None] | None:
         """What the C++ kernels read, int8 (rows or panels, scales) or int4 (panels, None); None where
         they cannot take this layer (its shape, or not on the CPU)."""
-        if self.mode == "int8":
-            if not self.kernel_fits() or self.scales.device.type != "cpu":
-                return None
-            return (self._kernel_weight(), self.scales)
-        return (self.panels, None) if self._to_kernel_layout() and self.panels.device.type == "cpu" else None
+        if not self.kernel_fits() or (self.mode == "int4" and not self._to_kernel_layout()):
+            return None
+        weight = self._kernel_weight()
+        return (weight, self.scales) if weight.device.type == "cpu" else None  # int4 in panels: scales None
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -605,10 +601,9 @@ class QuantizedLinear(nn.Module):
         threads = torch.get_num_threads()
         if lib is not None and out.dtype in (torch.float32, torch.bfloat16):
             k = self.in_features
-            if self.mode == "int8":
-                self._to_rows()  # int8 dequantization reads rows (the paths that dequantize do not read panels)
+            if self.mode == "int8":  # the layout the GEMV reads, rows or panels
                 lib.gq_dequant_int8(
-                    self.qweight.data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
+                    self._kernel_weight().data_ptr(), self.scales.data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads
                 )
             else:
                 lib.gq_dequant_int4(self._kernel_weight().data_ptr(), n0, n1, k, out.data_ptr(), bf16, threads)

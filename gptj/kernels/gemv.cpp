@@ -720,6 +720,14 @@ void pack_int4_panels(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, 
         }
 }
 
+// gemv.h's c_g for LW weight rows of one activation row: D the group's integer sums (int16 pair
+// sums without VNNI), s and mn the rows' scales and mins, xv = xs_g and sv = xsum_g broadcast.
+// The few-row loop and the GEMM both take it: the same float operations, the same bits.
+static inline vf int4_term(vi D, vf s, vf mn, vf xv, vf sv) {
+    const vf d = vf_cvt(GQ_VNNI ? D : vi_widen16(D));
+    return vf_add(vf_mul(d, vf_mul(s, xv)), vf_mul(mn, sv));
+}
+
 // LW fp16 at p as floats
 static inline vf vf_half(const uint8_t* p) {
 #if GQ_AVX512
@@ -754,9 +762,7 @@ static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, cons
     for (int v = 0; v < NVP; ++v) {
         const vf s = vf_half(b + 256 + 2 * LW * v), mv = vf_half(b + 288 + 2 * LW * v);
         for (int m = 0; m < MT; ++m) {
-            const vf d = vf_cvt(GQ_VNNI ? D[m][v] : vi_widen16(D[m][v]));
-            P[m][v] = vf_add(
-                P[m][v], vf_add(vf_mul(d, vf_mul(s, vf_set(xs[m * ng]))), vf_mul(mv, vf_set(xsum[m * ng]))));
+            P[m][v] = vf_add(P[m][v], int4_term(D[m][v], s, mv, vf_set(xs[m * ng]), vf_set(xsum[m * ng])));
         }
     }
 }
@@ -830,8 +836,8 @@ static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, i
         const int nrows = (int)std::min<int64_t>(16, N - 16 * p);
         const int64_t at = p * ng * GB4;  // panels follow each other: one stream
         const uint8_t* ahead = at + ng * GB4 + I4P_AHEAD <= np * ng * GB4 ? P + at + I4P_AHEAD : nullptr;
-        i4p_span<I4P_MT>(P + p * ng * GB4, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p,
-                         N, M, ahead);
+        i4p_span<I4P_MT>(P + at, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p, N, M,
+                         ahead);
     }
 }
 
@@ -854,8 +860,8 @@ constexpr int GR4 = 3, NV4 = 2;  // 2 x 2, 4 x 1, 5 x 1, 4 x 2: slower
 // sums P live in memory (touched once per group); maddubs' temporaries do not, nor does it pay
 // with 32 registers.
 constexpr bool P_IN_MEMORY = GQ_VNNI && !GQ_AVX512;
-constexpr int NP4 = LW * NV4;  // weight rows per panel: whole tiles
-// below these the tiles' loop is as fast (with VNNI's dpbusd it keeps up longer)
+constexpr int NP4 = LW * NV4;  // weight rows per unpacked panel
+// below these the few-row loop is as fast (with VNNI's dpbusd it keeps up longer)
 #ifndef GEMM4_MIN_ROWS
 #define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : 64)
 #endif
@@ -897,12 +903,7 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
         for (int r = 0; r < MR; ++r) {
             const vf xv = vf_set(xs[r * ng + g]), sv = vf_set(xsum[r * ng + g]);
             for (int v = 0; v < NV4; ++v) {
-#if GQ_VNNI
-                const vf d = vf_cvt(D[r][v]);
-#else
-                const vf d = vf_cvt(vi_widen16(D[r][v]));
-#endif
-                const vf t = vf_add(vf_mul(d, vf_mul(s[v], xv)), vf_mul(m[v], sv));
+                const vf t = int4_term(D[r][v], s[v], m[v], xv, sv);
                 if constexpr (P_IN_MEMORY)
                     vf_st(pout + r * NP4 + v * LW, vf_add(vf_ld(pout + r * NP4 + v * LW), t));
                 else
@@ -1067,12 +1068,26 @@ void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int6
                   int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = n0; n < n1; ++n) {
-        const int8_t* wp = W + n * K;
         void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
         const dv s = dv_set(ws[n]);
+#if GQ_VNNI && !GQ_AMX  // W is in panels (int8_panels()): row n's 4 bytes of each k = 4q, flipped back
+        const uint8_t* row = (const uint8_t*)W + n / 16 * 16 * K + n % 16 * 4;
+        alignas(16) int8_t w[DW];
+        for (int64_t j = 0; j < K; j += DW) {  // K % 32 == 0: whole vectors
+            for (int i = 0; i < DW; i += 4) {
+                uint32_t v;
+                memcpy(&v, row + (j + i) * 16, 4);
+                v ^= 0x80808080u;
+                memcpy(w + i, &v, 4);
+            }
+            put(o, j, dv_mul(dv_i8(w), s), bf16);
+        }
+#else
+        const int8_t* wp = W + n * K;
         int64_t j = 0;
         for (; j + DW <= K; j += DW) put(o, j, dv_mul(dv_i8(wp + j), s), bf16);
         for (; j < K; ++j) put1(o, j, (float)wp[j] * ws[n], bf16);
+#endif
     }
 }
 

@@ -67,7 +67,7 @@ void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_
                      const float* x, int64_t M, float* y, void* scratch, int nthreads);
 
 // Rows [n0, n1) of W dequantized into out [(n1-n0), K], bfloat16 (bf16 != 0) or float32: the
-// values torch's dequantize_weight gives.
+// values torch's dequantize_weight gives. W in the layout linear_int8 / linear_int4 read.
 void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int64_t K, void* out, int bf16,
                   int nthreads);
 void dequant_int4(const uint8_t* P, int64_t n0, int64_t n1, int64_t K, void* out, int bf16, int nthreads);
