@@ -434,14 +434,19 @@ def test_json_toggle_gets_json_back(page) -> None:
     assert text.startswith(prompt)
     jsonschema.validate(json.loads(text[len(prompt):]), schema)
 
+    # Any JSON object, greedy. A JSON number may run on forever, and whether greedy text closes
+    # the object within the budget rests on float rounding that differs between CPUs (AVX2 torch
+    # writes " {\", \": 1000…" without end for the prompt above), so a one-line example leads it.
     page.click("#undo-btn")
-    page.fill("#set-json-schema", "")  # any JSON object
+    page.fill("#set-json-schema", "")
+    few_shot = 'A person, as JSON:\n{"name": "Ann Lee", "age": 31, "city": "Paris"}\nAnother person, as JSON:\n'
+    page.fill("#prompt", few_shot)
     set_setting(page, "temperature", "0")
     set_setting(page, "max_new_tokens", "300")
     page.click("#generate-btn")
     wait_idle(page)
     assert page.get_attribute("#gen-status", "data-finish") == "stop"
-    assert isinstance(json.loads(page.input_value("#prompt")[len(prompt):]), dict)
+    assert isinstance(json.loads(page.input_value("#prompt")[len(few_shot):]), dict)
 
     # View code's gptj command asks for the same: --json-schema object, which the CLI takes
     page.click("#view-code")
