@@ -7,7 +7,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_json
 
 from gptj.runtime.sampling import MAX_TEMPERATURE
 
@@ -408,6 +408,21 @@ def tokenize_json(tokenizer, text: str, parse_special: bool, add_bos: bool = Fal
     if add_bos and bos is not None:
         ids = [bos, *ids]
     return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tokenizer, i) for i in ids]}
+
+
+JSON_SLICE = 4096  # list items encoded per call: a few milliseconds each
+
+
+def json_in_slices(value: Any) -> bytes:
+    """`value` as JSON, its long lists encoded a slice at a time. One encoder call holds the GIL
+    throughout (a 1 MB text's tokens and pieces: ~0.1 s), so a worker thread calling this lets
+    the event loop run between slices, where one call would stall every other request."""
+    if isinstance(value, dict):
+        return b"{" + b",".join(to_json(str(k)) + b":" + json_in_slices(v) for k, v in value.items()) + b"}"
+    if isinstance(value, list) and len(value) > JSON_SLICE:
+        return b"[" + b",".join(to_json(value[i:i + JSON_SLICE])[1:-1]
+                                for i in range(0, len(value), JSON_SLICE)) + b"]"
+    return to_json(value)
 
 
 def piece_json(tokenizer, token_id: int) -> dict[str, Any]:  # noqa: ANN001

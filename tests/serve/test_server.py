@@ -15,7 +15,7 @@ from servers import running
 import gptj
 from gptj.serve import create_app
 from gptj.serve.guard import MAX_BODY_BYTES, check_bind
-from gptj.serve.protocol import MAX_N
+from gptj.serve.protocol import JSON_SLICE, MAX_N, json_in_slices
 
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -256,6 +256,28 @@ def test_tokenize(client: httpx.Client, bundled_model) -> None:  # noqa: ANN001
             assert p["text"].encode() == bytes(p["bytes"])
 
     assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"text": text, "content": text}
+
+
+def test_long_tokenize_answers_whole(client: httpx.Client, bundled_model) -> None:  # noqa: ANN001
+    """A text of many more tokens than the answer is encoded per slice: every token and piece
+    there, in order, in valid JSON, in both shapes."""
+    text = "".join(f"word{i} ünï \"q\" 😀\n" for i in range(JSON_SLICE // 2))
+    want = bundled_model.tokenizer.encode(text)
+    assert len(want) > 2 * JSON_SLICE
+    r = client.post("/tokenize", json={"text": text})
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["tokens"] == want and body["count"] == len(want) and len(body["pieces"]) == len(want)
+    assert b"".join(bytes(p["bytes"]) for p in body["pieces"]) == text.encode()
+    llama = client.post("/tokenize", json={"content": text, "with_pieces": True}).json()
+    assert [t["id"] for t in llama["tokens"]] == want
+
+
+@pytest.mark.parametrize("n", [0, 1, JSON_SLICE, JSON_SLICE + 1, 2 * JSON_SLICE + 3])
+def test_json_in_slices_is_json(n: int) -> None:
+    value = {"ids": list(range(n)), "pieces": [{"t": f"é\"{i}", "b": [i, None]} for i in range(n)],
+             "nested": {"deep": [list(range(3))] * n, "x": 1.5, "none": None, "ok": True}}
+    assert json.loads(json_in_slices(value)) == value
 
 
 def test_tokenize_gptj(client: httpx.Client) -> None:
