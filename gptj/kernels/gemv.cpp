@@ -866,18 +866,26 @@ constexpr int NP4 = LW * NV4;  // weight rows per unpacked panel
 #define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : 64)
 #endif
 
+// groups of a panel unpacked at a time: GPT-J's 16384-wide fc_out unpacked whole (320 KB with
+// its scales and mins) ran at half speed on a Zen 3 core's 512 KB L2. A multiple of 4, so that
+// a group's residue g % 4 is that of its index in the chunk.
+constexpr int64_t G4_CHUNK = 128;
+
 // P_i of MR activation rows x NP4 weight rows (pout [MR][NP4]) for the groups g = i, i + 4, ..
+// below ng of one chunk (wp, sp, mp, xq, xs and xsum start at it; ldg: groups per activation
+// row), from zero where `first`, else on from pout's sums: the order of gemv.h's sequence.
 template <int MR>
 static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
-                                int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t i,
-                                float* pout) {
+                                int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t ldg,
+                                int64_t i, float* pout, bool first) {
     vf P[MR][NV4];  // unused where P_IN_MEMORY: the sums are kept in pout
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV4; ++v)
-            if constexpr (P_IN_MEMORY)
-                vf_st(pout + r * NP4 + v * LW, vf_zero());
-            else
-                P[r][v] = vf_zero();
+            if constexpr (P_IN_MEMORY) {
+                if (first) vf_st(pout + r * NP4 + v * LW, vf_zero());
+            } else {
+                P[r][v] = first ? vf_zero() : vf_ld(pout + r * NP4 + v * LW);
+            }
     for (int64_t g = i; g < ng; g += 4) {
         vi D[MR][NV4];
         for (int r = 0; r < MR; ++r)
@@ -901,7 +909,7 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
             m[v] = vf_ld(mp + g * NP4 + v * LW);
         }
         for (int r = 0; r < MR; ++r) {
-            const vf xv = vf_set(xs[r * ng + g]), sv = vf_set(xsum[r * ng + g]);
+            const vf xv = vf_set(xs[r * ldg + g]), sv = vf_set(xsum[r * ldg + g]);
             for (int v = 0; v < NV4; ++v) {
                 const vf t = int4_term(D[r][v], s[v], m[v], xv, sv);
                 if constexpr (P_IN_MEMORY)
@@ -916,37 +924,38 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
             for (int v = 0; v < NV4; ++v) vf_st(pout + r * NP4 + v * LW, P[r][v]);
 }
 
-// y [MR rows, ncols] of one panel: (P_0 + P_1) + (P_2 + P_3) (+ bias)
+// One chunk of groups for MR activation rows of one panel, the sums P_i carried in p [4][MR][NP4];
+// after the last chunk, y [MR rows, ncols] = (P_0 + P_1) + (P_2 + P_3) (+ bias)
 template <int MR>
 static inline void i4_gemm_block(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
-                                 int64_t K, const float* xs, const float* xsum, const float* bias, float* y,
-                                 int64_t ldy, int ncols) {
-    const int64_t ng = K / 32;
-    alignas(64) float p[4][MR * NP4];
-    for (int i = 0; i < 4; ++i) i4_gemm_pass<MR>(wp, sp, mp, xq, K, xs, xsum, ng, i, p[i]);
+                                 int64_t K, const float* xs, const float* xsum, int64_t ng, bool first,
+                                 bool last, float* p, const float* bias, float* y, int64_t ldy, int ncols) {
+    for (int i = 0; i < 4; ++i)
+        i4_gemm_pass<MR>(wp, sp, mp, xq, K, xs, xsum, ng, K / 32, i, p + i * MR * NP4, first);
+    if (!last) return;
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV4; ++v) {
             const int n = std::min(LW, ncols - LW * v);
             if (n <= 0) break;
-            const int o = r * NP4 + v * LW;
-            vf out =
-                vf_add(vf_add(vf_ld(p[0] + o), vf_ld(p[1] + o)), vf_add(vf_ld(p[2] + o), vf_ld(p[3] + o)));
+            const int o = r * NP4 + v * LW, d = MR * NP4;
+            vf out = vf_add(vf_add(vf_ld(p + o), vf_ld(p + d + o)),
+                            vf_add(vf_ld(p + 2 * d + o), vf_ld(p + 3 * d + o)));
             if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
             vf_store_n(y + r * ldy + LW * v, out, n);
         }
 }
 
-// Rows [n0, n0 + NP4) of the panels (npad rows in them; zeros past) unpacked: wp in VNNI's layout,
-// sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g. A vector of LW rows is one
-// half (256-bit) or the whole (512-bit) of each chunk of a panel.
-static void pack_panel4(const uint8_t* P, int64_t K, int64_t npad, int64_t n0, int32_t* wp, float* sp,
-                        float* mp) {
+// Rows [n0, n0 + NP4) of the panels (npad rows in them; zeros past), groups [g0, g1), unpacked:
+// wp in VNNI's layout, sp[g][j] and mp[g][j] the scale and min of row n0 + j's group g0 + g. A
+// vector of LW rows is one half (256-bit) or the whole (512-bit) of each chunk of a panel.
+static void pack_panel4(const uint8_t* P, int64_t K, int64_t npad, int64_t n0, int64_t g0, int64_t g1,
+                        int32_t* wp, float* sp, float* mp) {
     const int64_t ng = K / 32;
     for (int v = 0; v < NV4; ++v) {
         const int64_t r = n0 + LW * v;
         if (r >= npad) {
-            for (int64_t q = 0; q < K / 4; ++q) vi_store(wp + (q * NV4 + v) * LW, vi_zero());
-            for (int64_t g = 0; g < ng; ++g) {
+            for (int64_t q = 0; q < 8 * (g1 - g0); ++q) vi_store(wp + (q * NV4 + v) * LW, vi_zero());
+            for (int64_t g = 0; g < g1 - g0; ++g) {
                 vf_st(sp + g * NP4 + LW * v, vf_zero());
                 vf_st(mp + g * NP4 + LW * v, vf_zero());
             }
@@ -954,8 +963,8 @@ static void pack_panel4(const uint8_t* P, int64_t K, int64_t npad, int64_t n0, i
         }
         const uint8_t* base = P + r / 16 * ng * GB4;
         const int half = (int)(r % 16) / LW;
-        for (int64_t g = 0; g < ng; ++g) {
-            const uint8_t* b = base + g * GB4;
+        for (int64_t g = 0; g < g1 - g0; ++g) {
+            const uint8_t* b = base + (g0 + g) * GB4;
             for (int c = 0; c < 4; ++c) {
                 const vi w = vi_load(b + 64 * c + VB * half);
                 const int64_t q = 8 * g + 2 * c;
@@ -968,26 +977,42 @@ static void pack_panel4(const uint8_t* P, int64_t K, int64_t npad, int64_t n0, i
     }
 }
 
+// activation bytes per block of rows that every panel meets in turn: all 512 rows of a prompt's
+// chunk at K = 16384 (8 MB) left the cache between panels, and the GEMM ran at half speed
+constexpr int64_t X4_BLOCK = 2 << 20;
+
 static void linear_int4_gemm(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
                              const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
     const int64_t ng = K / 32, panels = (N + NP4 - 1) / NP4, npad = (N + 15) / 16 * 16;
+    const int64_t cg = std::min(ng, G4_CHUNK), nblocks = (M * K + X4_BLOCK - 1) / X4_BLOCK;
+    const int64_t mb = ((M + nblocks - 1) / nblocks + GR4 - 1) / GR4 * GR4;  // even blocks of rows
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<int32_t> wp(K / 4 * NP4);
-        std::vector<float> sp(ng * NP4), mp(ng * NP4);
+        std::vector<int32_t> wp(8 * cg * NP4);
+        std::vector<float> sp(cg * NP4), mp(cg * NP4);
+        std::vector<float> sums(std::min(M, mb) * 4 * NP4);  // P_i of each register block, across chunks
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {
+            const int64_t m1 = std::min(M, m0 + mb);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int64_t n0 = p * NP4;
-            const int ncols = (int)std::min<int64_t>(NP4, N - n0);
-            pack_panel4(P, K, npad, n0, wp.data(), sp.data(), mp.data());
-            const float* b = bias ? bias + n0 : nullptr;
-            int64_t m = 0;
-            for (; m + GR4 <= M; m += GR4)
-                i4_gemm_block<GR4>(wp.data(), sp.data(), mp.data(), xq + m * K, K, xs + m * ng, xsum + m * ng,
-                                   b, y + m * N + n0, N, ncols);
-            for (; m < M; ++m)
-                i4_gemm_block<1>(wp.data(), sp.data(), mp.data(), xq + m * K, K, xs + m * ng, xsum + m * ng,
-                                 b, y + m * N + n0, N, ncols);
+            for (int64_t p = 0; p < panels; ++p) {
+                const int64_t n0 = p * NP4;
+                const int ncols = (int)std::min<int64_t>(NP4, N - n0);
+                const float* b = bias ? bias + n0 : nullptr;
+                for (int64_t g0 = 0; g0 < ng; g0 += cg) {
+                    const int64_t g1 = std::min(ng, g0 + cg);
+                    const bool first = g0 == 0, last = g1 == ng;
+                    pack_panel4(P, K, npad, n0, g0, g1, wp.data(), sp.data(), mp.data());
+                    int64_t m = m0;
+                    for (; m + GR4 <= m1; m += GR4)
+                        i4_gemm_block<GR4>(wp.data(), sp.data(), mp.data(), xq + m * K + 32 * g0, K,
+                                           xs + m * ng + g0, xsum + m * ng + g0, g1 - g0, first, last,
+                                           sums.data() + (m - m0) * 4 * NP4, b, y + m * N + n0, N, ncols);
+                    for (; m < m1; ++m)
+                        i4_gemm_block<1>(wp.data(), sp.data(), mp.data(), xq + m * K + 32 * g0, K,
+                                         xs + m * ng + g0, xsum + m * ng + g0, g1 - g0, first, last,
+                                         sums.data() + (m - m0) * 4 * NP4, b, y + m * N + n0, N, ncols);
+                }
+            }
         }
     }
 }

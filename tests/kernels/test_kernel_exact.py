@@ -65,6 +65,18 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_a_wide_prompt_chunk_equals_the_reference(variant: str, mode: str) -> None:
+    """The int4 GEMM unpacks 128 groups of a panel at a time and meets the activations in blocks
+    of rows (2 MB of them): 131 groups (a last chunk of 3) and 520 rows (two blocks) keep the bits."""
+    q = layer(40, 4192, mode)
+    with kernels.use(variant):
+        for m in (70, 520):
+            x = activations(m, 4192)
+            assert torch.equal(q.forward_decode(x), reference(q, x)), f"{variant} {mode}, {m} rows"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_batch_equals_its_rows_one_at_a_time(variant: str, mode: str) -> None:
     """A request's tokens must not depend on who shares its batch: int8 batches take another
     loop than one row (AMX tiles in the amx variant), int4 ones blocks of several rows."""
