@@ -415,8 +415,9 @@ JSON_SLICE = 4096  # list items encoded per call: a few milliseconds each
 
 def json_in_slices(value: Any) -> bytes:
     """`value` as JSON, its long lists encoded a slice at a time. One encoder call holds the GIL
-    throughout (a 1 MB text's tokens and pieces: ~0.1 s), so a worker thread calling this lets
-    the event loop run between slices, where one call would stall every other request."""
+    throughout (for a 1 MB text's tokens and pieces, long enough to notice), so a worker thread
+    calling this lets the event loop run between slices, where one call would stall every other
+    request."""
     if isinstance(value, dict):
         return b"{" + b",".join(to_json(str(k)) + b":" + json_in_slices(v) for k, v in value.items()) + b"}"
     if isinstance(value, list) and len(value) > JSON_SLICE:
