@@ -407,7 +407,8 @@ def tokenize_json(tokenizer, text: str, parse_special: bool, add_bos: bool = Fal
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None:
         ids = [bos, *ids]
-    return {"count": len(ids), "tokens": ids, "pieces": [piece_json(tokenizer, i) for i in ids]}
+    piece = {i: piece_json(tokenizer, i) for i in set(ids)}  # once per distinct id: long texts repeat most
+    return {"count": len(ids), "tokens": ids, "pieces": [piece[i] for i in ids]}
 
 
 JSON_SLICE = 4096  # list items encoded per call: a few milliseconds each
