@@ -872,13 +872,14 @@ constexpr int NP4 = LW * NV4;  // weight rows per unpacked panel
 constexpr int64_t G4_CHUNK = 128;
 
 // P_i of MR activation rows x NP4 weight rows (pout [MR][NP4]) for the groups g = i, i + 4, ..
-// below ng of one chunk (wp, sp, mp, xq, xs and xsum start at it; ldg: groups per activation
-// row), from zero where `first`, else on from pout's sums: the order of gemv.h's sequence.
+// below ng of one chunk (wp, sp, mp, xq, xs and xsum start at it), from zero where `first`, else
+// on from pout's sums: the order of gemv.h's sequence.
 template <int MR>
 static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
-                                int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t ldg,
-                                int64_t i, float* pout, bool first) {
-    vf P[MR][NV4];  // unused where P_IN_MEMORY: the sums are kept in pout
+                                int64_t K, const float* xs, const float* xsum, int64_t ng, int64_t i,
+                                float* pout, bool first) {
+    const int64_t ldg = K / 32;  // groups per activation row (xs, xsum)
+    vf P[MR][NV4];               // unused where P_IN_MEMORY: the sums are kept in pout
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV4; ++v)
             if constexpr (P_IN_MEMORY) {
@@ -930,8 +931,7 @@ template <int MR>
 static inline void i4_gemm_block(const int32_t* wp, const float* sp, const float* mp, const int8_t* xq,
                                  int64_t K, const float* xs, const float* xsum, int64_t ng, bool first,
                                  bool last, float* p, const float* bias, float* y, int64_t ldy, int ncols) {
-    for (int i = 0; i < 4; ++i)
-        i4_gemm_pass<MR>(wp, sp, mp, xq, K, xs, xsum, ng, K / 32, i, p + i * MR * NP4, first);
+    for (int i = 0; i < 4; ++i) i4_gemm_pass<MR>(wp, sp, mp, xq, K, xs, xsum, ng, i, p + i * MR * NP4, first);
     if (!last) return;
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV4; ++v) {
