@@ -498,8 +498,12 @@ _GPT2_NAMES = {"gpt2", "gpt-2", "openai-community/gpt2"}
 _SMOLLM2_NAMES = {"smollm2", "default", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 
 
-def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
-    """A tokenizer by model name, .gguf file, or folder holding a tokenizer.json."""
+TOKENIZER_NAMES = sorted(_GPTJ_NAMES | _GPT2_NAMES | _SMOLLM2_NAMES)
+
+
+def named_tokenizer(name: str) -> Tokenizer | None:
+    """One of the tokenizers this package ships, by name (TOKENIZER_NAMES); None for any other
+    name. The server takes only these: a client's name is never a path on the server."""
     key = name.strip().lower()
     if key in _GPTJ_NAMES:
         return Tokenizer.gptj()
@@ -507,6 +511,14 @@ def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
         return Tokenizer.gpt2()
     if key in _SMOLLM2_NAMES:
         return Tokenizer.from_gguf_file(bundled_gguf_path())
+    return None
+
+
+def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
+    """A tokenizer by model name, .gguf file, or folder holding a tokenizer.json."""
+    tokenizer = named_tokenizer(name)
+    if tokenizer is not None:
+        return tokenizer
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():
         return Tokenizer.from_gguf_file(path)
@@ -521,7 +533,7 @@ def load_tokenizer(name: str = "gpt-j") -> Tokenizer:
             model_type = None
         if model_type == "gptj":
             return Tokenizer.gptj()
-    accepted = ", ".join(sorted(_GPTJ_NAMES | _GPT2_NAMES | _SMOLLM2_NAMES))
+    accepted = ", ".join(TOKENIZER_NAMES)
     raise ValueError(f"unknown tokenizer {name!r}: use one of {accepted} (default: SmolLM2's), a .gguf "
                      "file, a GPT-J folder or a folder containing tokenizer.json")
 

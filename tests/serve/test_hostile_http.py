@@ -22,6 +22,7 @@ from servers import running
 
 from gptj.serve import create_app
 from gptj.serve.guard import MAX_BODY_BYTES, check_bind
+from gptj.tokenizer import bundled_gguf_path
 
 KEYS = ["tenant-one-key", "tenant-two-key"]
 LONG_PROMPT = "The history of the printing press begins in the fifteenth century, when " * 6
@@ -82,6 +83,24 @@ def test_static_serves_only_the_page_files(keyed: str, path: str) -> None:
     assert status in (400, 404), (path, status)
     assert b"root:" not in data and b"import" not in data
     assert raw_request(keyed, "GET", "/static/app.js")[0] == 200  # the page's own files stay open
+
+
+def test_tokenizer_names_are_never_server_paths(keyless: str, tmp_path) -> None:  # noqa: ANN001
+    """`tokenizer` takes the package's names only: no file on the server is read (the bundled
+    GGUF and a folder with a tokenizer.json included), none is told apart from a missing one,
+    and a huge name is refused by its length."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with httpx.Client(base_url=keyless, timeout=60) as c:
+        for name in (str(bundled_gguf_path()), str(tmp_path), "../../../../etc/passwd", "/nonexistent.gguf"):
+            for path, body in (("/tokenize", {"text": "hi"}), ("/detokenize", {"tokens": [1]})):
+                r = c.post(path, json={**body, "tokenizer": name})
+                assert r.status_code == 400, (name, path, r.status_code)
+                err = r.json()["error"]
+                assert err["param"] == "tokenizer" and "not paths" in err["message"] and "gpt-j" in err["message"]
+        r = c.post("/tokenize", json={"text": "hi", "tokenizer": "x" * 100_000})
+        assert r.status_code == 400 and "over the limit of 100" in r.json()["error"]["message"]
+        assert len(r.content) < 1000
+        assert c.post("/tokenize", json={"text": "hi", "tokenizer": "GPT-J"}).json()["tokens"] == [5303]
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "localhost.evil.example", ""])
@@ -317,6 +336,32 @@ def test_a_slow_submit_leaves_the_event_loop_free(bundled_model, monkeypatch: py
         slow.join(60)
     assert status == [200]
     assert waited < 1.0, f"/health waited {waited:.2f} s behind a submit"
+
+
+def test_a_slow_detokenize_leaves_the_event_loop_free(bundled_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """/detokenize decodes (up to ~170k ids in a 1 MB body) in a worker thread: /health answers
+    meanwhile."""
+    decode = bundled_model.tokenizer.decode
+    entered = threading.Event()
+
+    def slow_decode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        entered.set()
+        time.sleep(2.0)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(bundled_model.tokenizer, "decode", slow_decode)
+    with running(create_app(bundled_model)) as base:
+        answers: list[dict] = []
+        slow = threading.Thread(target=lambda: answers.append(httpx.post(
+            base + "/detokenize", json={"tokens": [6004]}, timeout=60).json()))
+        slow.start()
+        assert entered.wait(30)
+        t0 = time.monotonic()
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+        waited = time.monotonic() - t0
+        slow.join(60)
+    assert answers == [{"text": "hi", "content": "hi"}]
+    assert waited < 1.0, f"/health waited {waited:.2f} s behind a /detokenize"
 
 
 def test_prompt_logprobs_are_computed_once_per_request(bundled_model, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

@@ -19,7 +19,11 @@ from typing import Protocol
 
 from fastapi import Request
 
+from gptj.serve.guard import APIError
 from gptj.serve.protocol import DetokenizeBody, TokenizeBody
+from gptj.tokenizer import TOKENIZER_NAMES, Tokenizer, named_tokenizer
+
+MAX_TOKENIZER_NAME = 100  # characters; the longest of TOKENIZER_NAMES is 35
 
 
 @dataclass
@@ -119,3 +123,33 @@ async def until(items: AsyncIterator, event: asyncio.Event) -> AsyncIterator:
             yield item
     finally:
         stopped.cancel()
+
+
+async def requested_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer a request's `tokenizer` field names: one of the package's (TOKENIZER_NAMES),
+    never a path on this machine (a client could otherwise make the server read any file, and
+    learn which exist). Built off the event loop: the first use of one reads its vocabulary."""
+    if len(name) > MAX_TOKENIZER_NAME:
+        raise APIError(400, f"tokenizer: {len(name)} characters is over the limit of {MAX_TOKENIZER_NAME}",
+                       "tokenizer")
+    try:
+        tokenizer = await asyncio.to_thread(named_tokenizer, name)
+    except (ValueError, OSError) as exc:  # a package that ships a vocabulary is missing
+        raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
+    if tokenizer is None:
+        raise APIError(400, f"tokenizer: unknown tokenizer {name!r}: the server takes one of "
+                       f"{', '.join(TOKENIZER_NAMES)} (not paths)", "tokenizer")
+    return tokenizer
+
+
+async def detokenize_json(tokenizer: Tokenizer, ids: list[int]) -> dict:
+    """/detokenize's answer; an id outside the vocabulary is a 400. A worker thread: a 1 MB body
+    holds ~170k ids."""
+
+    def decode() -> str:
+        bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is outside 0..{tokenizer.vocab_size - 1}", "tokens")
+        return tokenizer.decode(ids)
+
+    return {"text": await asyncio.to_thread(decode)}

@@ -22,11 +22,11 @@ from gptj.api import Model, check_logit_bias, check_token_ids, sampling_params
 from gptj.chat import ChatSession
 from gptj.errors import InvalidRequest
 from gptj.runtime.engine import Completion, RequestHandle, TokenInfo
-from gptj.serve.backends import Generated, Interruption
+from gptj.serve.backends import Generated, Interruption, detokenize_json, requested_tokenizer
 from gptj.serve.guard import APIError, ClientDisconnected, cache_scope
 from gptj.serve.metrics import Metrics, engine_metrics
 from gptj.serve.protocol import DetokenizeBody, TokenizeBody, is_batch, token_str, tokenize_json
-from gptj.tokenizer import Tokenizer, load_tokenizer
+from gptj.tokenizer import Tokenizer
 
 INFO_DEFAULTS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -65,25 +65,16 @@ class LocalBackend:
 
     # ---- tokenizer ----
 
-    def pick_tokenizer(self, name: str | None) -> Tokenizer:
-        if not name:
-            return self.tokenizer
-        try:
-            return load_tokenizer(name)
-        except (ValueError, OSError) as exc:
-            raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
+    async def pick_tokenizer(self, name: str | None) -> Tokenizer:
+        return await requested_tokenizer(name) if name else self.tokenizer
 
     async def tokenize(self, body: TokenizeBody, text: str) -> dict:
-        tok = self.pick_tokenizer(body.tokenizer)
+        tok = await self.pick_tokenizer(body.tokenizer)
         # a worker thread: a 1 MB text takes a while, and the event loop must stay free
         return await asyncio.to_thread(tokenize_json, tok, text, bool(body.parse_special), body.add_special)
 
     async def detokenize(self, body: DetokenizeBody) -> dict:
-        tok = self.pick_tokenizer(body.tokenizer)
-        bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
-        if bad:
-            raise APIError(400, f"tokens: id {bad[0]} is outside 0..{tok.vocab_size - 1}", "tokens")
-        return {"text": tok.decode(body.tokens)}
+        return await detokenize_json(await self.pick_tokenizer(body.tokenizer), body.tokens)
 
     async def encode(self, text: str, field: str) -> list[int]:
         """Token ids off the event loop; an invalid text is a 400 naming `field`."""

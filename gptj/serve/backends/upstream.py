@@ -27,7 +27,6 @@ validated with the same models as `gptj serve` and errors have the same JSON sha
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -39,11 +38,11 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from gptj.api import sampling_params
-from gptj.serve.backends import Generated, Interruption, until
+from gptj.serve.backends import Generated, Interruption, detokenize_json, requested_tokenizer, until
 from gptj.serve.guard import APIError, ClientDisconnected, RequestCounts
 from gptj.serve.metrics import request_lines
 from gptj.serve.protocol import DetokenizeBody, TokenizeBody, tokenize_json
-from gptj.tokenizer import Tokenizer, load_tokenizer
+from gptj.tokenizer import Tokenizer
 
 MODELS_TTL = 30.0  # seconds the upstream's model list is reused
 # Upstream model names whose tokenizer is here: (substring of the lower-cased id, tokenizer name)
@@ -55,11 +54,6 @@ def known_tokenizer(model_id: str) -> str | None:
     """The local tokenizer name for an upstream model id, when it is one we know."""
     name = model_id.lower()
     return next((tok for key, tok in KNOWN_TOKENIZERS if key in name), None)
-
-
-@functools.lru_cache(maxsize=8)
-def cached_tokenizer(name: str) -> Tokenizer:
-    return load_tokenizer(name)
 
 
 class UpstreamResponse(Exception):  # noqa: N818 (not an error of ours: the upstream's answer, passed on)
@@ -193,10 +187,7 @@ class UpstreamBackend:
             name = known_tokenizer(await self.upstream.model_id())
             if name is None:
                 return None
-        try:
-            return cached_tokenizer(name)
-        except (ValueError, OSError) as exc:
-            raise APIError(400, f"tokenizer: {exc}", "tokenizer") from None
+        return await requested_tokenizer(name)
 
     async def upstream_tokenizer_call(self, path: str, body: dict) -> dict:
         response = await self.upstream.call("POST", f"{self.upstream.root}/{path}", body)
@@ -231,10 +222,7 @@ class UpstreamBackend:
     async def detokenize(self, body: DetokenizeBody) -> dict:
         tok = await self.local_tokenizer(body.tokenizer)
         if tok is not None:
-            bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
-            if bad:
-                raise APIError(400, f"tokens: id {bad[0]} is outside 0..{tok.vocab_size - 1}", "tokens")
-            return {"text": tok.decode(body.tokens)}
+            return await detokenize_json(tok, body.tokens)
         data = await self.upstream_tokenizer_call("detokenize", {"model": await self.upstream.model_id(), "tokens": body.tokens})
         return {"text": data.get("text", data.get("prompt", ""))}
 
