@@ -168,7 +168,7 @@ def _compile(cxx: str, flags: list[str], sources: Sequence[Path], stem: str, tex
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{stem}_", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cxx, *flags, f"-I{SOURCE_DIR}", *map(str, sources), "-o", tmp]
+        cmd = [cxx, *flags, f"-I{Path(sources[0]).parent}", *map(str, sources), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise KernelUnavailable(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -180,11 +180,17 @@ def _compile(cxx: str, flags: list[str], sources: Sequence[Path], stem: str, tex
 
 
 def _build(name: str) -> Path:
+    return build_tree(SOURCE_DIR, name)
+
+
+def build_tree(folder: Path, name: str) -> Path:
+    """Variant `name` of the kernels' sources in `folder` (this package's, or a changed copy of
+    them: benchmarks/ab_kernels.py), built once into the cache; returns the library's path."""
     cxx = compiler()
     if cxx is None:
         raise KernelUnavailable("no C++ compiler (g++)")
-    sources = sorted(SOURCE_DIR.glob("*.cpp"))
-    files = sorted([*SOURCE_DIR.glob("*.h"), *sources])
+    sources = sorted(Path(folder).glob("*.cpp"))
+    files = sorted([*Path(folder).glob("*.h"), *sources])
     text = "".join(f"{p.name}\0{p.read_text()}\0" for p in files)
     return _compile(cxx, [*_COMMON_FLAGS, *VARIANTS[name][1], *prefetch_flags()], sources, f"gq_{name}", text)
 

@@ -1,0 +1,98 @@
+"""Two builds of the C++ kernels, alternated in one process over the same weights: is a change to
+gptj/kernels faster?
+
+This VM's memory bandwidth and compute drift by 10-30 % within a minute (a neighbour's load), so
+two runs of a benchmark a minute apart cannot tell a 5 % change. Here both builds run the GEMVs
+(or GEMMs) of a few GPT-J-shaped layers, taking turns, many rounds, and the ratio of each round's
+pair is what is reported: drift moves both sides of a pair alike. It also says whether the two
+give the same bits.
+
+    cp -r gptj/kernels /tmp/changed && $EDITOR /tmp/changed/gemv.cpp
+    .venv/bin/python benchmarks/ab_kernels.py /tmp/changed --mode int4 --rows 1
+    # int4 rows=1 (avx2): same bits; A 50.7 ms, B 49.7 ms (medians of 15); B/A 0.995 [0.882 .. 1.094]
+
+A is this package's gptj/kernels unless --base names another tree. Each library gets the weights
+in the layout its own kernels read (int8 in 16-row panels where it says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gptj import kernels
+from gptj.quant import QuantizedLinear
+
+GPTJ_LAYER = [(4096, 4096)] * 4 + [(16384, 4096), (4096, 16384)]  # q, k, v, out, fc_in, fc_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("changed", type=Path, help="a folder holding the changed kernel sources (B)")
+    ap.add_argument("--base", type=Path, default=kernels.SOURCE_DIR, help="the sources to compare with (A)")
+    ap.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    ap.add_argument("--rows", type=int, default=1, help="activation rows (1: one-stream decode)")
+    ap.add_argument("--layers", type=int, default=4, help="GPT-J layers of weights (4: ~0.8 GB int8, past the cache)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--isa", default=None, help="the variant to build (default: this CPU's best)")
+    args = ap.parse_args(argv)
+
+    variant = args.isa or kernels.default_variant()
+    libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    layers = [QuantizedLinear.from_weight(torch.randn(n, k) * 0.02, None, args.mode)
+              for _ in range(args.layers) for n, k in GPTJ_LAYER]
+    inputs = {k: torch.randn(args.rows, k) for k in (4096, 16384)}
+    outputs = {n: torch.empty(args.rows, n) for n in (4096, 16384)}
+    scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, 16384) for lib in libs), dtype=torch.uint8)
+
+    def weights_for(lib: kernels.Library, layer: QuantizedLinear) -> torch.Tensor:
+        b = layer.portable_buffers()
+        n, k = layer.out_features, layer.in_features
+        if args.mode == "int4":
+            packed = torch.empty(lib.gq_int4_panel_bytes(n, k), dtype=torch.uint8)
+            lib.gq_pack_int4_panels(b["qweight"].data_ptr(), b["scales"].data_ptr(), b["mins"].data_ptr(), n, k,
+                                    packed.data_ptr(), threads)  # fmt: skip
+            return packed
+        if lib.int8_panels:
+            packed = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
+            lib.gq_pack_int8_panels(b["qweight"].data_ptr(), n, k, packed.data_ptr(), threads)
+            return packed
+        return b["qweight"].contiguous()
+
+    plans = [[(weights_for(lib, layer), layer) for layer in layers] for lib in libs]
+
+    def run(i: int) -> float:
+        lib, t0 = libs[i], time.perf_counter()
+        for w, layer in plans[i]:
+            n, k = layer.out_features, layer.in_features
+            x, y = inputs[k].data_ptr(), outputs[n].data_ptr()
+            if args.mode == "int8":
+                lib.gq_linear_int8(w.data_ptr(), layer.scales.data_ptr(), None, n, k, x, args.rows, y,
+                                   scratch.data_ptr(), threads)  # fmt: skip
+            else:
+                lib.gq_linear_int4(w.data_ptr(), None, n, k, x, args.rows, y, scratch.data_ptr(), threads)
+        return time.perf_counter() - t0
+
+    results = []
+    for i in range(2):
+        run(i)
+        results.append({n: y.clone() for n, y in outputs.items()})
+    same = all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    times: list[list[float]] = [[], []]
+    for r in range(args.rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):  # which goes first alternates too
+            times[i].append(run(i))
+    ratios = [b / a for a, b in zip(*times, strict=True)]
+    print(f"{args.mode} rows={args.rows} ({variant}): {'same bits' if same else 'DIFFERENT BITS'}; "
+          f"A {statistics.median(times[0]) * 1e3:.1f} ms, B {statistics.median(times[1]) * 1e3:.1f} ms "
+          f"(medians of {args.rounds}); B/A {statistics.median(ratios):.3f} [{min(ratios):.3f} .. {max(ratios):.3f}]")
+
+
+if __name__ == "__main__":
+    main()

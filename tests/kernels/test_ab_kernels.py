@@ -1,0 +1,35 @@
+"""benchmarks/ab_kernels.py, the paired comparison of two kernel builds: it builds the changed
+copy, not the package's sources, and says whether the two give the same bits."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptj import kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import ab_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(kernels.active() is None, reason="no C++ kernels here")
+
+
+def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    same = tmp_path / "same"
+    shutil.copytree(kernels.SOURCE_DIR, same, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    changed = tmp_path / "changed"
+    shutil.copytree(same, changed)
+    source = changed / "gemv.cpp"
+    text = source.read_text()
+    assert text.count("const float s = am / 127.f;") == 1
+    source.write_text(text.replace("const float s = am / 127.f;", "const float s = am / 126.f;"))  # every variant's xs
+
+    small = ["--mode", "int8", "--rows", "1", "--layers", "1", "--rounds", "1", "--isa", kernels.active_variant()]
+    ab_kernels.main([str(same), *small])
+    assert "same bits" in capsys.readouterr().out
+    ab_kernels.main([str(changed), *small])
+    out = capsys.readouterr().out
+    assert "DIFFERENT BITS" in out and "B/A" in out
