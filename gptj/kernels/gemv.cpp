@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "simd.h"
@@ -70,6 +71,30 @@ int64_t linear_scratch_bytes(int64_t M, int64_t K) { return M * K + 8 * M * (K /
 // slowed decode by 2-5 % at 6B and by a quarter on the bundled model, whose layers are small)
 static inline int64_t tile_chunk(int64_t tiles, int nthreads) {
     return tiles / (4 * nthreads) > 1 ? tiles / (4 * nthreads) : 1;
+}
+
+// tiles [0, n) in runs taken from one counter, each a quarter of a thread's share of what is
+// left, and at least a quarter of tile_chunk's: OpenMP's guided schedule with a quarter of its
+// chunks. Early runs are as long as tile_chunk's, so a thread that loses its core holds little;
+// the last ones are short, so the threads finish together (the last of tile_chunk's runs left
+// one waiting). Measured with benchmarks/ab_kernels.py for the int4 panels of layers from
+// SPLIT_MIN_BYTES; smaller layers, and the int8 rows' loop at the bundled model's sizes,
+// measured slower with it, and keep tile_chunk.
+constexpr int64_t SPLIT_MIN_BYTES = 4 << 20;
+template <class Body>
+static inline void split_tiles(int64_t n, int nthreads, Body&& body) {
+    std::atomic<int64_t> next{0};
+    const int64_t least = std::max<int64_t>(1, n / (16 * nthreads));
+#pragma omp parallel num_threads(nthreads)
+    for (;;) {
+        int64_t start = next.load(std::memory_order_relaxed), len = 1;
+        do {
+            if (start >= n) break;
+            len = std::min(n - start, std::max(least, (n - start) / (4 * nthreads)));
+        } while (!next.compare_exchange_weak(start, start + len, std::memory_order_relaxed));
+        if (start >= n) break;
+        for (int64_t t = start; t < start + len; ++t) body(t);
+    }
 }
 
 // ---------------------------------------------------------------- int8 weights
@@ -831,13 +856,18 @@ constexpr int64_t I4P_AHEAD = 16384;
 static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
                                const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
     const int64_t ng = K / 32, np = (N + 15) / 16;
-#pragma omp parallel for schedule(dynamic, tile_chunk(np, nthreads)) num_threads(nthreads)
-    for (int64_t p = 0; p < np; ++p) {
+    const auto panel = [&](int64_t p) {
         const int nrows = (int)std::min<int64_t>(16, N - 16 * p);
         const int64_t at = p * ng * GB4;  // panels follow each other: one stream
         const uint8_t* ahead = at + ng * GB4 + I4P_AHEAD <= np * ng * GB4 ? P + at + I4P_AHEAD : nullptr;
         i4p_span<I4P_MT>(P + at, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p, N, M,
                          ahead);
+    };
+    if (np * ng * GB4 >= SPLIT_MIN_BYTES) {
+        split_tiles(np, nthreads, panel);
+    } else {  // (small layers, the bundled model's: the counter's short runs cost more than they save)
+#pragma omp parallel for schedule(dynamic, tile_chunk(np, nthreads)) num_threads(nthreads)
+        for (int64_t p = 0; p < np; ++p) panel(p);
     }
 }
 
