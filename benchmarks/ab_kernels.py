@@ -12,7 +12,11 @@ give the same bits.
     # int4 rows=1 (avx2): same bits; A 50.7 ms, B 49.7 ms (medians of 15); B/A 0.995 [0.882 .. 1.094]
 
 A is this package's gptj/kernels unless --base names another tree. Each library gets the weights
-in the layout its own kernels read (int8 in 16-row panels where it says so).
+in the layout its own kernels read (int8 in 16-row panels where it says so), in the pages the
+package gives them (panels in transparent huge pages, rows as loaded); `--pages 4k,huge` compares
+pages instead, with the same tree twice:
+
+    .venv/bin/python benchmarks/ab_kernels.py gptj/kernels --mode int4 --pages 4k,huge
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gptj import kernels
+from gptj.memory import huge_page_empty
 from gptj.quant import QuantizedLinear
 
 GPTJ_LAYER = [(4096, 4096)] * 4 + [(16384, 4096), (4096, 16384)]  # q, k, v, out, fc_in, fc_out
@@ -39,7 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="GPT-J layers of weights (4: ~0.8 GB int8, past the cache)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--isa", default=None, help="the variant to build (default: this CPU's best)")
+    ap.add_argument("--pages", default="package,package",
+                    help="A's and B's weight pages: package (as the package puts them), 4k or huge")
     args = ap.parse_args(argv)
+    pages = args.pages.split(",")
+    if len(pages) != 2 or not set(pages) <= {"package", "4k", "huge"}:
+        ap.error("--pages takes two of package, 4k and huge, e.g. 4k,huge")
 
     variant = args.isa or kernels.default_variant()
     libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
@@ -51,21 +61,26 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {n: torch.empty(args.rows, n) for n in (4096, 16384)}
     scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, 16384) for lib in libs), dtype=torch.uint8)
 
-    def weights_for(lib: kernels.Library, layer: QuantizedLinear) -> torch.Tensor:
+    def buffer(nbytes: int, pages: str, panels: bool) -> torch.Tensor:
+        huge = pages == "huge" or (pages == "package" and panels)
+        return huge_page_empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+
+    def weights_for(lib: kernels.Library, layer: QuantizedLinear, pages: str) -> torch.Tensor:
         b = layer.portable_buffers()
         n, k = layer.out_features, layer.in_features
         if args.mode == "int4":
-            packed = torch.empty(lib.gq_int4_panel_bytes(n, k), dtype=torch.uint8)
+            packed = buffer(lib.gq_int4_panel_bytes(n, k), pages, True)
             lib.gq_pack_int4_panels(b["qweight"].data_ptr(), b["scales"].data_ptr(), b["mins"].data_ptr(), n, k,
                                     packed.data_ptr(), threads)  # fmt: skip
             return packed
         if lib.int8_panels:
-            packed = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
+            packed = buffer(lib.gq_int8_panel_bytes(n, k), pages, True)
             lib.gq_pack_int8_panels(b["qweight"].data_ptr(), n, k, packed.data_ptr(), threads)
             return packed
-        return b["qweight"].contiguous()
+        rows = buffer(b["qweight"].nbytes, pages, False)
+        return rows.view(torch.int8).view(n, k).copy_(b["qweight"])
 
-    plans = [[(weights_for(lib, layer), layer) for layer in layers] for lib in libs]
+    plans = [[(weights_for(lib, layer, p), layer) for layer in layers] for lib, p in zip(libs, pages, strict=True)]
 
     def run(i: int) -> float:
         lib, t0 = libs[i], time.perf_counter()
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):  # which goes first alternates too
             times[i].append(run(i))
     ratios = [b / a for a, b in zip(*times, strict=True)]
-    print(f"{args.mode} rows={args.rows} ({variant}): {'same bits' if same else 'DIFFERENT BITS'}; "
+    print(f"{args.mode} rows={args.rows} ({variant}, pages {args.pages}): {'same bits' if same else 'DIFFERENT BITS'}; "
           f"A {statistics.median(times[0]) * 1e3:.1f} ms, B {statistics.median(times[1]) * 1e3:.1f} ms "
           f"(medians of {args.rounds}); B/A {statistics.median(ratios):.3f} [{min(ratios):.3f} .. {max(ratios):.3f}]")
 

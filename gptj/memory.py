@@ -1,8 +1,11 @@
 """How much memory this process may still take (the host's MemAvailable capped by a cgroup
-limit, or a GPU's), how much a model will need, and sizes as people write them ("512MB")."""
+limit, or a GPU's), how much a model will need, sizes as people write them ("512MB"), and
+buffers in huge pages for the weights the kernels stream."""
 
 from __future__ import annotations
 
+import math
+import mmap
 from pathlib import Path
 
 import torch
@@ -44,6 +47,30 @@ def parse_size(text: str | int | None) -> int | None:
         if t.endswith(unit):
             return int(float(t[: -len(unit)]) * units[unit])
     return int(float(t))
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_empty(*shape: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """torch.empty for weights the kernels stream: the tensor's whole 2 MB spans are asked for as
+    transparent huge pages.
+
+    The one-row GEMVs read every weight once a token; on 4 KB pages each 4 KB costs a TLB miss
+    (benchmarks/results). Linux's default THP mode ("madvise") gives huge pages only to memory
+    that asks. Elsewhere, or below two huge pages, this is torch.empty."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or nbytes < 2 * HUGE_PAGE:
+        return torch.empty(*shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # (holds the mapping for the tensor's life)
+    start = -whole.data_ptr() % HUGE_PAGE
+    try:  # only the spans inside the tensor: a huge page past its end would be resident for nothing
+        region.madvise(advice, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # THP "never", or a kernel without it: 4 KB pages, as torch.empty gives
+        pass
+    return whole[start : start + nbytes].view(dtype).view(shape)
 
 
 def free_bytes(device: torch.device) -> int:

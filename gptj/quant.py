@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptj import kernels
+from gptj.memory import huge_page_empty
 
 MODES = ("bf16", "int8", "int4")
 GROUP_SIZE = 32  # int4; the kernel takes this group size only
@@ -103,7 +104,7 @@ def quantize_weight(weight: Tensor, mode: str, group_size: int = GROUP_SIZE) -> 
     step = max(1, (1 << 22) // max(k, 1))  # ~4M values at a time: no full float32 copy
     lib, threads = native_kernel(), torch.get_num_threads()
     if mode == "int8":
-        q = torch.empty(n, k, dtype=torch.int8)
+        q = huge_page_empty(n, k, dtype=torch.int8)  # the kernels may read these rows as they are
         scales = torch.empty(n, dtype=torch.float32)
         for r0 in range(0, n, step):
             part = w[r0 : r0 + step].float()
@@ -419,12 +420,12 @@ class QuantizedLinear(nn.Module):
             if self.panels is None:
                 n, k, threads = self.out_features, self.in_features, torch.get_num_threads()
                 if self.mode == "int4":
-                    panels = torch.empty(lib.gq_int4_panel_bytes(n, k), dtype=torch.uint8)
+                    panels = huge_page_empty(lib.gq_int4_panel_bytes(n, k))
                     lib.gq_pack_int4_panels(self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
                                             n, k, panels.data_ptr(), threads)  # fmt: skip
                     self.scales, self.mins = None, None
                 else:
-                    panels = torch.empty(lib.gq_int8_panel_bytes(n, k), dtype=torch.uint8)
+                    panels = huge_page_empty(lib.gq_int8_panel_bytes(n, k))
                     lib.gq_pack_int8_panels(self.qweight.data_ptr(), n, k, panels.data_ptr(), threads)
                 self.panels, self.qweight = panels, None
         return True

@@ -17,6 +17,7 @@ from torch import nn
 
 from gptj.errors import ModelLoadError
 from gptj.loading.resolve import INCOMPLETE_MARKER
+from gptj.memory import huge_page_empty
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 MADV_DONTNEED = 4  # Linux
@@ -182,8 +183,9 @@ def install_quantized_layers(model: nn.Module, state: dict[str, torch.Tensor], o
             if layer.mode == "int8" and on_cpu and not keep_mapped():
                 copied = ("qweight", "scales", "bias")
                 for buffer in copied:
-                    if getattr(layer, buffer) is not None:
-                        setattr(layer, buffer, getattr(layer, buffer).clone())
+                    t = getattr(layer, buffer)
+                    if t is not None:  # the rows the kernels stream: in huge pages (gptj.memory)
+                        setattr(layer, buffer, huge_page_empty(*t.shape, dtype=t.dtype).copy_(t))
             elif layer.mode == "int4" and layer.panels is not None:
                 copied = ("qweight", "scales", "mins", "zeros")  # int4: into the kernels' panels
             if layer.mode == "int8" and layer.panels is not None and "qweight" not in copied:

@@ -33,3 +33,6 @@ def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, c
     ab_kernels.main([str(changed), *small])
     out = capsys.readouterr().out
     assert "DIFFERENT BITS" in out and "B/A" in out
+    for mode in ("int8", "int4"):  # the same build on 4 KB and on huge pages: the same bits
+        ab_kernels.main([str(same), *small[:1], mode, *small[2:], "--pages", "4k,huge"])
+        assert "pages 4k,huge): same bits" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""A quantized checkpoint's int8 layers are copied off the mapped file (decode streams them
-faster from anonymous memory), with the same logits; GPTJ_MMAP=1 keeps them on the file, except
-where the kernels read int8 panels, which are a copy."""
+"""Where the weights that decode streams live: a quantized checkpoint's int8 layers are copied off
+the mapped file (decode streams them faster from anonymous memory), with the same logits;
+GPTJ_MMAP=1 keeps them on the file, except where the kernels read int8 panels, which are a copy.
+Large weight buffers ask for transparent huge pages."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 import gptj
-from gptj import quant
+from gptj import memory, quant
 from gptj.loading.quantized import write_quantized
 from gptj.loading.random_checkpoint import make_random_checkpoint
-from gptj.quant import QuantizedLinear
+from gptj.loading.weights import install_quantized_layers
+from gptj.quant import QuantizedLinear, quantize_weight
 
 SHAPE = dict(n_embd=64, n_head=4, n_layer=2, rotary_dim=8)
 
@@ -66,3 +68,39 @@ def test_int8_layers_leave_the_mapped_file(int8_folder: Path, monkeypatch: pytes
     assert torch.equal(copied.logits(ids), mapped.logits(ids))
     settings = dict(max_new_tokens=6, temperature=0)
     assert copied.generate("The", **settings).tokens == mapped.generate("The", **settings).tokens
+
+
+def vm_flags(t: torch.Tensor) -> list[str]:
+    """The VmFlags (/proc/self/smaps) of the mapping that holds t's first byte."""
+    address, inside = t.data_ptr(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise LookupError(hex(address))
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
+def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int4 panels, int8 rows quantized at load and int8 rows copied off a checkpoint sit, from
+    two 2 MB pages up, in mappings advised for transparent huge pages (smaps' "hg"): Linux's default
+    THP mode ("madvise") gives them only to memory that asks, and the one-row GEMVs then read the
+    weights without a TLB miss each 4 KB. Small layers stay in torch's heap."""
+    w, x = torch.randn(4096, 2048) * 0.02, torch.randn(1, 2048)
+    int4 = QuantizedLinear.from_weight(w, None, "int4")
+    int4(x)
+    int8 = QuantizedLinear.from_weight(w, None, "int8")
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 4096))
+    state = {f"0.{k}": v for k, v in quantize_weight(w, "int8").items()}
+    monkeypatch.delenv("GPTJ_MMAP", raising=False)
+    install_quantized_layers(model, state)
+    copied = model[0]
+    for layer in (int4, int8, copied):
+        weights = layer.panels if layer.panels is not None else layer.qweight
+        assert weights.nbytes >= 2 * memory.HUGE_PAGE and "hg" in vm_flags(weights)
+    assert torch.equal(copied(x), int8(x))
+    small = QuantizedLinear.from_weight(torch.randn(64, 256), None, "int8")
+    assert small.qweight.nbytes < memory.HUGE_PAGE and "hg" not in vm_flags(small.qweight)
