@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -58,10 +59,11 @@ def huge_page_empty(*shape: int, dtype: torch.dtype = torch.uint8) -> torch.Tens
 
     The one-row GEMVs read every weight once a token; on 4 KB pages each 4 KB costs a TLB miss
     (benchmarks/results). Linux's default THP mode ("madvise") gives huge pages only to memory
-    that asks. Elsewhere, or below two huge pages, this is torch.empty."""
+    that asks. Elsewhere, below two huge pages, or with GPTJ_HUGE_PAGES=0 (where finding free 2 MB
+    blocks makes the load stall on compaction), this is torch.empty."""
     nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or nbytes < 2 * HUGE_PAGE:
+    if advice is None or nbytes < 2 * HUGE_PAGE or os.environ.get("GPTJ_HUGE_PAGES", "1") == "0":
         return torch.empty(*shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # (holds the mapping for the tensor's life)

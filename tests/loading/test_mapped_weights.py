@@ -104,3 +104,5 @@ def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPat
     assert torch.equal(copied(x), int8(x))
     small = QuantizedLinear.from_weight(torch.randn(64, 256), None, "int8")
     assert small.qweight.nbytes < memory.HUGE_PAGE and "hg" not in vm_flags(small.qweight)
+    monkeypatch.setenv("GPTJ_HUGE_PAGES", "0")
+    assert "hg" not in vm_flags(QuantizedLinear.from_weight(w, None, "int8").qweight)
