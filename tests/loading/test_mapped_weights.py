@@ -70,17 +70,26 @@ def test_int8_layers_leave_the_mapped_file(int8_folder: Path, monkeypatch: pytes
     assert copied.generate("The", **settings).tokens == mapped.generate("The", **settings).tokens
 
 
-def vm_flags(t: torch.Tensor) -> list[str]:
-    """The VmFlags (/proc/self/smaps) of the mapping that holds t's first byte."""
-    address, inside = t.data_ptr(), False
+def smaps_entry(t: torch.Tensor) -> list[str]:
+    """The lines of /proc/self/smaps about the mapping that holds t's first byte."""
+    address, entry = t.data_ptr(), []
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
+        head = line.split()[0] if line.strip() else ""
         if "-" in head and ":" not in head:
+            if entry:
+                break
             lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    raise LookupError(hex(address))
+            entry = [line] if lo <= address < hi else []
+        elif entry:
+            entry.append(line)
+    return entry
+
+
+def vm_flags(t: torch.Tensor) -> list[str]:
+    """The VmFlags of t's mapping (smaps), and the entry's lines as the assertion's message."""
+    entry = smaps_entry(t)
+    flags = next((line.split()[1:] for line in entry if line.startswith("VmFlags:")), [])
+    return [*flags, "\n".join(entry)]
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf_files import gguf_name, llama_cpp_permute, write_llama_gguf
 from pairs import LLAMA_CONFIGS as CONFIGS
 from pairs import llama_pair as make_pair
 from pairs import random_hf_llama
@@ -45,67 +46,16 @@ def test_config_rejects_rope_scaling(extra: dict) -> None:
 
 # ----------------------------------------------------------------------------------- GGUF
 
-HF_TO_GGUF = {  # written out independently of gptj/gguf.py's own table
-    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(hf: str) -> str:
-    stem = hf.removesuffix(".weight")
-    if stem.startswith("model.layers."):
-        layer, rest = stem.removeprefix("model.layers.").split(".", 1)
-        return f"blk.{layer}.{HF_TO_GGUF[rest]}.weight"
-    return HF_TO_GGUF[stem] + ".weight"
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """convert_hf_to_gguf.py `LlamaModel.permute`, verbatim in effect."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def write_gguf(path: Path, ref: LlamaForCausalLM, types: dict[str, T] | None = None,
                arch: str = "llama") -> dict[str, tuple[np.ndarray, T]]:
-    """Write `ref` as llama.cpp would; `types` maps a GGUF name part ("attn_q") to a type.
-    Returns what was stored per GGUF tensor name: (array as written, type)."""
-    cfg = ref.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    stored = {}
-    for hf, tensor in ref.state_dict().items():
-        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        name = gguf_name(hf)
-        array = tensor.numpy()
-        if name.endswith("attn_q.weight"):
-            array = llama_cpp_permute(array, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
-            array = llama_cpp_permute(array, cfg.num_attention_heads, cfg.num_key_value_heads)
-        qtype = (types or {}).get(name.split(".")[-2], T.F32) if array.ndim == 2 else T.F32
-        data = gguf.quants.quantize(array, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-        stored[name] = (data, qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return stored
+    """tests/gguf_files.py's writer with `types` by GGUF name part ("attn_q"), and a 'gpt2' vocab
+    of tokens t0, t1, .. (these models have fewer tokens than bytes)."""
+
+    def vocab(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(ref.config.vocab_size)])
+
+    return write_llama_gguf(path, ref, lambda part, _layer: (types or {}).get(part, T.F32), vocab, arch)
 
 
 QUANT_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -159,7 +109,7 @@ def test_gguf_quantized_tensors_match_numpy_reference(tmp_path: Path) -> None:
         if "q_proj" in hf:
             loaded = llama_cpp_permute(loaded, n_head)
         elif "k_proj" in hf:
-            loaded = llama_cpp_permute(loaded, n_head, n_kv)
+            loaded = llama_cpp_permute(loaded, n_kv)
         np.testing.assert_array_equal(loaded, reference, err_msg=hf)
         # and the unpermuted rows sit where the original rows were (4-bit error < 1/10 of range)
         assert (state[hf] - orig).abs().max() <= 0.1 * orig.abs().max(), hf

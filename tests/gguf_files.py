@@ -1,6 +1,6 @@
 """GGUF files for tests, written the way llama.cpp's convert_hf_to_gguf.py writes them (shapes in
 ne order, q/k rows permuted for ggml's rope), with any tensor types (K-quants through
-tests/loading/kquants.py), from a random transformers Llama; and small tokenizers."""
+tests/kquants.py), from a random transformers Llama; and small tokenizers."""
 
 from __future__ import annotations
 
@@ -73,11 +73,12 @@ def byte_vocab(writer: gguf.GGUFWriter, vocab_size: int) -> None:
 
 
 def write_llama_gguf(path: Path, ref: LlamaForCausalLM, mix: Callable[[str, int], T] | None = None,
-                     tokenizer: Callable[[gguf.GGUFWriter], None] | None = None) -> dict[str, tuple[np.ndarray, T]]:
-    """Writes `ref` as llama.cpp would, 2-D weights in `mix(part, layer)`'s type (F32 without it).
-    Returns, per GGUF tensor name, (the data as written, its type)."""
+                     tokenizer: Callable[[gguf.GGUFWriter], None] | None = None,
+                     arch: str = "llama") -> dict[str, tuple[np.ndarray, T]]:
+    """Writes `ref` as llama.cpp would, 2-D weights in `mix(part, layer)`'s type (F32 without it),
+    under `arch`'s keys. Returns, per GGUF tensor name, (the data as written, its type)."""
     cfg = ref.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -85,12 +86,14 @@ def write_llama_gguf(path: Path, ref: LlamaForCausalLM, mix: Callable[[str, int]
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     (tokenizer or (lambda w: byte_vocab(w, cfg.vocab_size)))(writer)
     stored = {}
     for hf, tensor in ref.state_dict().items():
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:  # as convert_hf_to_gguf.py: no output
+            continue
         name = gguf_name(hf)
         array = tensor.numpy()
         if "attn_q" in name:
