@@ -97,7 +97,8 @@ def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPat
     """The int4 panels, int8 rows quantized at load and int8 rows copied off a checkpoint sit, from
     two 2 MB pages up, in mappings advised for transparent huge pages (smaps' "hg"): Linux's default
     THP mode ("madvise") gives them only to memory that asks, and the one-row GEMVs then read the
-    weights without a TLB miss each 4 KB. Small layers stay in torch's heap."""
+    weights without a TLB miss each 4 KB. Small layers stay in torch's heap, and GPTJ_HUGE_PAGES=0
+    keeps every layer there."""
     w, x = torch.randn(4096, 2048) * 0.02, torch.randn(1, 2048)
     int4 = QuantizedLinear.from_weight(w, None, "int4")
     int4(x)
@@ -111,7 +112,12 @@ def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPat
         weights = layer.panels if layer.panels is not None else layer.qweight
         assert weights.nbytes >= 2 * memory.HUGE_PAGE and "hg" in vm_flags(weights)
     assert torch.equal(copied(x), int8(x))
+    # small layers, and GPTJ_HUGE_PAGES=0, keep torch's allocation (a storage of the tensor's own
+    # size, where a mapping of ours is 2 MB longer). Not by smaps: torch's own allocations were seen
+    # in an "hg" mapping now and then in a long test process (unexplained).
     small = QuantizedLinear.from_weight(torch.randn(64, 256), None, "int8")
-    assert small.qweight.nbytes < memory.HUGE_PAGE and "hg" not in vm_flags(small.qweight)
+    assert small.qweight.untyped_storage().nbytes() == small.qweight.nbytes < memory.HUGE_PAGE
+    assert int8.qweight.untyped_storage().nbytes() > int8.qweight.nbytes
     monkeypatch.setenv("GPTJ_HUGE_PAGES", "0")
-    assert "hg" not in vm_flags(QuantizedLinear.from_weight(w, None, "int8").qweight)
+    plain = QuantizedLinear.from_weight(w, None, "int8").qweight
+    assert plain.untyped_storage().nbytes() == plain.nbytes
