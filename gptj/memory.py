@@ -65,7 +65,10 @@ def huge_page_empty(*shape: int, dtype: torch.dtype = torch.uint8) -> torch.Tens
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or nbytes < 2 * HUGE_PAGE or os.environ.get("GPTJ_HUGE_PAGES", "1") == "0":
         return torch.empty(*shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # e.g. strict overcommit refusing the 2 MB of slack: torch's allocation
+        return torch.empty(*shape, dtype=dtype)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # (holds the mapping for the tensor's life)
     start = -whole.data_ptr() % HUGE_PAGE
     try:  # only the spans inside the tensor: a huge page past its end would be resident for nothing
