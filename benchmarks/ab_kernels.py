@@ -12,9 +12,9 @@ give the same bits.
     # int4 rows=1 (avx2): same bits; A 50.7 ms, B 49.7 ms (medians of 15); B/A 0.995 [0.882 .. 1.094]
 
 A is this package's gptj/kernels unless --base names another tree. Each library gets the weights
-in the layout its own kernels read (int8 in 16-row panels where it says so), in the pages the
-package gives them (panels in transparent huge pages, rows as loaded); `--pages 4k,huge` compares
-pages instead, with the same tree twice:
+in the layout its own kernels read (int8 in 16-row panels where it says so), in transparent huge
+pages as the package puts them (gptj.memory.huge_page_empty); `--pages 4k,huge` compares pages
+instead, with the same tree twice:
 
     .venv/bin/python benchmarks/ab_kernels.py gptj/kernels --mode int4 --pages 4k,huge
 """
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="GPT-J layers of weights (4: ~0.8 GB int8, past the cache)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--isa", default=None, help="the variant to build (default: this CPU's best)")
-    ap.add_argument("--pages", default="package,package",
-                    help="A's and B's weight pages: package (as the package puts them), 4k or huge")
+    ap.add_argument("--pages", default="huge,huge",
+                    help="A's and B's weight pages: huge (as the package puts them) or 4k")
     args = ap.parse_args(argv)
     pages = args.pages.split(",")
-    if len(pages) != 2 or not set(pages) <= {"package", "4k", "huge"}:
-        ap.error("--pages takes two of package, 4k and huge, e.g. 4k,huge")
+    if len(pages) != 2 or not set(pages) <= {"4k", "huge"}:
+        ap.error("--pages takes two of 4k and huge, e.g. 4k,huge")
 
     variant = args.isa or kernels.default_variant()
     libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
@@ -61,23 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     outputs = {n: torch.empty(args.rows, n) for n in (4096, 16384)}
     scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, 16384) for lib in libs), dtype=torch.uint8)
 
-    def buffer(nbytes: int, pages: str, panels: bool) -> torch.Tensor:
-        huge = pages == "huge" or (pages == "package" and panels)
-        return huge_page_empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+    def buffer(nbytes: int, pages: str) -> torch.Tensor:
+        return huge_page_empty(nbytes) if pages == "huge" else torch.empty(nbytes, dtype=torch.uint8)
 
     def weights_for(lib: kernels.Library, layer: QuantizedLinear, pages: str) -> torch.Tensor:
         b = layer.portable_buffers()
         n, k = layer.out_features, layer.in_features
         if args.mode == "int4":
-            packed = buffer(lib.gq_int4_panel_bytes(n, k), pages, True)
+            packed = buffer(lib.gq_int4_panel_bytes(n, k), pages)
             lib.gq_pack_int4_panels(b["qweight"].data_ptr(), b["scales"].data_ptr(), b["mins"].data_ptr(), n, k,
                                     packed.data_ptr(), threads)  # fmt: skip
             return packed
         if lib.int8_panels:
-            packed = buffer(lib.gq_int8_panel_bytes(n, k), pages, True)
+            packed = buffer(lib.gq_int8_panel_bytes(n, k), pages)
             lib.gq_pack_int8_panels(b["qweight"].data_ptr(), n, k, packed.data_ptr(), threads)
             return packed
-        rows = buffer(b["qweight"].nbytes, pages, False)
+        rows = buffer(b["qweight"].nbytes, pages)
         return rows.view(torch.int8).view(n, k).copy_(b["qweight"])
 
     plans = [[(weights_for(lib, layer, p), layer) for layer in layers] for lib, p in zip(libs, pages, strict=True)]
