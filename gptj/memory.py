@@ -53,6 +53,13 @@ def parse_size(text: str | int | None) -> int | None:
 HUGE_PAGE = 2 << 20
 
 
+def anonymous_mapping(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """A private anonymous mapping and a uint8 tensor over all of it (which keeps it alive): pages
+    the kernel provides, zeroed, only when first touched."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return region, torch.frombuffer(region, dtype=torch.uint8)
+
+
 def huge_page_empty(*shape: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """torch.empty for weights the kernels stream: the tensor's whole 2 MB spans are asked for as
     transparent huge pages.
@@ -66,10 +73,9 @@ def huge_page_empty(*shape: int, dtype: torch.dtype = torch.uint8) -> torch.Tens
     if advice is None or nbytes < 2 * HUGE_PAGE or os.environ.get("GPTJ_HUGE_PAGES", "1") == "0":
         return torch.empty(*shape, dtype=dtype)
     try:
-        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region, whole = anonymous_mapping(nbytes + HUGE_PAGE)
     except OSError:  # e.g. strict overcommit refusing the 2 MB of slack: torch's allocation
         return torch.empty(*shape, dtype=dtype)
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # (holds the mapping for the tensor's life)
     start = -whole.data_ptr() % HUGE_PAGE
     try:  # only the spans inside the tensor: a huge page past its end would be resident for nothing
         region.madvise(advice, start, nbytes // HUGE_PAGE * HUGE_PAGE)

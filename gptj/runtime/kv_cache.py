@@ -11,7 +11,6 @@ context (6B, bf16: 0.47 MB a token, 0.94 GB for 2048).
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +75,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
+    _, whole = memory.anonymous_mapping(nbytes)
+    return whole.view(dtype).view(shape)
 
 
 def check_kv_cache_fits(
