@@ -17,13 +17,20 @@ pages as the package puts them (gptj.memory.huge_page_empty); `--pages 4k,huge` 
 instead, with the same tree twice:
 
     .venv/bin/python benchmarks/ab_kernels.py gptj/kernels --mode int4 --pages 4k,huge
+
+`--mode attention` times the decode step's attention instead (gq_attention: one token's query
+over GPT-J-6B's 16 heads of 256 in each layer's bfloat16 cache, `--context` keys), and beside
+each build a streaming read of the same cache bytes (benchmarks/bench_read.cpp): how far the
+attention is from the memory it has to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,15 +40,18 @@ from gptj.memory import huge_page_empty
 from gptj.quant import QuantizedLinear
 
 GPTJ_LAYER = [(4096, 4096)] * 4 + [(16384, 4096), (4096, 16384)]  # q, k, v, out, fc_in, fc_out
+GPTJ_HEADS, GPTJ_HEAD_DIM = 16, 256
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("changed", type=Path, help="a folder holding the changed kernel sources (B)")
     ap.add_argument("--base", type=Path, default=kernels.SOURCE_DIR, help="the sources to compare with (A)")
-    ap.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    ap.add_argument("--mode", choices=("int8", "int4", "attention"), default="int8")
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: one-stream decode)")
-    ap.add_argument("--layers", type=int, default=4, help="GPT-J layers of weights (4: ~0.8 GB int8, past the cache)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="GPT-J layers (default 4 of weights, ~0.8 GB int8; 28 of KV cache with --mode attention)")
+    ap.add_argument("--context", type=int, default=1024, help="keys each layer's query attends to (--mode attention)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--isa", default=None, help="the variant to build (default: this CPU's best)")
     ap.add_argument("--pages", default="huge,huge",
@@ -54,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     variant = args.isa or kernels.default_variant()
     libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
     torch.manual_seed(0)
+    if args.mode == "attention":
+        run, outputs, note = attention_runs(libs, args.layers or 28, args.context)
+        compare(run, outputs, args.rounds, f"attention context={args.context} ({variant})", note)
+        return
     threads = torch.get_num_threads()
     layers = [QuantizedLinear.from_weight(torch.randn(n, k) * 0.02, None, args.mode)
-              for _ in range(args.layers) for n, k in GPTJ_LAYER]
+              for _ in range(args.layers or 4) for n, k in GPTJ_LAYER]
     inputs = {k: torch.randn(args.rows, k) for k in (4096, 16384)}
     outputs = {n: torch.empty(args.rows, n) for n in (4096, 16384)}
     scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, 16384) for lib in libs), dtype=torch.uint8)
@@ -93,19 +107,68 @@ def main(argv: list[str] | None = None) -> None:
                 lib.gq_linear_int4(w.data_ptr(), None, n, k, x, args.rows, y, scratch.data_ptr(), threads)
         return time.perf_counter() - t0
 
+    compare(run, list(outputs.values()), args.rounds, f"{args.mode} rows={args.rows} ({variant}, pages {args.pages})")
+
+
+def compare(run: Callable[[int], float], outputs: list[torch.Tensor], rounds: int, label: str,
+            note: Callable[[list[list[float]]], str] | None = None) -> None:  # fmt: skip
+    """Runs A (0) and B (1) in turns and prints whether their outputs are the same bits and the
+    median ratio of each round's pair."""
     results = []
     for i in range(2):
         run(i)
-        results.append({n: y.clone() for n, y in outputs.items()})
-    same = all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+        results.append([y.clone() for y in outputs])
+    same = all(torch.equal(a, b) for a, b in zip(*results, strict=True))
     times: list[list[float]] = [[], []]
-    for r in range(args.rounds):
+    for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):  # which goes first alternates too
             times[i].append(run(i))
     ratios = [b / a for a, b in zip(*times, strict=True)]
-    print(f"{args.mode} rows={args.rows} ({variant}, pages {args.pages}): {'same bits' if same else 'DIFFERENT BITS'}; "
+    print(f"{label}: {'same bits' if same else 'DIFFERENT BITS'}; "
           f"A {statistics.median(times[0]) * 1e3:.1f} ms, B {statistics.median(times[1]) * 1e3:.1f} ms "
-          f"(medians of {args.rounds}); B/A {statistics.median(ratios):.3f} [{min(ratios):.3f} .. {max(ratios):.3f}]")
+          f"(medians of {rounds}); B/A {statistics.median(ratios):.3f} [{min(ratios):.3f} .. {max(ratios):.3f}]"
+          + (note(times) if note else ""))
+
+
+def attention_runs(libs: list[kernels.Library], n_layers: int, context: int
+                   ) -> tuple[Callable[[int], float], list[torch.Tensor], Callable[[list[list[float]]], str]]:  # fmt: skip
+    """run(i): library i's attention of one token over every layer's cache, then a streaming read
+    of the same bytes (its time kept for the note, which says each build's time against it)."""
+    threads, hd, nh = torch.get_num_threads(), GPTJ_HEAD_DIM, GPTJ_HEADS
+    caches = [(torch.randn(1, nh, context, hd).bfloat16(), torch.randn(1, nh, context, hd).bfloat16())
+              for _ in range(n_layers)]  # fmt: skip
+    nbytes = sum(t.nbytes for kv in caches for t in kv)
+    q = torch.randn(1, nh * hd)
+    out = torch.empty(1, nh * hd)
+    pos, rows = torch.tensor([context - 1]), torch.tensor([0])
+    scratch = torch.empty(max(lib.gq_attention_scratch(1, nh, hd, context, threads) for lib in libs), dtype=torch.uint8)
+    reader = kernels.build_source((Path(__file__).parent / "bench_read.cpp").read_text(), "bench_read", libs[0].variant)
+    if reader is not None:
+        reader.bench_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    reads: list[list[float]] = [[], []]
+
+    def run(i: int) -> float:
+        lib, t0 = libs[i], time.perf_counter()
+        for k, v in caches:
+            lib.gq_attention(q.data_ptr(), 1, pos.data_ptr(), rows.data_ptr(), nh, nh, hd, k.data_ptr(), v.data_ptr(),
+                             1, 1, context, out.data_ptr(), scratch.data_ptr(), threads)  # fmt: skip
+        took = time.perf_counter() - t0
+        if reader is not None:
+            t1 = time.perf_counter()
+            for k, v in caches:
+                for t in (k, v):
+                    reader.bench_read(t.data_ptr(), t.nbytes, threads)
+            reads[i].append(time.perf_counter() - t1)
+        return took
+
+    def note(times: list[list[float]]) -> str:
+        if reader is None:
+            return ""
+        per = [statistics.median(a / r for a, r in zip(times[i], reads[i][-len(times[i]):], strict=True))
+               for i in range(2)]  # fmt: skip
+        return f"; against a read of the same {nbytes / 1e6:.0f} MB: A {per[0]:.2f}, B {per[1]:.2f}"
+
+    return run, [out], note
 
 
 if __name__ == "__main__":

@@ -88,6 +88,16 @@ int gq_gptj_decode(const GptjLayer* layers, const GptjDims* d, float* x, int64_t
                        nthreads);
 }
 
+int64_t gq_attention_scratch(int64_t B, int64_t nh, int64_t hd, int64_t max_len, int nthreads) {
+    return attention_scratch(B, nh, hd, max_len, nthreads);
+}
+
+int gq_attention(const float* q, int64_t B, const int64_t* pos, const int64_t* rows, int64_t nh, int64_t nkv,
+                 int64_t hd, const void* kl, const void* vl, int32_t bf16, int64_t cache_rows,
+                 int64_t max_len, float* att, void* scratch, int nthreads) {
+    return attention(q, B, pos, rows, nh, nkv, hd, kl, vl, bf16, cache_rows, max_len, att, scratch, nthreads);
+}
+
 const char* gq_describe(void);
 
 }  // extern "C"
@@ -169,6 +179,8 @@ std::string describe() {
     GQ_FN(gq_llama_decode)
     GQ_FN(gq_gptj_decode_scratch)
     GQ_FN(gq_gptj_decode)
+    GQ_FN(gq_attention_scratch)
+    GQ_FN(gq_attention)
 #undef GQ_FN
 #define GQ_FIELD(type, name) field<type>(out, #name, offsetof(GQ_STRUCT, name));
 #define GQ_STRUCT Linear

@@ -157,6 +157,21 @@ static void attend_any(const float* q, int G, int64_t hd, const CT* K, const CT*
     }
 }
 
+// Attention's loops do a few FMAs per vector of keys or values they load: too few loads in flight
+// for one core's demand misses and the hardware prefetcher to stream the cache from memory. So
+// each asks for the rows it will read ATT_AHEAD bytes on (the prefetches past a chunk's end are
+// the next chunk's rows, or dropped: a prefetch never faults).
+constexpr int64_t ATT_AHEAD = 4096;
+template <typename CT>
+static inline void prefetch_rows(const CT* row, int64_t rows, int64_t hd) {
+    for (int64_t off = 0; off < rows * hd * (int64_t)sizeof(CT); off += 64)
+        _mm_prefetch((const char*)row + off, _MM_HINT_T0);
+}
+template <typename CT>
+constexpr int64_t rows_ahead(int64_t hd) {
+    return (ATT_AHEAD + hd * (int64_t)sizeof(CT) - 1) / (hd * (int64_t)sizeof(CT));
+}
+
 // The scores of keys [j, n) for G query heads (q: G heads of NV float vectors), s[t * ss + j] =
 // (q_t . k_j) * scale: four keys at a time (4G independent FMA chains, one reduction), then one by
 // one. attend_v and attend_tile's rests both take it, so a key's score has the same bits in each.
@@ -168,6 +183,7 @@ static inline void head_scores(const float* q, const CT* K, int64_t j, int64_t n
     for (int t = 0; t < G; ++t)
         for (int i = 0; i < NV; ++i) qv[t][i] = vf_ld(q + t * hd + i * FW);
     for (; j + 4 <= n; j += 4) {
+        prefetch_rows(K + (j + rows_ahead<CT>(hd)) * hd, 4, hd);
         vf a[G][4];
         for (int t = 0; t < G; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = vf_zero();
         for (int i = 0; i < NV; ++i)
@@ -200,6 +216,7 @@ static void attend_v(const float* q, const CT* K, const CT* V, int64_t n, float 
     for (int t = 0; t < G; ++t)
         for (int i = 0; i < NV; ++i) acc[t][i] = vf_zero();
     for (int64_t j = 0; j < n; ++j) {
+        prefetch_rows(V + (j + rows_ahead<CT>(hd)) * hd, 1, hd);
         vf p[G];
         for (int t = 0; t < G; ++t) p[t] = vf_set(s[t * n + j]);
         for (int i = 0; i < NV; ++i) {
@@ -266,6 +283,7 @@ static void attend_tile(const float* const* q, const CT* K, const CT* V, const i
     constexpr int IB = NV < 4 ? NV : 4;  // vectors of the head per pass over the values
     int64_t j = 0;
     for (; j + 4 <= n[0]; j += 4) {
+        prefetch_rows(K + (j + rows_ahead<CT>(hd)) * hd, 4, hd);
         vf a[QT][4];
         for (int t = 0; t < QT; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = vf_zero();
         for (int i = 0; i < NV; ++i) {
@@ -288,6 +306,7 @@ static void attend_tile(const float* const* q, const CT* K, const CT* V, const i
         for (int t = 0; t < QT; ++t)
             for (int i = 0; i < IB; ++i) acc[t][i] = vf_zero();
         for (j = 0; j < n[QT - 1]; ++j) {
+            if (i0 == 0) prefetch_rows(V + (j + rows_ahead<CT>(hd)) * hd, 1, hd);  // later passes: from L2
             vf v[IB];
             for (int i = 0; i < IB; ++i) v[i] = vf_ld(V + j * hd + (i0 + i) * FW);
             for (int t = 0; t < QT; ++t) {
@@ -444,6 +463,26 @@ static void attention_step(const float* q, int64_t q_stride, const CT* kl, const
 #pragma omp simd
         for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
     }
+}
+
+int64_t attention_scratch(int64_t B, int64_t nh, int64_t hd, int64_t max_len, int nthreads) {
+    return attn_gemv_scratch_bytes(B, nh, hd, max_len, 0, nthreads);
+}
+
+int attention(const float* q, int64_t B, const int64_t* pos, const int64_t* rows, int64_t nh, int64_t nkv,
+              int64_t hd, const void* kl, const void* vl, int32_t bf16, int64_t cache_rows, int64_t max_len,
+              float* att, void* scratch, int nthreads) {
+    const int64_t maxpos = max_position(pos, rows, B, cache_rows, max_len);
+    if (maxpos < 0 || nkv <= 0 || nh % nkv) return -1;
+    const AttnScratch sc =
+        attn_scratch((float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63), B, nh, hd, max_len, nthreads);
+    if (bf16)
+        attention_step(q, nh * hd, (const uint16_t*)kl, (const uint16_t*)vl, B, pos, rows, nh, nkv, hd,
+                       max_len, maxpos, sc, att, nthreads);
+    else
+        attention_step(q, nh * hd, (const float*)kl, (const float*)vl, B, pos, rows, nh, nkv, hd, max_len,
+                       maxpos, sc, att, nthreads);
+    return 0;
 }
 
 // ---------------------------------------------------------------- the cache's pages

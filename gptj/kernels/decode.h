@@ -94,4 +94,13 @@ int gptj_decode(const GptjLayer* layers, const GptjDims* d, float* x, int64_t B,
                 const int64_t* rows, const float* cos_t, const float* sin_t, void* kc, void* vc,
                 int64_t cache_rows, int64_t max_len, void* scratch, int nthreads);
 
+// Attention alone, as the decode steps run it (benchmarks/ab_kernels.py, tests): B entries of one
+// layer's cache kl/vl [cache_rows, nkv, max_len, hd] (bfloat16 where bf16, else float32), entry b
+// a query of nh heads at q + b * nh * hd, at position pos[b] of row rows[b], over its keys 0..pos[b];
+// att [B, nh * hd]. Returns 0, or -1 where an entry lies outside the cache or nkv does not divide nh.
+int64_t attention_scratch(int64_t B, int64_t nh, int64_t hd, int64_t max_len, int nthreads);
+int attention(const float* q, int64_t B, const int64_t* pos, const int64_t* rows, int64_t nh, int64_t nkv,
+              int64_t hd, const void* kl, const void* vl, int32_t bf16, int64_t cache_rows, int64_t max_len,
+              float* att, void* scratch, int nthreads);
+
 }  // namespace gq

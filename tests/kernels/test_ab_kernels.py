@@ -36,3 +36,21 @@ def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, c
     for mode in ("int8", "int4"):  # the same build on 4 KB and on huge pages: the same bits
         ab_kernels.main([str(same), *small[:1], mode, *small[2:], "--pages", "4k,huge"])
         assert "pages 4k,huge): same bits" in capsys.readouterr().out
+
+
+def test_attention_mode_compares_builds_and_the_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    same = tmp_path / "same"
+    shutil.copytree(kernels.SOURCE_DIR, same, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    changed = tmp_path / "changed"
+    shutil.copytree(same, changed)
+    source = changed / "decode.cpp"
+    text = source.read_text()
+    assert text.count("const float scale = 1.f / sqrtf((float)hd);") == 1
+    source.write_text(text.replace("1.f / sqrtf((float)hd);", "1.f / sqrtf((float)hd + 1.f);"))
+
+    small = ["--mode", "attention", "--layers", "1", "--context", "300", "--rounds", "1"]
+    ab_kernels.main([str(same), *small])
+    out = capsys.readouterr().out
+    assert "attention context=300" in out and "same bits" in out and "against a read of the same" in out
+    ab_kernels.main([str(changed), *small])
+    assert "DIFFERENT BITS" in capsys.readouterr().out
