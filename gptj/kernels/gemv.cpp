@@ -240,11 +240,13 @@ constexpr int ML = VB / 4;  // activation rows per vector
 #endif
 
 // Weight rows W [R, K] against one group of ML packed activation rows (`rows` of them real):
-// y[m][r] for m < rows.
+// y[m][r] for m < rows. Without VNNI, maddubs takes |x| (axp, packed once per call) and the
+// broadcast w with x's sign: four instructions a 32 products, where |w| and x with w's sign took
+// five (a broadcast weight meets one vector of rows, so its |w| is not shared). Same bits.
 template <int R>
 static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const float* bias, const int32_t* xp,
-                            const float* xsp, const int32_t* xip, int rows, float* y, int64_t ldy,
-                            bool prefetch = false) {
+                            const float* xsp, const int32_t* xip, const int32_t* axp, int rows, float* y,
+                            int64_t ldy, bool prefetch = false) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     vf acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vf_zero();
@@ -261,7 +263,13 @@ static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const f
                     _mm_prefetch((const char*)(W + (R + r) * K + b * QB8 + i), GQ_STREAM_HINT);
         for (int64_t q = q0; q < q1; ++q) {
             const vi xv = vi_load(xp + q * ML);
+#if GQ_VNNI
             for (int r = 0; r < R; ++r) s[r] = dot_s8s8(s[r], vi_bcast32(W + r * K + 4 * q), xv);
+#else
+            const vi axv = vi_load(axp + q * ML);
+            for (int r = 0; r < R; ++r)
+                s[r] = dot_u8s8(s[r], axv, sign_s8(vi_bcast32(W + r * K + 4 * q), xv));
+#endif
         }
         const vf xs = vf_ld(xsp + b * ML);
 #if GQ_VNNI
@@ -293,7 +301,8 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     const int64_t tail = M > ML && M % ML <= BCAST_TAIL_ROWS ? M % ML : 0, mv = M - tail;
     const int64_t groups = (mv + ML - 1) / ML;
     // packed activations: per group, [nq][ML] int32, then its scales [nb][ML] and 128 * block sums
-    const int64_t per_group = nq * ML + 2 * nb * ML;
+    // [nb][ML], then (without VNNI) |x| [nq][ML]
+    const int64_t per_group = (GQ_VNNI ? 1 : 2) * nq * ML + 2 * nb * ML;
     static thread_local std::vector<int32_t> buf;
     if ((int64_t)buf.size() < groups * per_group) buf.resize(groups * per_group);
     int32_t* packed = buf.data();
@@ -310,6 +319,10 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
                 xsp[b * ML + j] = m < mv ? a.xs[m * nb + b] : 0.f;
                 xip[b * ML + j] = m < mv ? 128 * a.xis[m * nb + b] : 0;
             }
+        }
+        if (!GQ_VNNI) {
+            int32_t* axp = xip + nb * ML;
+            for (int64_t i = 0; i < nq; ++i) vi_store(axp + i * ML, abs_s8(vi_load(xp + i * ML)));
         }
     }
     // chunks of groups whose packed activations stay in the last-level cache (4 MB of them): all
@@ -328,14 +341,15 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
                 const int32_t* xp = packed + g * per_group;
                 const float* xsp = (const float*)(xp + nq * ML);
                 const int32_t* xip = xp + nq * ML + nb * ML;
+                const int32_t* axp = xip + nb * ML;
                 const int rows = (int)std::min<int64_t>(ML, mv - g * ML);
                 float* yg = y + g * ML * N;
                 if (n + RB <= N)
-                    i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, xip, rows, yg + n,
-                                 N, g == g1 - 1 && n + 2 * RB <= N);
+                    i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, xip, axp, rows,
+                                 yg + n, N, g == g1 - 1 && n + 2 * RB <= N);
                 else
                     for (int64_t j = n; j < N; ++j)
-                        i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, xip, rows,
+                        i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, xip, axp, rows,
                                     yg + j, N);
             }
             if (tail && g1 == groups)  // the rows past the vectors, while this block is in cache
