@@ -17,15 +17,22 @@ import ab_kernels  # noqa: E402
 pytestmark = pytest.mark.skipif(kernels.active() is None, reason="no C++ kernels here")
 
 
-def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def copies(tmp_path: Path, file: str, line: str, changed_line: str) -> tuple[Path, Path]:
+    """Two copies of the kernels' sources: one as they are, one with `line` of `file` changed."""
     same = tmp_path / "same"
     shutil.copytree(kernels.SOURCE_DIR, same, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     changed = tmp_path / "changed"
     shutil.copytree(same, changed)
-    source = changed / "gemv.cpp"
+    source = changed / file
     text = source.read_text()
-    assert text.count("const float s = am / 127.f;") == 1
-    source.write_text(text.replace("const float s = am / 127.f;", "const float s = am / 126.f;"))  # every variant's xs
+    assert text.count(line) == 1
+    source.write_text(text.replace(line, changed_line))
+    return same, changed
+
+
+def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    same, changed = copies(tmp_path, "gemv.cpp", "const float s = am / 127.f;",
+                           "const float s = am / 126.f;")  # every variant's xs  # fmt: skip
 
     small = ["--mode", "int8", "--rows", "1", "--layers", "1", "--rounds", "1", "--isa", kernels.active_variant()]
     ab_kernels.main([str(same), *small])
@@ -39,14 +46,8 @@ def test_a_copy_compares_as_the_same_and_a_change_as_different(tmp_path: Path, c
 
 
 def test_attention_mode_compares_builds_and_the_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    same = tmp_path / "same"
-    shutil.copytree(kernels.SOURCE_DIR, same, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    changed = tmp_path / "changed"
-    shutil.copytree(same, changed)
-    source = changed / "decode.cpp"
-    text = source.read_text()
-    assert text.count("const float scale = 1.f / sqrtf((float)hd);") == 1
-    source.write_text(text.replace("1.f / sqrtf((float)hd);", "1.f / sqrtf((float)hd + 1.f);"))
+    same, changed = copies(tmp_path, "decode.cpp", "const float scale = 1.f / sqrtf((float)hd);",
+                           "const float scale = 1.f / sqrtf((float)hd + 1.f);")  # fmt: skip
 
     small = ["--mode", "attention", "--layers", "1", "--context", "300", "--rounds", "1"]
     ab_kernels.main([str(same), *small])
