@@ -60,6 +60,20 @@ def enabled() -> bool:
     return os.environ.get("GPTJ_FAST_DECODE", "1") != "0"
 
 
+# The variants whose few-row int8 and int4 loops multiply with VNNI's dpbusd or AMX's tiles: a
+# step of a dozen rows costs little more than one row's reads of the weights. With maddubs alone
+# (avx2, avx512) each 32 products take four instructions, and 8 rows cost 2-3x one row
+# (benchmarks/results/gptj-6b-zen3.md).
+CHEAP_ROWS_VARIANTS = ("avxvnni", "avx512vnni", "amx")
+
+
+def rows_are_cheap() -> bool:
+    """Whether a fused step of several rows costs about what one row's does: bound by the
+    weights' reads, not by the arithmetic."""
+    lib = native_library()
+    return lib is not None and lib.variant in CHEAP_ROWS_VARIANTS
+
+
 class _Plan:
     """What one model's decode steps pass to C++: structs (laid out as the library describes
     them) pointing at every layer's weights, the tensors held here so they outlive the pointers,

@@ -457,13 +457,16 @@ class Engine:
 
     def _speculate(self, batch: list[_Request]) -> bool:
         """One pass over each request's next input and the tokens drafted after it (a batch small
-        enough that the pass stays bandwidth-bound: speculation.MAX_PASS_TOKENS in all); each
+        enough that the pass stays bandwidth-bound: speculation.MAX_PASS_TOKENS in all, and a
+        request alone where several rows cost more than one: runner.drafts_share_passes); each
         position's token is sampled as a one-token step would sample it, in order, until one
         differs from the draft (the first differing token is kept: it is what decoding alone
         gives there). False (nothing done) where no request has a draft or the pass would not be
         exact."""
         share = speculation.MAX_PASS_TOKENS // len(batch) - 1  # drafted tokens each request may add
         if self.speculative == "none" or self.device.type != "cpu" or share < 1:
+            return False
+        if len(batch) > 1 and not runner.drafts_share_passes():
             return False
         if not runner.exact_multi_token(self.model):
             return False

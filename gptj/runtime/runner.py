@@ -60,6 +60,14 @@ def exact_step(model: torch.nn.Module, tokens: int) -> bool:
     return tokens <= cpu_decode.max_entries() and exact_multi_token(model)
 
 
+def drafts_share_passes() -> bool:
+    """Whether requests decoding together may draft in one shared pass: where a step of several
+    rows costs about one row's (cpu_decode.rows_are_cheap). Elsewhere no batch step is
+    bandwidth-bound, drafts that miss would cost the batch arithmetic it pays for in time, and
+    only a request decoding alone drafts."""
+    return cpu_decode.rows_are_cheap()
+
+
 def exact_multi_token(model: torch.nn.Module) -> bool:
     """Whether a step of several tokens per row gives each token the bits of a one-token step
     (the fused C++ step: decode.h), which speculative decoding needs to keep the text unchanged."""

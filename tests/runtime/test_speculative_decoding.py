@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gptj
+from gptj import kernels
 from gptj.loading.random_checkpoint import make_random_checkpoint
 from gptj.runtime import runner
 
@@ -84,9 +85,21 @@ def test_gptj_same_tokens(gptj_int4: gptj.Model) -> None:
         assert on.drafted_tokens > 0
 
 
-def test_batched_requests_draft_and_keep_their_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Requests decoding together draft in one shared pass (up to MAX_PASS_TOKENS in all), and
+@pytest.mark.parametrize("kernels_rule", ["shared", "alone", "avx2"])
+def test_batched_requests_draft_and_keep_their_tokens(kernels_rule: str, monkeypatch: pytest.MonkeyPatch,
+                                                     request: pytest.FixtureRequest) -> None:  # fmt: skip
+    """Requests decoding together draft in one shared pass (up to MAX_PASS_TOKENS in all) where
+    a step of several rows costs about one row's (VNNI, AMX: "shared"); elsewhere ("alone", and
+    AVX2's maddubs kernels, whose rule this is) only a request decoding alone drafts. Either way
     each gets the tokens, logprobs and finish it gets alone without drafts."""
+    if kernels_rule == "avx2":
+        if "avx2" not in kernels.available_variants():
+            pytest.skip("no AVX2 here")
+        avx2 = kernels.use("avx2")  # every thread's kernels until the test ends
+        avx2.__enter__()
+        request.addfinalizer(lambda: avx2.__exit__(None, None, None))
+    else:
+        monkeypatch.setattr(runner, "drafts_share_passes", lambda: kernels_rule == "shared")
     model = gptj.load(quantize="int8", max_batch=3)
     runs = [
         (CODE, dict(temperature=0)),
@@ -95,22 +108,26 @@ def test_batched_requests_draft_and_keep_their_tokens(monkeypatch: pytest.Monkey
     ]
     common = dict(max_new_tokens=40, ignore_eos=True, logprobs=2)
     alone = [generate(model, "none", p, **common, **s) for p, s in runs]
-    shared: list[int] = []  # for each pass with drafts: how many requests it served
-    ragged = runner.forward_ragged
+    shared: list[int] = []  # for each pass that checked drafts: how many requests it served
+    speculate = model.engine._speculate
 
-    def counting(model, ids, positions, rows, cache, wanted):  # type: ignore[no-untyped-def]
-        if len(rows) > len(set(rows.tolist())):
-            shared.append(len(set(rows.tolist())))
-        return ragged(model, ids, positions, rows, cache, wanted)
+    def counting(batch: list) -> bool:
+        checked = speculate(batch)
+        if checked:
+            shared.append(len(batch))
+        return checked
 
-    monkeypatch.setattr(runner, "forward_ragged", counting)
+    monkeypatch.setattr(model.engine, "_speculate", counting)
     handles = [model.submit(p, **common, **s) for p, s in runs]
     together = [h.result() for h in handles]
     model.engine.shutdown(grace=0)
     for a, b in zip(together, alone, strict=True):
         same_output(a, b)
-    assert together[0].drafted_tokens > 0 and together[1].drafted_tokens > 0
-    assert max(shared, default=0) == 3  # drafts were checked while all three decoded
+    if kernels_rule == "shared":
+        assert together[0].drafted_tokens > 0 and together[1].drafted_tokens > 0
+        assert max(shared, default=0) == 3  # drafts were checked while all three decoded
+    else:
+        assert max(shared, default=0) <= 1  # never for two requests in one pass
 
 
 def test_no_drafts_where_a_pass_would_not_be_exact(int8_model: gptj.Model, monkeypatch: pytest.MonkeyPatch) -> None:
