@@ -27,13 +27,13 @@ attention is from the memory it has to read.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_6b import streaming_read
 
 from gptj import kernels
 from gptj.memory import huge_page_empty
@@ -142,9 +142,7 @@ def attention_runs(libs: list[kernels.Library], n_layers: int, context: int
     out = torch.empty(1, nh * hd)
     pos, rows = torch.tensor([context - 1]), torch.tensor([0])
     scratch = torch.empty(max(lib.gq_attention_scratch(1, nh, hd, context, threads) for lib in libs), dtype=torch.uint8)
-    reader = kernels.build_source((Path(__file__).parent / "bench_read.cpp").read_text(), "bench_read", libs[0].variant)
-    if reader is not None:
-        reader.bench_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    read = streaming_read(libs[0].variant)
     reads: list[list[float]] = [[], []]
 
     def run(i: int) -> float:
@@ -153,16 +151,16 @@ def attention_runs(libs: list[kernels.Library], n_layers: int, context: int
             lib.gq_attention(q.data_ptr(), 1, pos.data_ptr(), rows.data_ptr(), nh, nh, hd, k.data_ptr(), v.data_ptr(),
                              1, 1, context, out.data_ptr(), scratch.data_ptr(), threads)  # fmt: skip
         took = time.perf_counter() - t0
-        if reader is not None:
+        if read is not None:
             t1 = time.perf_counter()
-            for k, v in caches:
-                for t in (k, v):
-                    reader.bench_read(t.data_ptr(), t.nbytes, threads)
+            for kv in caches:
+                for t in kv:
+                    read(t)
             reads[i].append(time.perf_counter() - t1)
         return took
 
     def note(times: list[list[float]]) -> str:
-        if reader is None:
+        if read is None:
             return ""
         per = [statistics.median(a / r for a, r in zip(times[i], reads[i][-len(times[i]):], strict=True))
                for i in range(2)]  # fmt: skip

@@ -36,7 +36,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,8 +256,6 @@ _READ_SOURCE = Path(__file__).with_name("bench_read.cpp")  # the streaming read 
 def work_bandwidth() -> dict:
     """Memory read bandwidth over 2 GiB (past the last-level cache): the best of torch's sum and
     a native streaming read (where a compiler is at hand)."""
-    import ctypes
-
     import torch
 
     from gptj import kernels
@@ -267,15 +267,31 @@ def work_bandwidth() -> dict:
         a.sum()
         best = max(best, a.nbytes / (time.perf_counter() - t))
 
-    lib = kernels.build_source(_READ_SOURCE.read_text(), "bench_read")  # None: memory bandwidth from torch's sum only
-    if lib is not None:
-        lib.bench_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-        lib.bench_read.restype = ctypes.c_int
+    read = streaming_read()  # None: memory bandwidth from torch's sum only
+    if read is not None:
         for _ in range(5):
             t = time.perf_counter()
-            lib.bench_read(a.data_ptr(), a.nbytes, torch.get_num_threads())
+            read(a)
             best = max(best, a.nbytes / (time.perf_counter() - t))
     return {"bandwidth_gbs": best / 1e9, "variant": kernels.active_variant()}
+
+
+def streaming_read(variant: str | None = None) -> Callable[[Any], object] | None:
+    """read(tensor): a streaming read of the tensor's bytes on every thread (bench_read.cpp, built
+    with `variant`'s flags, the active one's by default); None where it cannot be built."""
+    import ctypes
+
+    import torch
+
+    from gptj import kernels
+
+    lib = kernels.build_source(_READ_SOURCE.read_text(), "bench_read", variant)
+    if lib is None:
+        return None
+    lib.bench_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.bench_read.restype = ctypes.c_int
+    threads = torch.get_num_threads()
+    return lambda t: lib.bench_read(t.data_ptr(), t.nbytes, threads)
 
 
 def worker_main(argv: list[str]) -> None:

@@ -266,6 +266,8 @@ static void attend_chunk(const float* q, int G, int64_t hd, const CT* K, const C
 }
 
 static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+// the first 64-byte boundary in a caller's scratch (the scratch sizes count 64 bytes for it)
+static inline float* aligned_floats(void* p) { return (float*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 #define ATT_G 4        // query heads per task, at most
 #define ATT_CHUNK 256  // keys per chunk: an entry of n keys has ceil(n / ATT_CHUNK) chunks
@@ -474,8 +476,7 @@ int attention(const float* q, int64_t B, const int64_t* pos, const int64_t* rows
               float* att, void* scratch, int nthreads) {
     const int64_t maxpos = max_position(pos, rows, B, cache_rows, max_len);
     if (maxpos < 0 || nkv <= 0 || nh % nkv) return -1;
-    const AttnScratch sc =
-        attn_scratch((float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63), B, nh, hd, max_len, nthreads);
+    const AttnScratch sc = attn_scratch(aligned_floats(scratch), B, nh, hd, max_len, nthreads);
     if (bf16)
         attention_step(q, nh * hd, (const uint16_t*)kl, (const uint16_t*)vl, B, pos, rows, nh, nkv, hd,
                        max_len, maxpos, sc, att, nthreads);
@@ -538,7 +539,7 @@ int llama_decode(const LlamaLayer* layers, const LlamaDims* d, float* x, int64_t
     if (maxpos < 0) return -1;
     const int64_t H = d->hidden, nh = d->n_head, nkv = d->n_kv, hd = d->head_dim, I = d->inter;
     const int64_t qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
-    float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float* h = aligned_floats(scratch);
     float* t = h + align64(B * H);
     float* qkv = t + align64(B * H);
     float* att = qkv + align64(B * qkv_w);
@@ -635,7 +636,7 @@ static void gptj_layers(const GptjLayer* layers, const GptjDims* d, float* x, in
                         const int64_t* rows, int64_t maxpos, const float* cos_t, const float* sin_t, CT* kc,
                         CT* vc, int64_t cache_rows, int64_t max_len, void* scratch, int nthreads) {
     const int64_t H = d->hidden, nh = d->n_head, hd = d->head_dim, I = d->inner;
-    float* h = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float* h = aligned_floats(scratch);
     float* att = h + align64(B * H);
     float* t1 = att + align64(B * H);
     float* t2 = t1 + align64(B * H);
