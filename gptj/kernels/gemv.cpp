@@ -898,16 +898,17 @@ constexpr int GR4 = 6, NV4 = 2;  // 4 x 2, 5 x 2, 8 x 1, 10 x 1, 3 x 3: slower
 #elif GQ_VNNI
 constexpr int GR4 = 4, NV4 = 3;  // 3 x 2, 4 x 2: slower; 6 x 2 as fast
 #else
-constexpr int GR4 = 3, NV4 = 2;  // 2 x 2, 4 x 1, 5 x 1, 4 x 2: slower
+constexpr int GR4 = 4, NV4 = 2;  // Zen 3: 3 x 2 ~4 % slower, 5 x 2 as fast, 3 x 3 and 2 x 3 slower
 #endif
 // With 16 registers, AVX-VNNI's dpbusd leaves room for more int32 accumulators once the float
 // sums P live in memory (touched once per group); maddubs' temporaries do not, nor does it pay
 // with 32 registers.
 constexpr bool P_IN_MEMORY = GQ_VNNI && !GQ_AVX512;
 constexpr int NP4 = LW * NV4;  // weight rows per unpacked panel
-// below these the few-row loop is as fast (with VNNI's dpbusd it keeps up longer)
+// below these the few-row loop is as fast (with VNNI's dpbusd it keeps up longer; on AVX2 the
+// GEMM, its int16 sums kept in order, overtook it from 9-10 rows on the Zen 3)
 #ifndef GEMM4_MIN_ROWS
-#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : 64)
+#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : GQ_VNNI || GQ_AVX512 ? 64 : 10)
 #endif
 
 // groups of a panel unpacked at a time: GPT-J's 16384-wide fc_out unpacked whole (320 KB with
@@ -935,17 +936,22 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
         vi D[MR][NV4];
         for (int r = 0; r < MR; ++r)
             for (int v = 0; v < NV4; ++v) D[r][v] = vi_zero();
-        for (int64_t q = 8 * g; q < 8 * g + 8; ++q) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {  // whole: else g++ moves each accumulator at the back edge
+            const int64_t q = 8 * g + j;
             vi w[NV4];
             for (int v = 0; v < NV4; ++v) w[v] = vi_load(wp + (q * NV4 + v) * LW);
             for (int r = 0; r < MR; ++r) {
                 const vi xb = vi_bcast32(xq + r * K + 4 * q);
-                for (int v = 0; v < NV4; ++v)
+                for (int v = 0; v < NV4; ++v) {
 #if GQ_VNNI
                     D[r][v] = dot_u8s8(D[r][v], w[v], xb);
 #else
                     D[r][v] = vi_add16(D[r][v], vi_maddubs(w[v], xb));
+                    // kept in order: g++ reassociates the exact int16 sums into a tree, which spills
+                    asm("" : "+v"(D[r][v]));
 #endif
+                }
             }
         }
         vf s[NV4], m[NV4];
