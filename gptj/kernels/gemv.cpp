@@ -383,7 +383,7 @@ constexpr int GR = 4, NV8 = 3;  // 6 x 2, 5 x 2, 3 x 4: slower
 #elif GQ_AVX512
 constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
 #elif GQ_VNNI
-constexpr int GR = 4, NV8 = 3;   // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
+constexpr int GR = 4, NV8 = 3;  // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
 #else
 constexpr int GR = 3, NV8 = 2;  // 4 x 1, 4 x 2, 5 x 2, 2 x 3, 3 x 3: slower
 #endif
@@ -795,6 +795,7 @@ static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, cons
 #else
                 D[m][v] = vi_add16(
                     D[m][v], vi_add16(vi_maddubs(lo, vi_bcast32(x)), vi_maddubs(hi, vi_bcast32(x + 4))));
+                asm("" : "+v"(D[m][v]));  // as in the GEMM below: no reassociated tree of int16 sums
 #endif
             }
         }
@@ -896,19 +897,20 @@ static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, i
 #if GQ_AVX512
 constexpr int GR4 = 6, NV4 = 2;  // 4 x 2, 5 x 2, 8 x 1, 10 x 1, 3 x 3: slower
 #elif GQ_VNNI
-constexpr int GR4 = 4, NV4 = 3;  // 3 x 2, 4 x 2: slower; 6 x 2 as fast
+// 3 x 2, 4 x 2: slower; 6 x 2 as fast
+constexpr int GR4 = 4, NV4 = 3;
 #else
-constexpr int GR4 = 4, NV4 = 2;  // Zen 3: 3 x 2 ~4 % slower, 5 x 2 as fast, 3 x 3 and 2 x 3 slower
+// on the Zen 3: 3 x 2 4 % slower, 5 x 2 as fast, 3 x 3 slower
+constexpr int GR4 = 4, NV4 = 2;
 #endif
 // With 16 registers, AVX-VNNI's dpbusd leaves room for more int32 accumulators once the float
 // sums P live in memory (touched once per group); maddubs' temporaries do not, nor does it pay
 // with 32 registers.
 constexpr bool P_IN_MEMORY = GQ_VNNI && !GQ_AVX512;
 constexpr int NP4 = LW * NV4;  // weight rows per unpacked panel
-// below these the few-row loop is as fast (with VNNI's dpbusd it keeps up longer; on AVX2 the
-// GEMM, its int16 sums kept in order, overtook it from 9-10 rows on the Zen 3)
+// below these the few-row loop is as fast (with VNNI's dpbusd it keeps up longer)
 #ifndef GEMM4_MIN_ROWS
-#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : GQ_VNNI || GQ_AVX512 ? 64 : 10)
+#define GEMM4_MIN_ROWS (GQ_AVX512 && GQ_VNNI ? 72 : 64)
 #endif
 
 // groups of a panel unpacked at a time: GPT-J's 16384-wide fc_out unpacked whole (320 KB with

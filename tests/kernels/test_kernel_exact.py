@@ -51,8 +51,8 @@ def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -> None:
     q = layer(n, k, mode)
-    # 9, 12, 17, 29, 40: int4's few-row blocks and AVX2's int4 GEMM (from 10 rows), AMX's groups
-    # of 16, a pass of 32, the many-row loop (lanes = activation rows) with its last vector part
+    # 9, 12, 17, 29, 40: int4's few-row blocks (of 2 or 4 rows, then 1), AMX's groups of 16, a
+    # pass of 32, the many-row loop (lanes = activation rows) with its last vector part
     # padding (12, 29) or its last rows in the per-row loop (17, 40); 70 and 130: the GEMMs'
     # panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or, with AVX-512 VNNI, 72),
     # with a last partial register block
