@@ -9,7 +9,8 @@ GPT-J), on one synthetic checkpoint in the exact Hugging Face layout, in one run
 Each engine runs in its own process, so its peak RSS is its own. Measured: decode ms/token
 (median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
 size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth
-(measured again after each engine) and the decode floor it sets for each weight size. Prints a
+(measured again after each engine) and the decode floor it sets for each weight size (the weights
+alone, and with the 16-bit KV cache a token's attention reads at the decode's mean position). Prints a
 markdown table and writes a PNG chart next to the checkpoints.
 
 The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt AVX2 library; they
@@ -395,6 +396,10 @@ def main() -> None:
         rows.append(row)
 
     n_params = _param_count(src)
+    config = json.loads((src / "config.json").read_text())
+    # what a token's attention reads besides the weights: 16-bit keys and values of every layer at
+    # the decode's mean position (our cache and ggml's are 16-bit)
+    kv_bytes = config["n_layer"] * 2 * config["n_embd"] * 2 * (args.prompt + args.tokens / 2)
     import torch
 
     from gptj.loading import bytes_per_weight  # int4: a byte per 2 weights, an fp16 scale and min per 32
@@ -473,13 +478,14 @@ def main() -> None:
         + "\n"
     )
     print(
-        f"| engine | decode ms/token | floor ms/token | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
+        f"| engine | decode ms/token | floor ms/token | floor + KV cache | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         floor = r["weight_bytes"] / (r["bandwidth_gbs"] * 1e9) * 1000
+        floor_kv = (r["weight_bytes"] + kv_bytes) / (r["bandwidth_gbs"] * 1e9) * 1000
         print(
-            f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {r['bandwidth_gbs']:.1f} | {_f(r.get('prefill_s'), 1)} | "
+            f"| {r['engine']} | {_f(r.get('decode_ms'))} | {floor:.0f} | {floor_kv:.0f} | {r['bandwidth_gbs']:.1f} | {_f(r.get('prefill_s'), 1)} | "
             f"{_f(r.get('load_s'), 1)} | {_f(r.get('peak_rss_gb'), 1)} | {_f(r.get('quantize_peak_gb'), 1)} | {_f(r.get('disk_gb'), 1)} |"
             + (f" error: {r['error']}" if "error" in r else "")
         )
