@@ -941,7 +941,9 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
         vi D[MR][NV4];
         for (int r = 0; r < MR; ++r)
             for (int v = 0; v < NV4; ++v) D[r][v] = vi_zero();
+#if !GQ_VNNI  // (dpbusd accumulates in place; the VNNI builds keep the loop they were measured with)
 #pragma GCC unroll 8
+#endif
         for (int j = 0; j < 8; ++j) {  // whole: else g++ moves each accumulator at the back edge
             const int64_t q = 8 * g + j;
             vi w[NV4];
