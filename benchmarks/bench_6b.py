@@ -10,8 +10,8 @@ Each engine runs in its own process, so its peak RSS is its own. Measured: decod
 (median over the generated tokens), prefill time for a 512-token prompt, load time, peak RSS,
 size on disk; plus the CPU (model, ISA, our kernel variant), the machine's memory bandwidth
 (measured again after each engine) and the decode floor it sets for each weight size (the weights
-alone, and with the 16-bit KV cache a token's attention reads at the decode's mean position). Prints a
-markdown table and writes a PNG chart next to the checkpoints.
+alone, and with the 16-bit KV cache a token's attention reads at the decode's mean position).
+Prints a markdown table and writes a PNG chart next to the checkpoints.
 
 The ggml rows need `pip install --no-deps ctransformers==0.2.27` (its prebuilt AVX2 library; they
 are skipped without it): benchmarks/ggml_gptj.py converts the checkpoint to the GGML files once
@@ -478,7 +478,7 @@ def main() -> None:
         + "\n"
     )
     print(
-        f"| engine | decode ms/token | floor ms/token | floor + KV cache | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
+        f"| engine | decode ms/token | floor ms/token | floor + 16-bit KV cache | bandwidth (GB/s) | prefill {args.prompt} (s) | load (s) | peak RSS (GB) | convert peak (GB) | disk (GB) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
