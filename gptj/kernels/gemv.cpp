@@ -130,17 +130,18 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
         for (int r = 0; r < 4; ++r) {
             for (int m = 0; m < MT; ++m) d[r][m] = vi_zero();
             if (r >= R) continue;
-            vi w[NV];
-            for (int i = 0; i < NV; ++i)
-                w[i] = len == QB8     ? vi_load(W + r * K + k0 + i * VB)
-                       : i * VB < len ? vi_load_n(W + r * K + k0 + i * VB, len - i * VB)
-                                      : vi_zero();
             // prefetch the next tile (the rows that follow; hint: simd.h): one core's demand
             // misses and the hardware prefetcher alone do not keep enough reads in flight
             for (int i = 0; i < QB8 / 64; ++i)
                 _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), GQ_STREAM_HINT);
-            for (int m = 0; m < MT; ++m)
-                for (int i = 0; i < NV; ++i) d[r][m] = dot_s8s8(d[r][m], w[i], x[m][i]);
+            // one weight vector at a time: all four beside the 2 x 4 activation vectors and the
+            // 8 sums of AVX2's 2-row tile spilled to the stack (16 registers)
+            for (int i = 0; i < NV; ++i) {
+                const vi w = len == QB8     ? vi_load(W + r * K + k0 + i * VB)
+                             : i * VB < len ? vi_load_n(W + r * K + k0 + i * VB, len - i * VB)
+                                            : vi_zero();
+                for (int m = 0; m < MT; ++m) d[r][m] = dot_s8s8(d[r][m], w, x[m][i]);
+            }
         }
         if constexpr (MT == FW / 4) {  // a vector's 128-bit lanes are the MT rows: one fold for all
             vi t[MT];
