@@ -395,8 +395,8 @@ def main() -> None:
         last_bw = after
         rows.append(row)
 
-    n_params = _param_count(src)
     config = json.loads((src / "config.json").read_text())
+    n_params = _param_count(config)
     # what a token's attention reads besides the weights: 16-bit keys and values of every layer at
     # the decode's mean position (our cache and ggml's are 16-bit)
     kv_bytes = config["n_layer"] * 2 * config["n_embd"] * 2 * (args.prompt + args.tokens / 2)
@@ -497,10 +497,10 @@ def main() -> None:
         print(f"\nchart: {base / 'bench.png'}")
 
 
-def _param_count(src: Path) -> int:
+def _param_count(config: dict) -> int:
     from gptj.loading import build
 
-    model, _ = build("gptj", json.loads((src / "config.json").read_text()))
+    model, _ = build("gptj", config)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -797,9 +797,8 @@ static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, cons
 #if GQ_VNNI
                 D[m][v] = dot_u8s8_bcast(dot_u8s8_bcast(D[m][v], lo, x), hi, x + 4);
 #else
-                D[m][v] = vi_add16(
+                D[m][v] = vi_acc16(
                     D[m][v], vi_add16(vi_maddubs(lo, vi_bcast32(x)), vi_maddubs(hi, vi_bcast32(x + 4))));
-                asm("" : "+v"(D[m][v]));  // as in the GEMM below: no reassociated tree of int16 sums
 #endif
             }
         }
@@ -951,15 +950,12 @@ static inline void i4_gemm_pass(const int32_t* wp, const float* sp, const float*
             for (int v = 0; v < NV4; ++v) w[v] = vi_load(wp + (q * NV4 + v) * LW);
             for (int r = 0; r < MR; ++r) {
                 const vi xb = vi_bcast32(xq + r * K + 4 * q);
-                for (int v = 0; v < NV4; ++v) {
+                for (int v = 0; v < NV4; ++v)
 #if GQ_VNNI
                     D[r][v] = dot_u8s8(D[r][v], w[v], xb);
 #else
-                    D[r][v] = vi_add16(D[r][v], vi_maddubs(w[v], xb));
-                    // kept in order: g++ reassociates the exact int16 sums into a tree, which spills
-                    asm("" : "+v"(D[r][v]));
+                    D[r][v] = vi_acc16(D[r][v], vi_maddubs(w[v], xb));
 #endif
-                }
             }
         }
         vf s[NV4], m[NV4];

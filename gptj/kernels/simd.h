@@ -295,6 +295,14 @@ static inline vi abs_s8(vi w) { return _mm256_sign_epi8(w, w); }
 static inline vi sign_s8(vi x, vi w) { return _mm256_sign_epi8(x, w); }
 #endif
 
+// acc + t in int16 lanes, acc then pinned in a register: over a chain of these exact sums g++
+// otherwise builds a tree that spills, or moves each sum at a loop's back edge
+static inline vi vi_acc16(vi acc, vi t) {
+    acc = vi_add16(acc, t);
+    asm("" : "+v"(acc));
+    return acc;
+}
+
 // 32-bit lane (i, r) = 4 i + r: the sum of the four 32-bit lanes of 128-bit lane i of a_r (exact)
 static inline vi sum_lanes4(vi a0, vi a1, vi a2, vi a3) {
     const vi t0 = vi_add(vi_unpacklo32(a0, a1), vi_unpackhi32(a0, a1));
