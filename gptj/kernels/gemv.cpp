@@ -780,11 +780,39 @@ static inline vf vf_half(const uint8_t* p) {
 #endif
 }
 
+// The float sums P_i (i = g % 4) of one panel against MT activation rows: in registers, or, where
+// MEM, in memory, touched once per group. With 16 registers and maddubs' temporaries, more than
+// one row's 4 x NVP sums spill anyway; in memory they leave the registers to 4 rows' int16 sums.
+constexpr bool I4P_SUMS_IN_MEMORY = !GQ_AVX512 && !GQ_VNNI;
+template <int MT, bool MEM>
+struct I4Sums {
+    vf r[4][MEM ? 1 : MT][NVP];
+    alignas(64) float mem[4][MEM ? MT : 1][NVP][LW];
+
+    I4Sums() {
+        for (int i = 0; i < 4; ++i)
+            for (int m = 0; m < MT; ++m)
+                for (int v = 0; v < NVP; ++v) set(i, m, v, vf_zero());
+    }
+    vf get(int i, int m, int v) const {
+        if constexpr (MEM)
+            return vf_ld(mem[i][m][v]);
+        else
+            return r[i][m][v];
+    }
+    void set(int i, int m, int v, vf a) {
+        if constexpr (MEM)
+            vf_st(mem[i][m][v], a);
+        else
+            r[i][m][v] = a;
+    }
+};
+
 // One group of a panel (b: its 320 bytes) against MT activation rows (xq, xs, xsum at the group;
-// row stride K, ng): P[m][v] += c_g, lane j of vector v for row LW v + j.
-template <int MT>
+// row stride K, ng): P_I[m][v] += c_g, lane j of vector v for row LW v + j.
+template <int I, int MT, bool MEM>
 static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, const float* xs,
-                             const float* xsum, int64_t ng, vf (&P)[MT][NVP]) {
+                             const float* xsum, int64_t ng, I4Sums<MT, MEM>& P) {
     vi D[MT][NVP];  // without VNNI: int16 pair sums
     for (int m = 0; m < MT; ++m)
         for (int v = 0; v < NVP; ++v) D[m][v] = vi_zero();
@@ -805,7 +833,8 @@ static inline void i4p_group(const uint8_t* b, const int8_t* xq, int64_t K, cons
     for (int v = 0; v < NVP; ++v) {
         const vf s = vf_half(b + 256 + 2 * LW * v), mv = vf_half(b + 288 + 2 * LW * v);
         for (int m = 0; m < MT; ++m) {
-            P[m][v] = vf_add(P[m][v], int4_term(D[m][v], s, mv, vf_set(xs[m * ng]), vf_set(xsum[m * ng])));
+            const vf c = int4_term(D[m][v], s, mv, vf_set(xs[m * ng]), vf_set(xsum[m * ng]));
+            P.set(I, m, v, vf_add(P.get(I, m, v), c));
         }
     }
 }
@@ -817,37 +846,36 @@ static inline void i4p_panel(const uint8_t* p, int64_t K, int nrows, const int8_
                              const float* xsum, const float* bias, float* y, int64_t ldy,
                              const uint8_t* ahead) {
     const int64_t ng = K / 32;
-    vf P[4][MT][NVP];
-    for (int i = 0; i < 4; ++i)
-        for (int m = 0; m < MT; ++m)
-            for (int v = 0; v < NVP; ++v) P[i][m][v] = vf_zero();
+    constexpr bool in_memory = I4P_SUMS_IN_MEMORY && MT > 1;
+    I4Sums<MT, in_memory> P;
     int64_t g = 0;
-    for (; g + 4 <= ng; g += 4) {  // P_i by name, so the accumulators stay in registers
+    for (; g + 4 <= ng; g += 4) {  // P_i by name, so that register sums stay in registers
         if (ahead)
             for (int i = 0; i < 4 * GB4; i += 64)
                 _mm_prefetch((const char*)(ahead + g * GB4 + i), GQ_STREAM_HINT);
-        i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[0]);
-        i4p_group<MT>(p + (g + 1) * GB4, xq + 32 * (g + 1), K, xs + g + 1, xsum + g + 1, ng, P[1]);
-        i4p_group<MT>(p + (g + 2) * GB4, xq + 32 * (g + 2), K, xs + g + 2, xsum + g + 2, ng, P[2]);
-        i4p_group<MT>(p + (g + 3) * GB4, xq + 32 * (g + 3), K, xs + g + 3, xsum + g + 3, ng, P[3]);
+        i4p_group<0>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P);
+        i4p_group<1>(p + (g + 1) * GB4, xq + 32 * (g + 1), K, xs + g + 1, xsum + g + 1, ng, P);
+        i4p_group<2>(p + (g + 2) * GB4, xq + 32 * (g + 2), K, xs + g + 2, xsum + g + 2, ng, P);
+        i4p_group<3>(p + (g + 3) * GB4, xq + 32 * (g + 3), K, xs + g + 3, xsum + g + 3, ng, P);
     }
-    // the last ng % 4 groups (a switch: a reference chosen at run time would keep P in memory)
+    // the last ng % 4 groups (a switch: a residue chosen at run time would keep P in memory)
     for (int i = 0; g < ng; ++g, ++i) switch (i) {
-            case 0: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[0]); break;
-            case 1: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[1]); break;
-            default: i4p_group<MT>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P[2]); break;
+            case 0: i4p_group<0>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P); break;
+            case 1: i4p_group<1>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P); break;
+            default: i4p_group<2>(p + g * GB4, xq + 32 * g, K, xs + g, xsum + g, ng, P); break;
         }
     for (int m = 0; m < MT; ++m)
         for (int v = 0; v < NVP; ++v) {
             const int n = std::min(LW, nrows - LW * v);
             if (n <= 0) break;
-            vf out = vf_add(vf_add(P[0][m][v], P[1][m][v]), vf_add(P[2][m][v], P[3][m][v]));
+            vf out = vf_add(vf_add(P.get(0, m, v), P.get(1, m, v)), vf_add(P.get(2, m, v), P.get(3, m, v)));
             if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
             vf_store_n(y + m * ldy + LW * v, out, n);
         }
 }
 
-// M activation rows in blocks of MT, then of MT / 2, ..
+// M activation rows in blocks of MT, then of MT / 2, .. (with the sums in memory: then one block of
+// the rest, MT - 1 rows, ..)
 template <int MT>
 static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t* xq, const float* xs,
                             const float* xsum, const float* bias, float* y, int64_t ldy, int64_t M,
@@ -859,13 +887,16 @@ static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t
                       m == 0 ? ahead : nullptr);
     if constexpr (MT > 1)
         if (m < M)
-            i4p_span<MT / 2>(p, K, nrows, xq + m * K, xs + m * ng, xsum + m * ng, bias, y + m * ldy, ldy,
-                             M - m, m == 0 ? ahead : nullptr);
+            i4p_span<I4P_SUMS_IN_MEMORY ? MT - 1 : MT / 2>(p, K, nrows, xq + m * K, xs + m * ng,
+                                                           xsum + m * ng, bias, y + m * ldy, ldy, M - m,
+                                                           m == 0 ? ahead : nullptr);
 }
 
-// activation rows per block below the GEMM, measured best on the Zen 5 at 6 and 8 rows (AVX-512
-// 8: slower by up to a third without VNNI, whose int16 sums and float sums spill; 256-bit 4: ~8 %)
-constexpr int I4P_MT = GQ_AVX512 ? 4 : 2;
+// activation rows per block below the GEMM. AVX-512, measured on the Zen 5 at 6 and 8 rows: 8 is
+// slower by up to a third without VNNI, whose int16 sums and float sums spill; 256-bit VNNI there:
+// 4 ~8 % slower than 2. AVX2 on the Zen 3, with the float sums in memory: 4 beat 2 (with them in
+// registers) at 3 to 8 rows; 8 rows' int16 sums alone take the 16 registers.
+constexpr int I4P_MT = GQ_AVX512 || I4P_SUMS_IN_MEMORY ? 4 : 2;
 // how far ahead of a panel the software prefetch reads, in bytes: without it AVX2's one-row GEMV
 // fell a quarter further behind the bandwidth; a whole panel ahead (40-160 KB at GPT-J's
 // sizes) and 4 KB measured no better on the Zen 5
