@@ -787,7 +787,7 @@ constexpr bool I4P_SUMS_IN_MEMORY = !GQ_AVX512 && !GQ_VNNI;
 template <int MT, bool MEM>
 struct I4Sums {
     vf r[4][MEM ? 1 : MT][NVP];
-    alignas(64) float mem[4][MEM ? MT : 1][NVP][LW];
+    alignas(MEM ? 64 : 4) float mem[MEM ? 4 : 1][MEM ? MT : 1][MEM ? NVP : 1][MEM ? LW : 1];
 
     I4Sums() {
         for (int i = 0; i < 4; ++i)
