@@ -786,7 +786,7 @@ static inline vf vf_half(const uint8_t* p) {
 constexpr bool I4P_SUMS_IN_MEMORY = !GQ_AVX512 && !GQ_VNNI;
 template <int MT, bool MEM>
 struct I4Sums {
-    vf r[4][MEM ? 1 : MT][NVP];
+    vf r[MEM ? 1 : 4][MEM ? 1 : MT][NVP];
     alignas(MEM ? 64 : 4) float mem[MEM ? 4 : 1][MEM ? MT : 1][MEM ? NVP : 1][MEM ? LW : 1];
 
     I4Sums() {
