@@ -121,7 +121,7 @@ def isa(flags: frozenset[str] | None = None) -> str:
 # ---- workers: each runs in a fresh process and prints one JSON line ---------------------------------
 
 
-def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int, speculative: str = "none") -> dict:
+def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int, speculative: str = "none", weight_bytes: int = 0) -> dict:
     import torch
 
     import gptj
@@ -146,27 +146,21 @@ def work_ours(ckpt: str, mode: str, n_prompt: int, n_new: int, speculative: str 
 
     result = {"load_s": load_s, "prefill_s": stamps[0] - start, "decode_ms": 1000 * statistics.median(gaps),
               "kernels": kernel_name(), "peak_rss_gb": peak_rss_gb()}  # fmt: skip
-    if mode != "bf16":
-        result["decode_vs_read"] = decode_vs_read(model, ckpt, mode)
+    if weight_bytes:  # (the driver's count, for the quantized engines)
+        result["decode_vs_read"] = decode_vs_read(model, weight_bytes)
     return result
 
 
-def decode_vs_read(model: Any, ckpt: str, mode: str, rounds: int = 6, tokens: int = 9) -> float | None:
+def decode_vs_read(model: Any, weight_bytes: int, rounds: int = 6, tokens: int = 9) -> float | None:
     """Decode time per token over the time of a streaming read of the weights' bytes, the two
     taking turns in this process (short context: the weights alone): a floor ratio that the VM's
     drifting bandwidth moves on both sides alike. Read over 1 GiB and scaled, so the worker's
     peak RSS (taken before) stays the engine's own."""
-    import torch
-
-    from gptj.loading import bytes_per_weight
     from gptj.memory import huge_page_empty
 
     read = streaming_read()
     if read is None:
         return None
-    weight_bytes = _param_count(json.loads((Path(ckpt) / "config.json").read_text())) * bytes_per_weight(
-        mode, torch.bfloat16
-    )
     buf = huge_page_empty(1 << 30)
     buf.fill_(1)
     ratios = []
@@ -444,14 +438,15 @@ def main() -> None:
             continue
         qdir = base / f"gptj-{mode}"
         q = run_worker("quantize", src, qdir, bits) if not (qdir / "model.safetensors").exists() else {}
-        r = run_worker("ours", qdir, mode, args.prompt, args.tokens, args.speculative)
+        weight_bytes = round(n_params * bytes_per_weight(mode, torch.bfloat16))
+        r = run_worker("ours", qdir, mode, args.prompt, args.tokens, args.speculative, weight_bytes)
         add(
             {
                 "engine": f"gptj-studio {mode}",
                 **r,
                 "quantize_peak_gb": q.get("peak_rss_gb"),
                 "disk_gb": folder_gb(qdir),
-                "weight_bytes": n_params * bytes_per_weight(mode, torch.bfloat16),
+                "weight_bytes": weight_bytes,
             }
         )
     if "ours-bf16" not in args.skip:
