@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gptj
-from gptj import memory, quant
+from gptj import kernels, memory, quant
 from gptj.loading.quantized import write_quantized
 from gptj.loading.random_checkpoint import make_random_checkpoint
 from gptj.loading.weights import install_quantized_layers
@@ -92,7 +92,14 @@ def vm_flags(t: torch.Tensor) -> list[str]:
     return [*flags, "\n".join(entry)]
 
 
+def held_weights(layer: QuantizedLinear) -> torch.Tensor:
+    """The weight bytes a layer holds: its panels (int4, and int8 on VNNI builds without AMX), or
+    int8 rows."""
+    return layer.panels if layer.panels is not None else layer.qweight
+
+
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
+@pytest.mark.skipif(kernels.active() is None, reason="the torch fallback keeps torch's layout and heap")
 def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """The int4 panels, int8 rows quantized at load and int8 rows copied off a checkpoint sit, from
     two 2 MB pages up, in mappings advised for transparent huge pages (smaps' "hg"): Linux's default
@@ -109,15 +116,15 @@ def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPat
     install_quantized_layers(model, state)
     copied = model[0]
     for layer in (int4, int8, copied):
-        weights = layer.panels if layer.panels is not None else layer.qweight
+        weights = held_weights(layer)
         assert weights.nbytes >= 2 * memory.HUGE_PAGE and "hg" in vm_flags(weights)
     assert torch.equal(copied(x), int8(x))
     # small layers, and GPTJ_HUGE_PAGES=0, keep torch's allocation (a storage of the tensor's own
     # size, where a mapping of ours is 2 MB longer). Not by smaps: torch's own allocations were seen
     # in an "hg" mapping now and then in a long test process (unexplained).
-    small = QuantizedLinear.from_weight(torch.randn(64, 256), None, "int8")
-    assert small.qweight.untyped_storage().nbytes() == small.qweight.nbytes < memory.HUGE_PAGE
-    assert int8.qweight.untyped_storage().nbytes() > int8.qweight.nbytes
+    small = held_weights(QuantizedLinear.from_weight(torch.randn(64, 256), None, "int8"))
+    assert small.untyped_storage().nbytes() == small.nbytes < memory.HUGE_PAGE
+    assert held_weights(int8).untyped_storage().nbytes() > held_weights(int8).nbytes
     monkeypatch.setenv("GPTJ_HUGE_PAGES", "0")
-    plain = QuantizedLinear.from_weight(w, None, "int8").qweight
+    plain = held_weights(QuantizedLinear.from_weight(w, None, "int8"))
     assert plain.untyped_storage().nbytes() == plain.nbytes
