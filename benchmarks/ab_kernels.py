@@ -19,9 +19,11 @@ instead, with the same tree twice:
     .venv/bin/python benchmarks/ab_kernels.py gptj/kernels --mode int4 --pages 4k,huge
 
 `--mode attention` times the decode step's attention instead (gq_attention: one token's query
-over GPT-J-6B's 16 heads of 256 in each layer's bfloat16 cache, `--context` keys), and beside
-each build a streaming read of the same cache bytes (benchmarks/bench_read.cpp): how far the
-attention is from the memory it has to read.
+over GPT-J-6B's 16 heads of 256 in each layer's bfloat16 cache, `--context` keys).
+
+After each build's pass a streaming read of the same bytes (the weights, or the cache) runs too
+(benchmarks/bench_read.cpp), and the line ends with each build's time against it: how far the
+kernels are from the memory they have to read, in the same drift.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
     torch.manual_seed(0)
     if args.mode == "attention":
-        run, outputs, note = attention_runs(libs, args.layers or 28, args.context)
+        run, outputs, read_bytes = attention_runs(libs, args.layers or 28, args.context)
+        run, note = beside_a_read(run, read_bytes, variant)
         compare(run, outputs, args.rounds, f"attention context={args.context} ({variant})", note)
         return
     threads = torch.get_num_threads()
@@ -107,7 +110,36 @@ def main(argv: list[str] | None = None) -> None:
                 lib.gq_linear_int4(w.data_ptr(), None, n, k, x, args.rows, y, scratch.data_ptr(), threads)
         return time.perf_counter() - t0
 
-    compare(run, list(outputs.values()), args.rounds, f"{args.mode} rows={args.rows} ({variant}, pages {args.pages})")
+    run, note = beside_a_read(run, [w for w, _ in plans[0]], variant)
+    compare(run, list(outputs.values()), args.rounds, f"{args.mode} rows={args.rows} ({variant}, pages {args.pages})",
+            note)  # fmt: skip
+
+
+def beside_a_read(run: Callable[[int], float], buffers: list[torch.Tensor], variant: str
+                  ) -> tuple[Callable[[int], float], Callable[[list[list[float]]], str]]:  # fmt: skip
+    """run(i), then a streaming read of `buffers` (its time kept), and the note that says each
+    build's time against that read."""
+    read = streaming_read(variant)
+    nbytes = sum(t.nbytes for t in buffers)
+    reads: list[list[float]] = [[], []]
+
+    def timed(i: int) -> float:
+        took = run(i)
+        if read is not None:
+            t0 = time.perf_counter()
+            for t in buffers:
+                read(t)
+            reads[i].append(time.perf_counter() - t0)
+        return took
+
+    def note(times: list[list[float]]) -> str:
+        if read is None:
+            return ""
+        per = [statistics.median(a / r for a, r in zip(times[i], reads[i][-len(times[i]):], strict=True))
+               for i in range(2)]  # fmt: skip
+        return f"; against a read of the same {nbytes / 1e6:.0f} MB: A {per[0]:.2f}, B {per[1]:.2f}"
+
+    return timed, note
 
 
 def compare(run: Callable[[int], float], outputs: list[torch.Tensor], rounds: int, label: str,
@@ -131,42 +163,24 @@ def compare(run: Callable[[int], float], outputs: list[torch.Tensor], rounds: in
 
 
 def attention_runs(libs: list[kernels.Library], n_layers: int, context: int
-                   ) -> tuple[Callable[[int], float], list[torch.Tensor], Callable[[list[list[float]]], str]]:  # fmt: skip
-    """run(i): library i's attention of one token over every layer's cache, then a streaming read
-    of the same bytes (its time kept for the note, which says each build's time against it)."""
+                   ) -> tuple[Callable[[int], float], list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """run(i): library i's attention of one token over every layer's cache; the output; the cache."""
     threads, hd, nh = torch.get_num_threads(), GPTJ_HEAD_DIM, GPTJ_HEADS
     caches = [(torch.randn(1, nh, context, hd).bfloat16(), torch.randn(1, nh, context, hd).bfloat16())
               for _ in range(n_layers)]  # fmt: skip
-    nbytes = sum(t.nbytes for kv in caches for t in kv)
     q = torch.randn(1, nh * hd)
     out = torch.empty(1, nh * hd)
     pos, rows = torch.tensor([context - 1]), torch.tensor([0])
     scratch = torch.empty(max(lib.gq_attention_scratch(1, nh, hd, context, threads) for lib in libs), dtype=torch.uint8)
-    read = streaming_read(libs[0].variant)
-    reads: list[list[float]] = [[], []]
 
     def run(i: int) -> float:
         lib, t0 = libs[i], time.perf_counter()
         for k, v in caches:
             lib.gq_attention(q.data_ptr(), 1, pos.data_ptr(), rows.data_ptr(), nh, nh, hd, k.data_ptr(), v.data_ptr(),
                              1, 1, context, out.data_ptr(), scratch.data_ptr(), threads)  # fmt: skip
-        took = time.perf_counter() - t0
-        if read is not None:
-            t1 = time.perf_counter()
-            for kv in caches:
-                for t in kv:
-                    read(t)
-            reads[i].append(time.perf_counter() - t1)
-        return took
+        return time.perf_counter() - t0
 
-    def note(times: list[list[float]]) -> str:
-        if read is None:
-            return ""
-        per = [statistics.median(a / r for a, r in zip(times[i], reads[i][-len(times[i]):], strict=True))
-               for i in range(2)]  # fmt: skip
-        return f"; against a read of the same {nbytes / 1e6:.0f} MB: A {per[0]:.2f}, B {per[1]:.2f}"
-
-    return run, [out], note
+    return run, [out], [t for kv in caches for t in kv]
 
 
 if __name__ == "__main__":
