@@ -679,6 +679,10 @@ constexpr int P_MT = 8, P_NV = 1, PG_MT = 6, PG_NV = 2, P_GEMM_MIN_ROWS = 10;
 #else
 constexpr int P_MT = 4, P_NV = 2, PG_MT = 3, PG_NV = 2, P_GEMM_MIN_ROWS = 48;
 #endif
+// The next tile's prefetch pays from this many rows, where each weight byte costs more arithmetic
+// and the stream slows; below it the hardware prefetcher alone keeps the one-row stream at the
+// bandwidth, and the software prefetch slowed it (benchmarks/results/gptj-6b-zen5.md).
+constexpr int64_t P_PREFETCH_MIN_ROWS = 3;
 
 static void linear_int8_panels(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
                                const Int8Act& a, int64_t M, float* y, int nthreads) {
@@ -693,7 +697,7 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
             i8p_span<PG_MT, PG_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N, false);
         else
             i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N,
-                                 r0 + 2 * rows <= npad);
+                                 M >= P_PREFETCH_MIN_ROWS && r0 + 2 * rows <= npad);
     }
 }
 #endif
