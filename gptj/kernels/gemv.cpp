@@ -903,16 +903,17 @@ static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t
 constexpr int I4P_MT = GQ_AVX512 || I4P_SUMS_IN_MEMORY ? 4 : 2;
 // how far ahead of a panel the software prefetch reads, in bytes: without it AVX2's one-row GEMV
 // fell a quarter further behind the bandwidth; a whole panel ahead (40-160 KB at GPT-J's
-// sizes) and 4 KB measured no better on the Zen 5
-constexpr int64_t I4P_AHEAD = 16384;
+// sizes) measured no better on the Zen 5. With AVX-512 one row (the fastest stream) gained from
+// 4 KB; 2 rows did not, 4 and 8 lost (benchmarks/results/gptj-6b-zen5.md).
+constexpr int64_t I4P_AHEAD = 16384, I4P_AHEAD_ONE_ROW = GQ_AVX512 ? 4096 : I4P_AHEAD;
 
 static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
                                const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
-    const int64_t ng = K / 32, np = (N + 15) / 16;
+    const int64_t ng = K / 32, np = (N + 15) / 16, dist = M == 1 ? I4P_AHEAD_ONE_ROW : I4P_AHEAD;
     const auto panel = [&](int64_t p) {
         const int nrows = (int)std::min<int64_t>(16, N - 16 * p);
         const int64_t at = p * ng * GB4;  // panels follow each other: one stream
-        const uint8_t* ahead = at + ng * GB4 + I4P_AHEAD <= np * ng * GB4 ? P + at + I4P_AHEAD : nullptr;
+        const uint8_t* ahead = at + ng * GB4 + dist <= np * ng * GB4 ? P + at + dist : nullptr;
         i4p_span<I4P_MT>(P + at, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p, N, M,
                          ahead);
     };
