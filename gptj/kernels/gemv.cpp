@@ -584,9 +584,9 @@ static inline const uint8_t* panel_at(const uint8_t* P, int64_t K, int64_t r0, i
 }
 
 // MT activation rows against NV vectors of weight rows from r0 (nrows of them real; vectors past
-// the last panel read as zeros): y[m][r0 + j]. `prefetch`: the NV vectors that follow (the tile a
-// thread most likely takes next), one block ahead. With few accumulators, U of each (q's residues
-// mod U): one dpbusd chain would wait on its own latency.
+// the last panel read as zeros): y[m][r0 + j]. `prefetch`: 8 KB on in each panel's stream (at its
+// end, the panel that follows, which the thread most likely takes next). With few accumulators, U
+// of each (q's residues mod U): one dpbusd chain would wait on its own latency.
 template <int MT, int NV, bool FULL>
 static inline void i8p_sums(const uint8_t* P, int64_t K, int64_t r0, int nv, const int8_t* xq, int64_t q0,
                             int64_t q1, vi (&c)[MT][NV]) {
@@ -628,11 +628,10 @@ static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nr
         for (int v = 0; v < NV; ++v) vf_st(f[m][v], vf_zero());
     for (int64_t b = 0; b < nb; ++b) {
         const int64_t q0 = b * QB8 / 4, q1 = std::min<int64_t>(b * QB8 + QB8, K) / 4;
-        if (prefetch)  // this block of the next tile's panels: QB8 x 16 bytes each
+        if (prefetch)  // a block's QB8 x 16 bytes of each panel, 8 KB on
             for (int pp = 0; pp < NV * LW / 16; ++pp)
                 for (int64_t i = 0; i < QB8 * 16 / 64; ++i)
-                    _mm_prefetch((const char*)panel_at(P, K, r0 + NV * LW + 16 * pp, q0) + 64 * i,
-                                 _MM_HINT_T0);
+                    _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, q0) + 8192 + 64 * i, _MM_HINT_T0);
         vi c[MT][NV];
         if (nv == NV)
             i8p_sums<MT, NV, true>(P, K, r0, nv, xq, q0, q1, c);
@@ -679,9 +678,9 @@ constexpr int P_MT = 8, P_NV = 1, PG_MT = 6, PG_NV = 2, P_GEMM_MIN_ROWS = 10;
 #else
 constexpr int P_MT = 4, P_NV = 2, PG_MT = 3, PG_NV = 2, P_GEMM_MIN_ROWS = 48;
 #endif
-// The next tile's prefetch pays from this many rows, where each weight byte costs more arithmetic
-// and the stream slows; below it the hardware prefetcher alone keeps the one-row stream at the
-// bandwidth, and the software prefetch slowed it (benchmarks/results/gptj-6b-zen5.md).
+// The software prefetch pays from this many rows, where each weight byte costs more arithmetic and
+// the stream slows; below it the hardware prefetcher alone keeps the one-row stream at the
+// bandwidth, and a software prefetch slowed it (benchmarks/results/gptj-6b-zen5.md).
 constexpr int64_t P_PREFETCH_MIN_ROWS = 3;
 
 static void linear_int8_panels(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
