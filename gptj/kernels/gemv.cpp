@@ -585,8 +585,9 @@ static inline const uint8_t* panel_at(const uint8_t* P, int64_t K, int64_t r0, i
 
 // MT activation rows against NV vectors of weight rows from r0 (nrows of them real; vectors past
 // the last panel read as zeros): y[m][r0 + j]. `prefetch`: 8 KB on in each panel's stream (at its
-// end, the panel that follows, which the thread most likely takes next). With few accumulators, U
-// of each (q's residues mod U): one dpbusd chain would wait on its own latency.
+// end, the panel that follows, which the thread most likely takes next; past the last panel a
+// prefetch is wasted at most, and never faults). With few accumulators, U of each (q's residues mod
+// U): one dpbusd chain would wait on its own latency.
 template <int MT, int NV, bool FULL>
 static inline void i8p_sums(const uint8_t* P, int64_t K, int64_t r0, int nv, const int8_t* xq, int64_t q0,
                             int64_t q1, vi (&c)[MT][NV]) {
@@ -696,7 +697,7 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
             i8p_span<PG_MT, PG_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N, false);
         else
             i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N,
-                                 M >= P_PREFETCH_MIN_ROWS && r0 + 2 * rows <= npad);
+                                 M >= P_PREFETCH_MIN_ROWS);
     }
 }
 #endif
