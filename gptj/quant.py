@@ -635,6 +635,15 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = GROUP_SIZE) 
     return QuantizedLinear.from_weight(linear.weight, linear.bias, mode, group_size).to(linear.weight.device)
 
 
+def to_portable_layout(model: nn.Module) -> None:
+    """Moves every quantized layer of `model` out of the kernels' panels into the portable buffers,
+    a layer at a time, so that a model about to be saved holds one copy of its weights:
+    state_dict() would copy every layer out of its panels while all the panels are still held."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m._to_rows()
+
+
 def quantize_model(model: nn.Module, mode: str, skip: Callable[[str], bool] | None = None) -> nn.Module:
     """Replaces every nn.Linear in `model` (lm_head included) with its quantized form, in place.
 

@@ -108,7 +108,7 @@ def _write(out: Path, model: nn.Module, info: ModelInfo, source: Path, mode: str
             if (source / name).exists():
                 shutil.copy(source / name, out / name)
     config["tie_word_embeddings"] = False  # lm_head is quantized on its own
-    from gptj.quant import GROUP_SIZE
+    from gptj.quant import GROUP_SIZE, to_portable_layout
 
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -116,6 +116,7 @@ def _write(out: Path, model: nn.Module, info: ModelInfo, source: Path, mode: str
         "group_size": GROUP_SIZE if mode == "int4" else None,
     }
     config["torch_dtype"] = info.dtype
+    to_portable_layout(model)  # the model is dropped after this: no need for its panels
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
 
