@@ -46,11 +46,17 @@ def int8_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_quantized(str(source), str(tmp / "int8"), 8)
 
 
+def held_weights(layer: QuantizedLinear) -> torch.Tensor:
+    """The weight bytes a layer holds: its panels (int4, and int8 on VNNI builds without AMX), or
+    int8 rows."""
+    return layer.panels if layer.panels is not None else layer.qweight
+
+
 def int8_weights(model: gptj.Model) -> list[torch.Tensor]:
     """The int8 layers as loaded (not q/k/v: a small model's are fused after loading, a copy)."""
     layers = [m for name, m in model.module.named_modules() if isinstance(m, QuantizedLinear) and "qkv" not in name]
     assert len(layers) == 2 * 3 + 1 and all(m.mode == "int8" for m in layers)  # out, fc_in, fc_out; lm_head
-    return [m.qweight if m.panels is None else m.panels for m in layers]
+    return [held_weights(m) for m in layers]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
@@ -92,12 +98,6 @@ def vm_flags(t: torch.Tensor) -> list[str]:
     return [*flags, "\n".join(entry)]
 
 
-def held_weights(layer: QuantizedLinear) -> torch.Tensor:
-    """The weight bytes a layer holds: its panels (int4, and int8 on VNNI builds without AMX), or
-    int8 rows."""
-    return layer.panels if layer.panels is not None else layer.qweight
-
-
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
 @pytest.mark.skipif(kernels.active() is None, reason="the torch fallback keeps torch's layout and heap")
 def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,7 +135,7 @@ def test_large_weights_are_advised_into_huge_pages(monkeypatch: pytest.MonkeyPat
 def test_quantize_writes_from_one_copy_of_the_weights(bits: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`gptj quantize` saves the portable buffers. Each layer leaves the kernels' panels before the
     state dict is taken, rather than having state_dict() copy every layer out of panels that are
-    all still held (on the 6B int8 checkpoint on the Zen 5, a second ~6 GB at once)."""
+    all still held: a second copy of every weight at once."""
     if bits == 8 and not quant.native_kernel().int8_panels:
         pytest.skip("int8 layers are held in rows on this build")
     in_panels = []
