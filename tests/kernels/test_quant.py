@@ -138,7 +138,7 @@ def test_smollm2_width_uses_the_kernel(mode: str) -> None:
     # takes; 7 output rows leave a partial tile
     lin = linear(576, 7)
     q = quantize_linear(lin, mode)
-    assert q.kernel_fits() == (quant.native_kernel() is not None)
+    assert q.kernel_fits()  # the shape is one the kernels take, whether or not they are built here
     if mode == "int4":
         assert q.group_size == 32
     x = torch.randn(2, 3, 576)
@@ -330,7 +330,7 @@ def test_older_int4_buffers_are_converted(g: int) -> None:
     layers[1].load_state_dict({**old, "bias": bias})
     for q in layers:
         assert q.group_size == 32 and set(q.state_dict()) == {"qweight", "scales", "mins", "bias"}
-        assert q.kernel_fits() == (quant.native_kernel() is not None)
+        assert q.kernel_fits()  # converted to groups of 32, which the kernels take
         # m = -s * z is rounded to fp16: off by at most half its last place, 15 * s * 2^-11
         assert ((q.dequantize() - expected).abs() <= step * 15 / 2048).all()
         x = torch.randn(3, 384)
