@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="GPT-J layers (default 4 of weights, ~0.8 GB int8; 28 of KV cache with --mode attention)")
     ap.add_argument("--context", type=int, default=1024, help="keys each layer's query attends to (--mode attention)")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--isa", default=None, help="the variant to build (default: this CPU's best)")
+    ap.add_argument("--isa", default=None,
+                    help="the variant to build (default: this CPU's best), or A's and B's, e.g. amx,avx512vnni")
     ap.add_argument("--pages", default="huge,huge",
                     help="A's and B's weight pages: huge (as the package puts them) or 4k")
     args = ap.parse_args(argv)
@@ -63,12 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     if len(pages) != 2 or not set(pages) <= {"4k", "huge"}:
         ap.error("--pages takes two of 4k and huge, e.g. 4k,huge")
 
-    variant = args.isa or kernels.default_variant()
-    libs = [kernels.Library(kernels.build_tree(d, variant), variant) for d in (args.base, args.changed)]
+    variants = (args.isa or kernels.default_variant()).split(",")
+    if len(variants) == 1:
+        variants *= 2
+    if len(variants) != 2:
+        ap.error("--isa takes one variant, or two: A's and B's")
+    variant = variants[0] if variants[0] == variants[1] else ",".join(variants)
+    libs = [kernels.Library(kernels.build_tree(d, v), v) for d, v in zip((args.base, args.changed), variants, strict=True)]
     torch.manual_seed(0)
     if args.mode == "attention":
         run, outputs, read_bytes = attention_runs(libs, args.layers or 28, args.context)
-        run, note = beside_a_read(run, read_bytes, variant)
+        run, note = beside_a_read(run, read_bytes, variants[0])
         compare(run, outputs, args.rounds, f"attention context={args.context} ({variant})", note)
         return
     threads = torch.get_num_threads()
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 lib.gq_linear_int4(w.data_ptr(), None, n, k, x, args.rows, y, scratch.data_ptr(), threads)
         return time.perf_counter() - t0
 
-    run, note = beside_a_read(run, [w for w, _ in plans[0]], variant)
+    run, note = beside_a_read(run, [w for w, _ in plans[0]], variants[0])
     compare(run, list(outputs.values()), args.rounds, f"{args.mode} rows={args.rows} ({variant}, pages {args.pages})",
             note)  # fmt: skip
 

@@ -55,3 +55,15 @@ def test_attention_mode_compares_builds_and_the_read(tmp_path: Path, capsys: pyt
     assert "attention context=300" in out and "same bits" in out and "against a read of the same" in out
     ab_kernels.main([str(changed), *small])
     assert "DIFFERENT BITS" in capsys.readouterr().out
+
+
+def test_two_variants_of_one_tree_compare_each_in_its_own_layout(capsys: pytest.CaptureFixture) -> None:
+    """--isa A,B builds the same sources for two variants (e.g. amx's int8 rows against
+    avx512vnni's panels); exact integer math makes their outputs the same bits."""
+    variants = [v for v in kernels.available_variants() if v != kernels.NONE]
+    if len(variants) < 2:
+        pytest.skip("this CPU runs one kernel variant")
+    pair = f"{variants[0]},{variants[-1]}"
+    for mode in ("int8", "int4"):
+        ab_kernels.main([str(kernels.SOURCE_DIR), "--mode", mode, "--layers", "1", "--rounds", "1", "--isa", pair])
+        assert f"({pair}, pages huge,huge): same bits" in capsys.readouterr().out
