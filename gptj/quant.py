@@ -15,10 +15,10 @@ Where the C++ kernels serve, an int4 layer holds its weights in their layout ins
 (``panels``, gptj/kernels/gemv.h: 16 rows at a time, group after group, 4 values of each row side
 by side in each nibble vector, then the group's scales and mins), made once when the layer is
 built: the GEMV reads one sequential stream rather than three, unpacks a vector with a mask and a
-shift, and a few activation rows cost little more than one. Where the variant in use has VNNI and
-no AMX, an int8 layer likewise holds ``panels`` (16 rows at a time, 4 bytes of each row side by
-side, offset by 128: the operand its dot-product instruction takes). Either goes back to rows
-where another variant, or torch, serves. ``state_dict()``, ``dequantize()`` and
+shift, and a few activation rows cost little more than one. Where the variant in use has VNNI
+(``amx`` too), an int8 layer likewise holds ``panels`` (16 rows at a time, 4 bytes of each row side
+by side, offset by 128: the operand its dot-product instruction takes, and AMX's B tile). Either
+goes back to rows where another variant, or torch, serves. ``state_dict()``, ``dequantize()`` and
 ``portable_buffers()`` still give the portable buffers above.
 
 A loader makes the module with ``QuantizedLinear.empty(...)`` and fills those buffers, or calls
@@ -34,7 +34,8 @@ Kernels (which one serves is decided per CPU; benchmarks/bench_linear.py measure
   its group), take the integer dot products exactly and then a fixed sequence of float32
   operations (gptj/kernels/gemv.h), so every variant, and any batch of rows, gives the same bits.
   They take in_features that are a multiple of 32. Batches of int8 rows run on AMX tiles (the
-  ``amx`` variant). Without them (``none``: no compiler, GPTJ_QUANT_KERNEL=0) or for shapes they
+  ``amx`` variant), at any size: they outrun dequantize + an AMX bf16 GEMM, and keep prefill
+  exact with decode. Without them (``none``: no compiler, GPTJ_QUANT_KERNEL=0) or for shapes they
   do not take, torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` serve.
 * dequantize + GEMM: the weight dequantized to bfloat16 into a reused buffer, in big chunks of
   rows, and torch's GEMM. Only where the CPU multiplies bf16 natively (AMX, AVX512-BF16 without
@@ -65,8 +66,6 @@ _KB = 32  # the kernel takes in_features that are a multiple of this
 # overrides): past these, dequantize + bf16 GEMM wins (bench_linear.py finds the crossover).
 KERNEL_MAX_ROWS_AMX_BF16 = {"int8": 32, "int4": 32}  # AMX bf16 GEMMs
 KERNEL_MAX_ROWS_AVX512_BF16 = {"int8": 96, "int4": 96}  # AVX512-BF16 without AMX or VNNI (with VNNI: no limit)
-# With AMX the int8 kernel multiplies tiles and beats dequantize + GEMM up to ~384 rows.
-AMX_INT8_KERNEL_MAX_ROWS = 256
 # torch's int8/int4 ops (no kernels): beyond this, dequantize + GEMM
 TORCH_OP_MAX_ROWS = 32
 # variants that stand for a CPU whose bf16 arithmetic is emulated: forcing one (GPTJ_ISA=avx2)
@@ -244,7 +243,7 @@ def kernel_max_rows(mode: str) -> int:
     if lib is None:
         return TORCH_OP_MAX_ROWS
     if mode == "int8" and lib.amx:
-        return AMX_INT8_KERNEL_MAX_ROWS
+        return sys.maxsize  # AMX int8 tiles beat dequantize + an AMX bf16 GEMM at any batch
     if not native_bf16():
         return sys.maxsize
     flags = kernels.cpu_flags()

@@ -1,9 +1,15 @@
-// int8 weights on AMX tiles (the "amx" variant), for 2 activation rows or more.
-// With several activation rows the VNNI loop of gemv.cpp is compute-bound (at 8 rows a step
-// costs 1.55x one row). AMX multiplies tiles instead: A = 16 weight rows x 64 bytes, read
-// straight from W (stride K); B = the activations of those 64 columns for up to 16 rows,
-// repacked once per call into AMX's layout (4 consecutive k of one row side by side); C = 16 x 16
-// int32, one per activation block: its exact block sums, scaled as gemv.h says.
+// int8 weights on AMX tiles (the "amx" variant), for 2 activation rows or more. The weights are in
+// the panels of the VNNI builds (gemv.h), which are already AMX's B operand: a panel's 16 k-quads
+// of 16 rows x 4 bytes are one B tile of 16 x 64 bytes at stride 64, read as one contiguous KB. A
+// is the quantized activations as they are (16 rows x 64 bytes at stride K), so nothing is
+// repacked per call. tdpbsud multiplies A's signed bytes by B's unsigned w + 128, so each block's
+// exact sum is S_b = C - 128 * sum(xq over the block), then gemv.h's float sequence: the same bits
+// as every other path.
+//
+// Blocking: 2 x 2 tiles (32 activation rows against 32 weight rows, 4 C tiles) per 64 k, so each
+// tile loaded serves two products. Each thread owns a range of panel pairs and walks K in chunks
+// whose activations stay in the caches across its pairs; the float sums of a chunk live in y between
+// chunks, in block order, so the chunking does not change a bit.
 #include "gemv.h"
 #include "simd.h"
 
@@ -12,7 +18,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <vector>
+#include <algorithm>
 #endif
 
 namespace gq {
@@ -21,8 +27,8 @@ namespace gq {
 
 bool amx_ready() { return false; }
 
-void linear_int8_amx(const int8_t*, const float*, const float*, int64_t, int64_t, const float*, int64_t,
-                     float*, void*, int) {}
+void linear_int8_amx(const uint8_t*, const float*, const float*, int64_t, int64_t, const Int8Act&, int64_t,
+                     float*, int) {}
 
 #else
 
@@ -38,139 +44,121 @@ struct alignas(64) TileConfig {
     uint8_t rows[16];
 };
 
-// Activation rows go in groups of up to 16 (a C tile's width), at most two per pass. Tiles:
-// A [16 x 64] and [16 x 32] weights (1, 3: for a last 32 columns); per group g: C (0 | 5),
-// B [16 x 4Mg] for 64 columns (2 | 6) and [8 x 4Mg] for 32 (4 | 7).
-static void amx_configure(int M0, int M1) {
+// Tiles: C[a][w] = 2a + w (activation group a against panel w), A[a] = 4 + a (ma[a] activation
+// rows x 64 bytes), B[w] = 6 + w (16 k-quads x 64 bytes of a panel).
+static void amx_configure(int ma0, int ma1) {
     TileConfig cfg = {};
     cfg.palette = 1;
-    cfg.rows[1] = 16, cfg.colsb[1] = 64;
-    cfg.rows[3] = 16, cfg.colsb[3] = 32;
-    const int tiles[2][3] = {{0, 2, 4}, {5, 6, 7}};
-    for (int g = 0; g < 2; ++g) {
-        const uint16_t width = (uint16_t)(4 * (g ? (M1 ? M1 : 1) : M0));
-        cfg.rows[tiles[g][0]] = 16, cfg.colsb[tiles[g][0]] = width;
-        cfg.rows[tiles[g][1]] = 16, cfg.colsb[tiles[g][1]] = width;
-        cfg.rows[tiles[g][2]] = 8, cfg.colsb[tiles[g][2]] = width;
+    const int ma[2] = {ma0, ma1 ? ma1 : 1};
+    for (int a = 0; a < 2; ++a) {
+        cfg.rows[4 + a] = (uint8_t)ma[a], cfg.colsb[4 + a] = 64;
+        for (int w = 0; w < 2; ++w) cfg.rows[2 * a + w] = (uint8_t)ma[a], cfg.colsb[2 * a + w] = 64;
     }
+    for (int w = 0; w < 2; ++w) cfg.rows[6 + w] = 16, cfg.colsb[6 + w] = 64;
     // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above without this
     __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
 
-// One group's C tile, scaled by its block scales `sc` (lanes m) into acc: acc + float(S) * xs.
-static inline void amx_accumulate(int32_t (&c)[16][16], __m512 sc, __m512 (&acc)[16]) {
-    for (int i = 0; i < 16; ++i)
-        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[i])), sc));
-}
-
-static inline void amx_store(const __m512 (&acc)[16], const float* ws, const float* bias, int rows, float* y,
-                             int64_t ldy) {
-    alignas(64) float out[16];
-    for (int i = 0; i < 16; ++i) {
-        _mm512_store_ps(out, acc[i]);
-        for (int m = 0; m < rows; ++m) {
-            float v = out[m] * ws[i];
-            if (bias) v = v + bias[i];
-            y[m * ldy + i] = v;
-        }
-    }
-}
-
-// 16 weight rows against G groups of activation rows (M0 rows, then M1); xb[g]: group g's
-// activations repacked (per 32 columns, 8 rows of [Mg][4] bytes); xst[g]: its block scales
-// [nb][16], lanes m (zero past Mg).
-template <int G>
-static inline void i8_amx_tile(const int8_t* W, int64_t K, const float* ws, int8_t* const* xb,
-                               float* const* xst, int M0, int M1, float* y, int64_t ldy, const float* bias) {
-    const int64_t nb = (K + QB8 - 1) / QB8;
-    alignas(64) int32_t c[16][16] = {};
-    __m512 acc0[16], acc1[16];
-    for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const int64_t k0 = b * QB8, end = K - k0 < QB8 ? K : k0 + QB8;
+// Blocks [b0, b1) of GA groups of activation rows (ma[a] rows each, from xq) against GW panels
+// (from P): acc[m][16w + j] = acc + float(S_b) * xs_b, block after block. xs, xis: the rows'
+// block scales and sums, row m at m * nb.
+template <int GA, int GW>
+static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs, const int32_t* xis,
+                       int64_t nb, int64_t b0, int64_t b1, const int (&ma)[2], float (*acc)[32]) {
+    alignas(64) int32_t cc[2][GA][GW][16][16];
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t end = std::min<int64_t>(K, b * QB8 + QB8);
+        int32_t(&c)[GA][GW][16][16] = cc[b & 1];
         _tile_zero(0);
-        if (G == 2) _tile_zero(5);
-        int64_t k = k0;
-        for (; k + 64 <= end; k += 64) {
-            _tile_loadd(1, W + k, K);
-            _tile_loadd(2, xb[0] + k * M0, 4 * M0);
-            _tile_dpbssd(0, 1, 2);
-            if (G == 2) {
-                _tile_loadd(6, xb[1] + k * M1, 4 * M1);
-                _tile_dpbssd(5, 1, 6);
+        if (GW == 2) _tile_zero(1);
+        if (GA == 2) _tile_zero(2);
+        if (GA == 2 && GW == 2) _tile_zero(3);
+        for (int64_t k = b * QB8; k < end; k += 64) {
+            _tile_loadd(6, P + k * 16, 64);
+            if (GW == 2) _tile_loadd(7, P + 16 * K + k * 16, 64);
+            _tile_loadd(4, xq + k, K);
+            _tile_dpbsud(0, 4, 6);
+            if (GW == 2) _tile_dpbsud(1, 4, 7);
+            if (GA == 2) {
+                _tile_loadd(5, xq + 16 * K + k, K);
+                _tile_dpbsud(2, 5, 6);
+                if (GW == 2) _tile_dpbsud(3, 5, 7);
             }
         }
-        if (k < end) {  // a last 32
-            _tile_loadd(3, W + k, K);
-            _tile_loadd(4, xb[0] + k * M0, 4 * M0);
-            _tile_dpbssd(0, 3, 4);
-            if (G == 2) {
-                _tile_loadd(7, xb[1] + k * M1, 4 * M1);
-                _tile_dpbssd(5, 3, 7);
+        _tile_stored(0, c[0][0], 64);
+        if (GW == 2) _tile_stored(1, c[0][GW - 1], 64);
+        if (GA == 2) _tile_stored(2, c[GA - 1][0], 64);
+        if (GA == 2 && GW == 2) _tile_stored(3, c[GA - 1][GW - 1], 64);
+        for (int a = 0; a < GA; ++a)
+            for (int m = 0; m < ma[a]; ++m) {
+                const int64_t i = (16 * a + m) * nb + b;
+                const __m512i corr = _mm512_set1_epi32(xis[i] * 128);
+                const __m512 s = _mm512_set1_ps(xs[i]);
+                for (int w = 0; w < GW; ++w) {
+                    float* f = acc[16 * a + m] + 16 * w;
+                    const __m512 sum =
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[a][w][m]), corr));
+                    _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(sum, s)));
+                }
             }
-        }
-        _tile_stored(0, c, 64);
-        amx_accumulate(c, _mm512_loadu_ps(xst[0] + b * 16), acc0);
-        if (G == 2) {
-            _tile_stored(5, c, 64);
-            amx_accumulate(c, _mm512_loadu_ps(xst[1] + b * 16), acc1);
-        }
     }
-    amx_store(acc0, ws, bias, M0, y, ldy);
-    if (G == 2) amx_store(acc1, ws, bias, M1, y + M0 * ldy, ldy);
 }
 
-// M >= 2 rows; N % 16 == 0. scratch as for linear_int8. Each thread takes 16 weight rows at a
-// time through every pass of 32 activation rows, so the weights come from memory once (later
-// passes find them in L2).
-void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
-                     const float* x, int64_t M, float* y, void* scratch, int nthreads) {
-    const int64_t nb = (K + QB8 - 1) / QB8, ng = (M + 15) / 16;
-    const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
-    const int8_t* xq = a.xq;
-    const float* xs = a.xs;
-    static thread_local std::vector<int8_t> xb_buf;  // repacked activations, transposed scales
-    static thread_local std::vector<float> xst_buf;
-    if ((int64_t)xb_buf.size() < ng * 16 * K) xb_buf.resize(ng * 16 * K);
-    if ((int64_t)xst_buf.size() < ng * 16 * nb) xst_buf.resize(ng * 16 * nb);
-    // group g: rows 16g.. (16 or what is left); xb: its activations, xst: its block scales.
-    // (Plain locals: the other threads would see their own thread_local buffers.)
-    int8_t* const xb_all = xb_buf.data();
-    float* const xst_all = xst_buf.data();
-    auto xb = [=](int64_t g) { return xb_all + g * 16 * K; };
-    auto xst = [=](int64_t g) { return xst_all + g * 16 * nb; };
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * K >= 65536)
-    for (int64_t g = 0; g < ng; ++g) {
-        const int64_t first = g * 16, rows = M - first < 16 ? M - first : 16;
-        for (int64_t k4 = 0; k4 < K / 4; ++k4)  // xb(g)[k/32][(k%32)/4][m][k%4] = xq[first+m][k]
-            for (int64_t m = 0; m < rows; ++m)
-                memcpy(xb(g) + (k4 / 8) * 32 * rows + (k4 % 8) * 4 * rows + m * 4,
-                       xq + (first + m) * K + k4 * 4, 4);
-        for (int64_t b = 0; b < nb; ++b)
-            for (int64_t m = 0; m < 16; ++m) xst(g)[b * 16 + m] = m < rows ? xs[(first + m) * nb + b] : 0.f;
-    }
-    const int64_t nt = N / 16;
-    const int64_t chunk = nt / (16 * nthreads) > 1 ? nt / (16 * nthreads) : 1;
+// K in chunks of this many bytes of activations (M rows x the chunk), which stay in the caches
+// while a thread's panels pass them (1 MB ones ran 6 % slower at 512 rows: y carried the sums more).
+constexpr int64_t AMX_CHUNK_BYTES = 1 << 22;
+
+// M >= 2 rows; N % 16 == 0, K % 64 == 0; P: the panels of W.
+void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
+                     const Int8Act& a, int64_t M, float* y, int nthreads) {
+    const int64_t nb = (K + QB8 - 1) / QB8, npairs = (N / 16 + 1) / 2;
+    const int64_t chunk = std::max<int64_t>(4, AMX_CHUNK_BYTES / (M * QB8));
 #pragma omp parallel num_threads(nthreads)
     {
-        int configured = -1;  // the pass whose row counts the tiles hold
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t t = 0; t < nt; ++t) {
-            const float* bt = bias ? bias + t * 16 : nullptr;
-            for (int64_t g = 0; g < ng; g += 2) {  // a pass: groups g and g + 1
-                const int M0 = M - g * 16 < 16 ? (int)(M - g * 16) : 16;
-                const int M1 = g + 1 < ng ? (M - (g + 1) * 16 < 16 ? (int)(M - (g + 1) * 16) : 16) : 0;
-                const int shape = M0 * 32 + M1;
-                if (shape != configured) amx_configure(M0, M1), configured = shape;
-                int8_t* const pxb[2] = {xb(g), M1 ? xb(g + 1) : nullptr};
-                float* const pxs[2] = {xst(g), M1 ? xst(g + 1) : nullptr};
-                if (M1)
-                    i8_amx_tile<2>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16,
-                                   N, bt);
-                else
-                    i8_amx_tile<1>(W + t * 16 * K, K, ws + t * 16, pxb, pxs, M0, M1, y + g * 16 * N + t * 16,
-                                   N, bt);
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t p0 = npairs * t / nt, p1 = npairs * (t + 1) / nt;
+        alignas(64) float acc[32][32];
+        int configured = -1;  // the (ma0, ma1) the tiles hold
+        for (int64_t b0 = 0; b0 < nb && p0 < p1; b0 += chunk) {
+            const int64_t b1 = std::min(nb, b0 + chunk);
+            for (int64_t pr = p0; pr < p1; ++pr) {
+                const int64_t r0 = 32 * pr;
+                const int gw = r0 + 16 < N ? 2 : 1, cols = 16 * gw;
+                const uint8_t* Pp = P + r0 * K;
+                for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                    const int ma[2] = {(int)std::min<int64_t>(16, M - m0),
+                                       (int)std::clamp<int64_t>(M - m0 - 16, 0, 16)};
+                    const int rows = ma[0] + ma[1];
+                    if (ma[0] * 32 + ma[1] != configured)
+                        amx_configure(ma[0], ma[1]), configured = ma[0] * 32 + ma[1];
+                    float* yp = y + m0 * N + r0;
+                    for (int m = 0; m < rows; ++m)  // the sums so far: in y after the first chunk
+                        for (int j = 0; j < cols; j += 16)
+                            _mm512_store_ps(acc[m] + j,
+                                            b0 ? _mm512_loadu_ps(yp + m * N + j) : _mm512_setzero_ps());
+                    const int8_t* xq = a.xq + m0 * K;
+                    const float* xs = a.xs + m0 * nb;
+                    const int32_t* xis = a.xis + m0 * nb;
+                    if (ma[1] && gw == 2)
+                        amx_blocks<2, 2>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
+                    else if (ma[1])
+                        amx_blocks<2, 1>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
+                    else if (gw == 2)
+                        amx_blocks<1, 2>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
+                    else
+                        amx_blocks<1, 1>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
+                    const bool last = b1 == nb;
+                    for (int m = 0; m < rows; ++m)
+                        for (int j = 0; j < cols; j += 16) {
+                            __m512 v = _mm512_load_ps(acc[m] + j);
+                            if (last) {
+                                v = _mm512_mul_ps(v, _mm512_loadu_ps(ws + r0 + j));
+                                if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + r0 + j));
+                            }
+                            _mm512_storeu_ps(yp + m * N + j, v);
+                        }
+                }
             }
         }
         _tile_release();

@@ -1,6 +1,6 @@
 // The GEMV kernels of gemv.h: activation quantization, int8 and int4 weights (any number of
-// rows; int8 weights in rows, or in 16-row panels where the build has VNNI and no AMX; int4 in
-// 16-row panels; int8 batches may go to amx.cpp instead), dequantization for prefill GEMMs, and
+// rows; int8 weights in rows, or in 16-row panels where the build has VNNI; int4 in 16-row
+// panels; int8 batches may go to amx.cpp instead), dequantization for prefill GEMMs, and
 // weight quantization for loading.
 #include "gemv.h"
 
@@ -365,8 +365,8 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
 // ---------------------------------------------------------------- int8 weights, GEMM
 // g++'s default schedule spills and shuffles the 4 x 3 AVX512-VNNI register block in the inner
 // loop; scheduling before register allocation, with register pressure in view, keeps it in place.
-// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM. (With VNNI and no AMX
-// the weights are in panels, below: this GEMM then serves the amx build where Linux refuses AMX.)
+// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM. (With VNNI the weights
+// are in panels, below, so no build reaches this GEMM's VNNI block now; gptj-6b-xeon.md.)
 #if defined(__GNUC__) && !defined(__clang__) && GQ_AVX512 && GQ_VNNI
 #pragma GCC push_options
 #pragma GCC optimize("schedule-insns", "sched-pressure")
@@ -552,13 +552,13 @@ static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias
 #endif
 
 // ---------------------------------------------------------------- int8 weights in panels
-// With VNNI (and no AMX) the int8 weights are held in panels of 16 rows (gemv.h): a vector holds
+// With VNNI the int8 weights are held in panels of 16 rows (gemv.h): a vector holds
 // LW rows x 4 bytes of k, as in the GEMM above, but laid out at load, so no call repacks them.
 // The bytes are w + 128, dpbusd's unsigned operand, and 4 signed bytes of an activation row are
 // broadcast against them: S_b = dpbusd sum - 128 * sum(xq over the block), exact. Lanes are weight
 // rows, so no lane sums are reduced: a few activation rows cost little more than one (the tiles
 // above reduce 4 x 4 lane sums per block). The float sequence is gemv.h's: the same bits.
-bool int8_panels() { return GQ_VNNI && !GQ_AMX; }
+bool int8_panels() { return GQ_VNNI; }
 
 int64_t int8_panel_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * 16 * K; }
 
@@ -704,14 +704,13 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
 
 void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K, const float* x,
                  int64_t M, float* y, void* scratch, int nthreads) {
-#if GQ_VNNI && !GQ_AMX  // W is in panels (int8_panels())
-    linear_int8_panels((const uint8_t*)W, ws, bias, N, K, quant_act_int8(x, M, K, scratch, nthreads), M, y,
-                       nthreads);
+#if GQ_VNNI  // W is in panels (int8_panels())
+    const Int8Act act = quant_act_int8(x, M, K, scratch, nthreads);
+    if (M >= 2 && N % 16 == 0 && K % 64 == 0 && amx_ready())
+        linear_int8_amx((const uint8_t*)W, ws, bias, N, K, act, M, y, nthreads);
+    else
+        linear_int8_panels((const uint8_t*)W, ws, bias, N, K, act, M, y, nthreads);
 #else
-    if (M >= 2 && N % 16 == 0 && amx_ready()) {
-        linear_int8_amx(W, ws, bias, N, K, x, M, y, scratch, nthreads);
-        return;
-    }
     const Int8Act a = quant_act_int8(x, M, K, scratch, nthreads);
     if (M >= GEMM_MIN_ROWS) {
         linear_int8_gemm(W, ws, bias, N, K, a, M, y, nthreads);
@@ -1185,7 +1184,7 @@ void dequant_int8(const int8_t* W, const float* ws, int64_t n0, int64_t n1, int6
     for (int64_t n = n0; n < n1; ++n) {
         void* o = (char*)out + (n - n0) * K * (bf16 ? 2 : 4);
         const dv s = dv_set(ws[n]);
-#if GQ_VNNI && !GQ_AMX  // W is in panels (int8_panels()): row n's 4 bytes of each k = 4q, flipped back
+#if GQ_VNNI  // W is in panels (int8_panels()): row n's 4 bytes of each k = 4q, flipped back
         const uint8_t* row = (const uint8_t*)W + n / 16 * 16 * K + n % 16 * 4;
         alignas(16) int8_t w[DW];
         for (int64_t j = 0; j < K; j += DW) {  // K % 32 == 0: whole vectors

@@ -52,7 +52,7 @@ int64_t int4_panel_bytes(int64_t N, int64_t K);
 void pack_int4_panels(const uint8_t* W, const uint16_t* sc, const uint16_t* mn, int64_t N, int64_t K,
                       uint8_t* P, int nthreads);
 
-// int8 weights as the kernels of builds with VNNI and without AMX read them (int8_panels()): the
+// int8 weights as the kernels of builds with VNNI (AMX's too) read them (int8_panels()): the
 // rows in panels of 16 (the last padded with zero rows), each [K/4][16][4] bytes: panel p, k = 4q,
 // row 16p + j holds w[16p + j][4q .. 4q + 3] + 128 (w ^ 0x80). pack_int8_panels makes them from
 // W int8 [N, K] into int8_panel_bytes(N, K) bytes.
@@ -61,10 +61,10 @@ int64_t int8_panel_bytes(int64_t N, int64_t K);
 void pack_int8_panels(const int8_t* W, int64_t N, int64_t K, uint8_t* P, int nthreads);
 
 // AMX tiles for int8 batches (amx.cpp): whether this build has them and Linux grants them, and
-// the kernel (M >= 2, N % 16 == 0)
+// the kernel on panels P (M >= 2, N % 16 == 0, K % 64 == 0)
 bool amx_ready();
-void linear_int8_amx(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
-                     const float* x, int64_t M, float* y, void* scratch, int nthreads);
+void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
+                     const Int8Act& a, int64_t M, float* y, int nthreads);
 
 // Rows [n0, n1) of W dequantized into out [(n1-n0), K], bfloat16 (bf16 != 0) or float32: the
 // values torch's dequantize_weight gives. W in the layout linear_int8 / linear_int4 read.
