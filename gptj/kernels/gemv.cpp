@@ -97,7 +97,22 @@ static inline void split_tiles(int64_t n, int nthreads, Body&& body) {
     }
 }
 
-// ---------------------------------------------------------------- int8 weights
+Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int nthreads) {
+    const int64_t nb = (K + QB8 - 1) / QB8;
+    Int8Act a;
+    a.xq = (int8_t*)scratch;
+    a.xs = (float*)(a.xq + M * K);
+    a.xis = (int32_t*)(a.xs + M * nb);
+    quant_act(x, M, K, QB8, a.xq, a.xs, nullptr, a.xis, nthreads);
+    return a;
+}
+
+constexpr int LW = VB / 4;  // weight rows per vector (the panels', the GEMM's)
+
+// ---------------------------------------------------------------- int8 weights in rows
+// Only the builds without VNNI hold int8 weights in rows; the others (amx too) hold them in
+// panels (below).
+#if !GQ_VNNI
 // W int8 [N,K] row-major, ws fp32 [N]. Tiles of R (<= 4) weight rows x MT activation rows: each
 // weight vector is loaded once per tile; the R rows' lane sums of a block reduce together into
 // one 4-lane vector (lane r: weight row r).
@@ -111,7 +126,7 @@ static inline void split_tiles(int64_t n, int nthreads, Body&& body) {
 
 template <int R, int MT>
 static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
-                           const int32_t* xis, float* y, int64_t ldy, const float* bias) {
+                           float* y, int64_t ldy, const float* bias) {
     constexpr int NV = QB8 / VB;
     const int64_t nb = (K + QB8 - 1) / QB8;
     __m128 acc[MT];  // lane r: weight row r
@@ -146,17 +161,11 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
         if constexpr (MT == FW / 4) {  // a vector's 128-bit lanes are the MT rows: one fold for all
             vi t[MT];
             for (int m = 0; m < MT; ++m) t[m] = sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]);
-            vi sums = vi_fold_each(t);  // lane 4 m + r: S_b of activation row m, weight row r
-#if GQ_VNNI
-            sums = vi_sub(sums, vi_shl7(vi_lanes(xis + b, nb)));
-#endif
+            const vi sums = vi_fold_each(t);  // lane 4 m + r: S_b of activation row m, weight row r
             acc_all = vf_add(acc_all, vf_mul(vf_cvt(sums), vf_lanes(xs + b, nb)));
         } else {
             for (int m = 0; m < MT; ++m) {
-                __m128i sums = vi_fold(sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]));
-#if GQ_VNNI
-                sums = _mm_sub_epi32(sums, _mm_set1_epi32(128 * xis[m * nb + b]));
-#endif
+                const __m128i sums = vi_fold(sum_lanes4(d[0][m], d[1][m], d[2][m], d[3][m]));
                 acc[m] = _mm_add_ps(acc[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_set1_ps(xs[m * nb + b])));
             }
         }
@@ -172,43 +181,31 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
             if (bias) v = v + bias[r];
             y[m * ldy + r] = v;
         }
-    (void)xis;
 }
 
 template <int R>
 static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
-                           const int32_t* xis, int64_t M, float* y, int64_t ldy, const float* bias) {
+                           int64_t M, float* y, int64_t ldy, const float* bias) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     int64_t m = 0;
-    for (; m + M8 <= M; m += M8)
-        i8_tile<R, M8>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
-    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, xis + m * nb, y + m * ldy, ldy, bias);
+    for (; m + M8 <= M; m += M8) i8_tile<R, M8>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
 }
 
 // Weight rows [n, end) against M activation rows: tiles of R8 weight rows, then single rows.
 static inline void i8_rows_span(const int8_t* W, int64_t K, const float* ws, const float* bias,
-                                const int8_t* xq, const float* xs, const int32_t* xis, int64_t M, float* y,
-                                int64_t ldy, int64_t n, int64_t end) {
+                                const int8_t* xq, const float* xs, int64_t M, float* y, int64_t ldy,
+                                int64_t n, int64_t end) {
     for (int64_t j = n; j < end;) {
         const float* bj = bias ? bias + j : nullptr;
         if (j + R8 <= end) {
-            i8_rows<R8>(W + j * K, K, ws + j, xq, xs, xis, M, y + j, ldy, bj);
+            i8_rows<R8>(W + j * K, K, ws + j, xq, xs, M, y + j, ldy, bj);
             j += R8;
         } else {
-            i8_rows<1>(W + j * K, K, ws + j, xq, xs, xis, M, y + j, ldy, bj);
+            i8_rows<1>(W + j * K, K, ws + j, xq, xs, M, y + j, ldy, bj);
             ++j;
         }
     }
-}
-
-Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int nthreads) {
-    const int64_t nb = (K + QB8 - 1) / QB8;
-    Int8Act a;
-    a.xq = (int8_t*)scratch;
-    a.xs = (float*)(a.xq + M * K);
-    a.xis = (int32_t*)(a.xs + M * nb);
-    quant_act(x, M, K, QB8, a.xq, a.xs, nullptr, a.xis, nthreads);
-    return a;
 }
 
 // ---------------------------------------------------------------- int8 weights, many rows
@@ -220,15 +217,13 @@ Int8Act quant_act_int8(const float* x, int64_t M, int64_t K, void* scratch, int 
 // weight rows) measured no faster; what mattered was how often the weights are read.
 constexpr int ML = VB / 4;  // activation rows per vector
 #ifndef BCAST_MIN_ROWS
-// from here on the loop above loses (measured at GPT-J's shapes): with AVX512-VNNI, once more than
-// half a vector of rows is real; with AVX2 alone (8 rows a vector) from 7 rows (on the Zen 3 it
-// took 0.81 of the loop above's time at 7 rows, 0.94-1.02 at 6); otherwise once a vector is full
-#if GQ_AVX512 && GQ_VNNI
-#define BCAST_MIN_ROWS (ML / 2 + 1)
-#elif !GQ_AVX512 && !GQ_VNNI
-#define BCAST_MIN_ROWS 7
-#else
+// from here on the loop above loses (measured at GPT-J's shapes): with AVX2 (8 rows a vector) from
+// 7 rows (on the Zen 3 it took 0.81 of the loop above's time at 7 rows, 0.94-1.02 at 6); with
+// AVX-512 once a vector is full
+#if GQ_AVX512
 #define BCAST_MIN_ROWS ML
+#else
+#define BCAST_MIN_ROWS 7
 #endif
 #endif
 // Rows past the last full vector, up to this many, take the loop above in the same pass over each
@@ -244,13 +239,13 @@ constexpr int ML = VB / 4;  // activation rows per vector
 #endif
 
 // Weight rows W [R, K] against one group of ML packed activation rows (`rows` of them real):
-// y[m][r] for m < rows. Without VNNI, maddubs takes |x| (axp, packed once per call) and the
-// broadcast w with x's sign: four instructions a 32 products, where |w| and x with w's sign took
+// y[m][r] for m < rows. maddubs takes |x| (axp, packed once per call) and the broadcast w with
+// x's sign: four instructions a 32 products, where |w| and x with w's sign took
 // five (a broadcast weight meets one vector of rows, so its |w| is not shared). Same bits.
 template <int R>
 static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const float* bias, const int32_t* xp,
-                            const float* xsp, const int32_t* xip, const int32_t* axp, int rows, float* y,
-                            int64_t ldy, bool prefetch = false) {
+                            const float* xsp, const int32_t* axp, int rows, float* y, int64_t ldy,
+                            bool prefetch = false) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     vf acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vf_zero();
@@ -266,27 +261,12 @@ static inline void i8_bcast(const int8_t* W, int64_t K, const float* ws, const f
                 for (int i = 0; i < QB8; i += 64)
                     _mm_prefetch((const char*)(W + (R + r) * K + b * QB8 + i), GQ_STREAM_HINT);
         for (int64_t q = q0; q < q1; ++q) {
-            const vi xv = vi_load(xp + q * ML);
-#if GQ_VNNI
-            for (int r = 0; r < R; ++r) s[r] = dot_s8s8(s[r], vi_bcast32(W + r * K + 4 * q), xv);
-#else
-            const vi axv = vi_load(axp + q * ML);
+            const vi xv = vi_load(xp + q * ML), axv = vi_load(axp + q * ML);
             for (int r = 0; r < R; ++r)
                 s[r] = dot_u8s8(s[r], axv, sign_s8(vi_bcast32(W + r * K + 4 * q), xv));
-#endif
         }
         const vf xs = vf_ld(xsp + b * ML);
-#if GQ_VNNI
-        const vi corr = vi_load(xip + b * ML);  // 128 * sum(xq) of each row's block, from dpbusd's w + 128
-#else
-        (void)xip;
-#endif
-        for (int r = 0; r < R; ++r) {
-#if GQ_VNNI
-            s[r] = vi_sub(s[r], corr);
-#endif
-            acc[r] = vf_add(acc[r], vf_mul(vf_cvt(s[r]), xs));
-        }
+        for (int r = 0; r < R; ++r) acc[r] = vf_add(acc[r], vf_mul(vf_cvt(s[r]), xs));
     }
     for (int r = 0; r < R; ++r) {
         alignas(64) float out[ML];
@@ -304,9 +284,8 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4;
     const int64_t tail = M > ML && M % ML <= BCAST_TAIL_ROWS ? M % ML : 0, mv = M - tail;
     const int64_t groups = (mv + ML - 1) / ML;
-    // packed activations: per group, [nq][ML] int32, then its scales [nb][ML] and 128 * block sums
-    // [nb][ML], then (without VNNI) |x| [nq][ML]
-    const int64_t per_group = (GQ_VNNI ? 1 : 2) * nq * ML + 2 * nb * ML;
+    // packed activations: per group, [nq][ML] int32, then its scales [nb][ML], then |x| [nq][ML]
+    const int64_t per_group = 2 * nq * ML + nb * ML;
     static thread_local std::vector<int32_t> buf;
     if ((int64_t)buf.size() < groups * per_group) buf.resize(groups * per_group);
     int32_t* packed = buf.data();
@@ -314,20 +293,14 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     for (int64_t g = 0; g < groups; ++g) {
         int32_t* xp = packed + g * per_group;
         float* xsp = (float*)(xp + nq * ML);
-        int32_t* xip = xp + nq * ML + nb * ML;
+        int32_t* axp = xp + nq * ML + nb * ML;
         for (int j = 0; j < ML; ++j) {
             const int64_t m = g * ML + j;
             for (int64_t q = 0; q < nq; ++q)
                 xp[q * ML + j] = m < mv ? *(const int32_t*)(a.xq + m * K + 4 * q) : 0;
-            for (int64_t b = 0; b < nb; ++b) {
-                xsp[b * ML + j] = m < mv ? a.xs[m * nb + b] : 0.f;
-                xip[b * ML + j] = m < mv ? 128 * a.xis[m * nb + b] : 0;
-            }
+            for (int64_t b = 0; b < nb; ++b) xsp[b * ML + j] = m < mv ? a.xs[m * nb + b] : 0.f;
         }
-        if (!GQ_VNNI) {
-            int32_t* axp = xip + nb * ML;
-            for (int64_t i = 0; i < nq; ++i) vi_store(axp + i * ML, abs_s8(vi_load(xp + i * ML)));
-        }
+        for (int64_t i = 0; i < nq; ++i) vi_store(axp + i * ML, abs_s8(vi_load(xp + i * ML)));
     }
     // chunks of groups whose packed activations stay in the last-level cache (4 MB of them): all
     // weight rows pass over each chunk, so the weights are read from memory once per chunk
@@ -335,7 +308,6 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
     const int64_t nblk = (N + RB - 1) / RB;
     const int8_t* xqt = a.xq + mv * K;
     const float* xst = a.xs + mv * nb;
-    const int32_t* xit = a.xis + mv * nb;
     for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
         const int64_t g1 = std::min(groups, g0 + chunk);
 #pragma omp parallel for schedule(dynamic, tile_chunk(nblk, nthreads)) num_threads(nthreads)
@@ -344,50 +316,33 @@ static void linear_int8_bcast(const int8_t* W, const float* ws, const float* bia
             for (int64_t g = g0; g < g1; ++g) {
                 const int32_t* xp = packed + g * per_group;
                 const float* xsp = (const float*)(xp + nq * ML);
-                const int32_t* xip = xp + nq * ML + nb * ML;
-                const int32_t* axp = xip + nb * ML;
+                const int32_t* axp = xp + nq * ML + nb * ML;
                 const int rows = (int)std::min<int64_t>(ML, mv - g * ML);
                 float* yg = y + g * ML * N;
                 if (n + RB <= N)
-                    i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, xip, axp, rows,
-                                 yg + n, N, g == g1 - 1 && n + 2 * RB <= N);
+                    i8_bcast<RB>(W + n * K, K, ws + n, bias ? bias + n : nullptr, xp, xsp, axp, rows, yg + n,
+                                 N, g == g1 - 1 && n + 2 * RB <= N);
                 else
                     for (int64_t j = n; j < N; ++j)
-                        i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, xip, axp, rows,
+                        i8_bcast<1>(W + j * K, K, ws + j, bias ? bias + j : nullptr, xp, xsp, axp, rows,
                                     yg + j, N);
             }
             if (tail && g1 == groups)  // the rows past the vectors, while this block is in cache
-                i8_rows_span(W, K, ws, bias, xqt, xst, xit, tail, y + mv * N, N, n, std::min(N, n + RB));
+                i8_rows_span(W, K, ws, bias, xqt, xst, tail, y + mv * N, N, n, std::min(N, n + RB));
         }
     }
 }
 
 // ---------------------------------------------------------------- int8 weights, GEMM
-// g++'s default schedule spills and shuffles the 4 x 3 AVX512-VNNI register block in the inner
-// loop; scheduling before register allocation, with register pressure in view, keeps it in place.
-// Only here: the same flags slow the 256-bit VNNI GEMM and the int4 GEMM. (With VNNI the weights
-// are in panels, below, so no build reaches this GEMM's VNNI block now; gptj-6b-xeon.md.)
-#if defined(__GNUC__) && !defined(__clang__) && GQ_AVX512 && GQ_VNNI
-#pragma GCC push_options
-#pragma GCC optimize("schedule-insns", "sched-pressure")
-#define GQ_GEMM_SCHED 1
-#endif
 // From GEMM_MIN_ROWS rows on, lanes are weight rows, as in a GEMM microkernel (oneDNN's brgemm):
 // per call each panel of NP8 weight rows is repacked once so that a vector holds LW rows x 4
-// bytes of k (VNNI's layout), 4 bytes of an activation row are broadcast, and GR x NV8
-// accumulators take the products: fewer loads per product than the loop above, and with VNNI no
-// flip per product. VNNI flips the activations to unsigned (x + 128) once, and subtracts 128 *
-// (each weight row's block sum) per block; maddubs takes |w| and x with w's sign, as above. Each
-// S_b is exact and the float sequence is gemv.h's, so the bits are the same. Below ~64 rows the
-// repacking costs more than it saves.
-constexpr int LW = VB / 4;  // weight rows per vector
+// bytes of k, 4 bytes of an activation row are broadcast, and GR x NV8 accumulators take the
+// products: fewer loads per product than the loop above. maddubs takes |w| and x with w's sign,
+// as above. Each S_b is exact and the float sequence is gemv.h's, so the bits are the same. Below
+// ~64 rows the repacking costs more than it saves.
 // activation rows x weight vectors per register block, measured best at 512 rows on the Zen 5
-#if GQ_AVX512 && GQ_VNNI
-constexpr int GR = 4, NV8 = 3;  // 6 x 2, 5 x 2, 3 x 4: slower
-#elif GQ_AVX512
+#if GQ_AVX512
 constexpr int GR = 6, NV8 = 2;  // 4 x 3, 4 x 2, 3 x 3: slower
-#elif GQ_VNNI
-constexpr int GR = 4, NV8 = 3;  // 16 registers; 3 x 2, 6 x 2, 5 x 2: slower
 #else
 constexpr int GR = 3, NV8 = 2;  // 4 x 1, 4 x 2, 5 x 2, 2 x 3, 3 x 3: slower
 #endif
@@ -397,9 +352,9 @@ constexpr int NP8 = LW * NV8;  // weight rows per panel
 #endif
 
 template <int MR>
-static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const int32_t* awp,
-                                 const uint8_t* xu, int64_t K, const float* xs, int64_t nb, const float* ws,
-                                 const float* bias, float* y, int64_t ldy, int ncols) {
+static inline void i8_gemm_block(const int32_t* wp, const int32_t* awp, const int8_t* xq, int64_t K,
+                                 const float* xs, int64_t nb, const float* ws, const float* bias, float* y,
+                                 int64_t ldy, int ncols) {
     // the float sums of gemv.h, per activation row and weight vector: in memory, touched once per
     // block, so that the int32 accumulators can have the registers (16 of them without AVX-512;
     // with 32 it measured as fast as registers)
@@ -412,30 +367,18 @@ static inline void i8_gemm_block(const int32_t* wp, const int32_t* comp, const i
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV8; ++v) c[i][v] = vi_zero();
         for (int64_t q = q0; q < q1; ++q) {
-#if GQ_VNNI
-            vi w[NV8];
-            for (int v = 0; v < NV8; ++v) w[v] = vi_load(wp + (q * NV8 + v) * LW);
-            for (int i = 0; i < MR; ++i) {
-                const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
-                for (int v = 0; v < NV8; ++v) c[i][v] = dot_u8s8(c[i][v], xb, w[v]);
-            }
-#else
             // |w| from the panel, w's sign read from memory by each use: registers for accumulators
             vi aw[NV8];
             for (int v = 0; v < NV8; ++v) aw[v] = vi_load(awp + (q * NV8 + v) * LW);
             for (int i = 0; i < MR; ++i) {
-                const vi xb = vi_bcast32((const int8_t*)(xu + i * K + 4 * q));
+                const vi xb = vi_bcast32(xq + i * K + 4 * q);
                 for (int v = 0; v < NV8; ++v)
                     c[i][v] = dot_u8s8(c[i][v], aw[v], sign_s8(xb, vi_load(wp + (q * NV8 + v) * LW)));
             }
-#endif
         }
-        vi cv[NV8];
-        for (int v = 0; v < NV8; ++v) cv[v] = GQ_VNNI ? vi_load(comp + (b * NV8 + v) * LW) : vi_zero();
         for (int i = 0; i < MR; ++i) {
             const vf s = vf_set(xs[i * nb + b]);
-            for (int v = 0; v < NV8; ++v)
-                vf_st(f[i][v], vf_add(vf_ld(f[i][v]), vf_mul(vf_cvt(vi_sub(c[i][v], cv[v])), s)));
+            for (int v = 0; v < NV8; ++v) vf_st(f[i][v], vf_add(vf_ld(f[i][v]), vf_mul(vf_cvt(c[i][v]), s)));
         }
     }
     for (int i = 0; i < MR; ++i)
@@ -495,61 +438,34 @@ static void transpose_panel(const uint8_t* rows, int64_t K, int ncols, int32_t* 
 }
 
 // A panel of NP8 weight rows (ncols real, the rest zeros): wp[q][j] = 4 bytes of row j at k = 4q;
-// with VNNI comp[b][j] = 128 * the sum of row j over block b, without it awp = |wp| bytewise.
-static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* comp, int32_t* awp) {
-    const int64_t nb = (K + QB8 - 1) / QB8;
+// and awp = |wp| bytewise (maddubs' unsigned operand).
+static void pack_panel(const int8_t* W, int64_t K, int ncols, int32_t* wp, int32_t* awp) {
     transpose_panel<NV8>((const uint8_t*)W, K, ncols, wp);
-    if (!GQ_VNNI) {  // x is not flipped there: nothing to subtract; maddubs takes |w|
-        for (int64_t i = 0; i < K / 4 * NV8; ++i) vi_store(awp + i * LW, abs_s8(vi_load(wp + i * LW)));
-        return;
-    }
-    const vi ones = vi_set1_8(1);
-    for (int64_t b = 0; b < nb; ++b)
-        for (int v = 0; v < NV8; ++v) {
-            vi sum = vi_zero();
-            for (int64_t q = b * QB8 / 4; q < std::min<int64_t>(b * QB8 + QB8, K) / 4; ++q)
-                sum = dot_u8s8(sum, ones, vi_load(wp + (q * NV8 + v) * LW));
-            vi_store(comp + (b * NV8 + v) * LW, vi_shl7(sum));
-        }
+    for (int64_t i = 0; i < K / 4 * NV8; ++i) vi_store(awp + i * LW, abs_s8(vi_load(wp + i * LW)));
 }
 
 static void linear_int8_gemm(const int8_t* W, const float* ws, const float* bias, int64_t N, int64_t K,
                              const Int8Act& a, int64_t M, float* y, int nthreads) {
     const int64_t nb = (K + QB8 - 1) / QB8, nq = K / 4, panels = (N + NP8 - 1) / NP8;
-#if GQ_VNNI
-    static thread_local std::vector<uint8_t> xbuf;
-    if ((int64_t)xbuf.size() < M * K + VB) xbuf.resize(M * K + VB);
-    uint8_t* xu = xbuf.data();
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t m = 0; m < M; ++m)  // K is a multiple of 32: whole 32-byte pieces
-        for (int64_t j = 0; j < K; j += 32)
-            _mm256_storeu_si256((__m256i*)(xu + m * K + j),
-                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(a.xq + m * K + j)),
-                                                 _mm256_set1_epi8((char)0x80)));
-#else
-    const uint8_t* xu = (const uint8_t*)a.xq;  // maddubs takes x as it is, with w's sign
-#endif
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<int32_t> wp(nq * NP8), comp(nb * NP8), awp(GQ_VNNI ? 0 : nq * NP8);
+        std::vector<int32_t> wp(nq * NP8), awp(nq * NP8);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t n0 = p * NP8, ncols = std::min<int64_t>(NP8, N - n0);
-            pack_panel(W + n0 * K, K, (int)ncols, wp.data(), comp.data(), awp.data());
+            pack_panel(W + n0 * K, K, (int)ncols, wp.data(), awp.data());
             int64_t m = 0;
             for (; m + GR <= M; m += GR)
-                i8_gemm_block<GR>(wp.data(), comp.data(), awp.data(), xu + m * K, K, a.xs + m * nb, nb,
-                                  ws + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
+                i8_gemm_block<GR>(wp.data(), awp.data(), a.xq + m * K, K, a.xs + m * nb, nb, ws + n0,
+                                  bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
             for (; m < M; ++m)
-                i8_gemm_block<1>(wp.data(), comp.data(), awp.data(), xu + m * K, K, a.xs + m * nb, nb,
-                                 ws + n0, bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
+                i8_gemm_block<1>(wp.data(), awp.data(), a.xq + m * K, K, a.xs + m * nb, nb, ws + n0,
+                                 bias ? bias + n0 : nullptr, y + m * N + n0, N, (int)ncols);
         }
     }
 }
 
-#ifdef GQ_GEMM_SCHED
-#pragma GCC pop_options
-#endif
+#endif  // !GQ_VNNI
 
 // ---------------------------------------------------------------- int8 weights in panels
 // With VNNI the int8 weights are held in panels of 16 rows (gemv.h): a vector holds
@@ -725,9 +641,9 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t n = t * R8;
         if (n + R8 <= N)  // (the one-row decode's hot loop: kept free of the span's bookkeeping)
-            i8_rows<R8>(W + n * K, K, ws + n, a.xq, a.xs, a.xis, M, y + n, N, bias ? bias + n : nullptr);
+            i8_rows<R8>(W + n * K, K, ws + n, a.xq, a.xs, M, y + n, N, bias ? bias + n : nullptr);
         else
-            i8_rows_span(W, K, ws, bias, a.xq, a.xs, a.xis, M, y, N, n, N);
+            i8_rows_span(W, K, ws, bias, a.xq, a.xs, M, y, N, n, N);
     }
 #endif
 }
