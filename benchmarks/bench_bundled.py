@@ -61,11 +61,17 @@ def ours_prefill(model: gptj.Model, n: int) -> float:
 
 def llama_bench(
     exe: Path, gguf: Path, prefill: int, tokens: int, repeats: int, threads: int
-) -> dict[str, dict]:
-    """llama-bench's results by test ("pp512", "tg64"): mean tokens/s and its spread over `repeats`."""
+) -> tuple[dict[str, dict], bool]:
+    """llama-bench's results by test ("pp512", "tg64"): mean tokens/s and its spread over `repeats`;
+    and whether it ran with `--repack 0`: where its default run dies of a signal (ggml's AMX matmul,
+    one of its repacked layouts, segfaulted on a Xeon with AMX), it runs again without them."""
     cmd = [str(exe), "-m", str(gguf), "-t", str(threads), "-p", str(prefill), "-n", str(tokens),
            "-r", str(repeats), "-o", "json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    repack_off = proc.returncode < 0
+    if repack_off:
+        cmd += ["--repack", "0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}")
     out = {}
@@ -73,7 +79,7 @@ def llama_bench(
         name = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
         out[name] = {"ts": r["avg_ts"], "sd": r["stddev_ts"], "commit": r.get("build_commit", "?"),
                      "type": r.get("model_type", "?")}  # fmt: skip
-    return out
+    return out, repack_off
 
 
 def requantized(exe: Path, src: Path, kind: str) -> Path:
@@ -173,7 +179,7 @@ def main() -> None:
         for kind in ("Q4_1", "Q8_0"):
             try:
                 path = gguf if kind == "Q4_1" else requantized(exe, gguf, kind)
-                res = llama_bench(exe, path, args.prefill or 512, args.tokens, args.repeats, threads)
+                res, repack_off = llama_bench(exe, path, args.prefill or 512, args.tokens, args.repeats, threads)
             except (OSError, RuntimeError, ValueError) as e:
                 print(f"llama.cpp {kind}: {e}", file=sys.stderr)
                 continue
@@ -182,7 +188,8 @@ def main() -> None:
             llama_note = f"; llama.cpp {commit} (llama-cpp-python sdist), mean of {args.repeats} runs"
             rows.append(
                 (
-                    f"llama.cpp llama-bench ({kind}{', as shipped' if kind == 'Q4_1' else ', requantized'})",
+                    f"llama.cpp llama-bench ({kind}{', as shipped' if kind == 'Q4_1' else ', requantized'}"
+                    f"{', --repack 0: its default run crashed here' if repack_off else ''})",
                     1 / tg["ts"] if tg else None,
                     args.prefill / pp["ts"] if pp and args.prefill else None,
                 )

@@ -7,9 +7,10 @@
 // as every other path.
 //
 // Blocking: 2 x 2 tiles (32 activation rows against 32 weight rows, 4 C tiles) per 64 k, so each
-// tile loaded serves two products. Each thread owns a range of panel pairs and walks K in chunks
-// whose activations stay in the caches across its pairs; the float sums of a chunk live in y between
-// chunks, in block order, so the chunking does not change a bit.
+// tile loaded serves two products; up to 16 activation rows, 1 x 4 (amx_quad_blocks). Each thread
+// owns a range of those units of panels and walks K in chunks whose activations stay in the caches
+// across its units; the float sums of a chunk live in y between chunks, in block order, so the
+// chunking does not change a bit.
 #include "gemv.h"
 #include "simd.h"
 
@@ -65,7 +66,7 @@ static void amx_configure(int ma0, int ma1) {
 // block scales and sums, row m at m * nb.
 template <int GA, int GW>
 static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs, const int32_t* xis,
-                       int64_t nb, int64_t b0, int64_t b1, const int (&ma)[2], float (*acc)[32]) {
+                       int64_t nb, int64_t b0, int64_t b1, const int (&ma)[2], float (*acc)[64]) {
     alignas(64) int32_t cc[2][GA][GW][16][16];
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t end = std::min<int64_t>(K, b * QB8 + QB8);
@@ -105,6 +106,56 @@ static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const floa
     }
 }
 
+// Up to 16 activation rows (a decoding batch) against 4 panels a pass: four independent chains of
+// products per block and 4 KB of panels loaded per 64 k, where 2 panels left the stream behind
+// the memory. Tiles: C[w] = w, A = 4, B = 5, 6, 7, and 5 again for the fourth panel.
+static void amx_configure_quad(int ma) {
+    TileConfig cfg = {};
+    cfg.palette = 1;
+    for (int t = 0; t < 5; ++t) cfg.rows[t] = (uint8_t)ma, cfg.colsb[t] = 64;
+    for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+static void amx_quad_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs,
+                            const int32_t* xis, int64_t nb, int64_t b0, int64_t b1, int ma,
+                            float (*acc)[64]) {
+    alignas(64) int32_t cc[2][4][16][16];
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t end = std::min<int64_t>(K, b * QB8 + QB8);
+        int32_t(&c)[4][16][16] = cc[b & 1];
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = b * QB8; k < end; k += 64) {
+            _tile_loadd(4, xq + k, K);
+            _tile_loadd(5, P + k * 16, 64);
+            _tile_loadd(6, P + 16 * K + k * 16, 64);
+            _tile_loadd(7, P + 32 * K + k * 16, 64);
+            _tile_dpbsud(0, 4, 5);
+            _tile_dpbsud(1, 4, 6);
+            _tile_dpbsud(2, 4, 7);
+            _tile_loadd(5, P + 48 * K + k * 16, 64);
+            _tile_dpbsud(3, 4, 5);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        for (int m = 0; m < ma; ++m) {
+            const __m512i corr = _mm512_set1_epi32(xis[m * nb + b] * 128);
+            const __m512 s = _mm512_set1_ps(xs[m * nb + b]);
+            for (int w = 0; w < 4; ++w) {
+                float* f = acc[m] + 16 * w;
+                const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[w][m]), corr));
+                _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(sum, s)));
+            }
+        }
+    }
+}
+
 // K in chunks of this many bytes of activations (M rows x the chunk), which stay in the caches
 // while a thread's panels pass them (1 MB ones ran 6 % slower at 512 rows: y carried the sums more).
 constexpr int64_t AMX_CHUNK_BYTES = 1 << 22;
@@ -112,26 +163,33 @@ constexpr int64_t AMX_CHUNK_BYTES = 1 << 22;
 // M >= 2 rows; N % 16 == 0, K % 64 == 0; P: the panels of W.
 void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
                      const Int8Act& a, int64_t M, float* y, int nthreads) {
-    const int64_t nb = (K + QB8 - 1) / QB8, npairs = (N / 16 + 1) / 2;
+    // a thread's unit: 4 panels for up to 16 rows (amx_quad_blocks), else 2
+    const int64_t nb = (K + QB8 - 1) / QB8, np = N / 16, per = M <= 16 ? 4 : 2, nunits = (np + per - 1) / per;
     const int64_t chunk = std::max<int64_t>(4, AMX_CHUNK_BYTES / (M * QB8));
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t p0 = npairs * t / nt, p1 = npairs * (t + 1) / nt;
-        alignas(64) float acc[32][32];
-        int configured = -1;  // the (ma0, ma1) the tiles hold
+        const int64_t p0 = nunits * t / nt, p1 = nunits * (t + 1) / nt;
+        alignas(64) float acc[32][64];
+        int configured = -1;  // the (ma0, ma1) the tiles hold, or 1024 + ma for amx_quad_blocks
         for (int64_t b0 = 0; b0 < nb && p0 < p1; b0 += chunk) {
             const int64_t b1 = std::min(nb, b0 + chunk);
             for (int64_t pr = p0; pr < p1; ++pr) {
-                const int64_t r0 = 32 * pr;
-                const int gw = r0 + 16 < N ? 2 : 1, cols = 16 * gw;
+                const int64_t r0 = 16 * per * pr;
+                const int gw = (int)std::min<int64_t>(per, np - per * pr), cols = 16 * gw;
                 const uint8_t* Pp = P + r0 * K;
                 for (int64_t m0 = 0; m0 < M; m0 += 32) {
                     const int ma[2] = {(int)std::min<int64_t>(16, M - m0),
                                        (int)std::clamp<int64_t>(M - m0 - 16, 0, 16)};
                     const int rows = ma[0] + ma[1];
-                    if (ma[0] * 32 + ma[1] != configured)
-                        amx_configure(ma[0], ma[1]), configured = ma[0] * 32 + ma[1];
+                    const int shape = gw == 4 ? 1024 + ma[0] : ma[0] * 32 + ma[1];
+                    if (shape != configured) {
+                        if (gw == 4)
+                            amx_configure_quad(ma[0]);
+                        else
+                            amx_configure(ma[0], ma[1]);
+                        configured = shape;
+                    }
                     float* yp = y + m0 * N + r0;
                     for (int m = 0; m < rows; ++m)  // the sums so far: in y after the first chunk
                         for (int j = 0; j < cols; j += 16)
@@ -140,13 +198,18 @@ void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64
                     const int8_t* xq = a.xq + m0 * K;
                     const float* xs = a.xs + m0 * nb;
                     const int32_t* xis = a.xis + m0 * nb;
-                    if (ma[1] && gw == 2)
+                    if (gw == 4)
+                        amx_quad_blocks(Pp, K, xq, xs, xis, nb, b0, b1, ma[0], acc);
+                    else if (ma[1] && gw == 2)
                         amx_blocks<2, 2>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
                     else if (ma[1])
                         amx_blocks<2, 1>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
-                    else if (gw == 2)
+                    else if (gw >= 2) {  // (a last unit of 3 panels: 2, then 1)
                         amx_blocks<1, 2>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
-                    else
+                        if (gw == 3)
+                            amx_blocks<1, 1>(Pp + 32 * K, K, xq, xs, xis, nb, b0, b1, ma,
+                                             (float(*)[64])(&acc[0][32]));
+                    } else
                         amx_blocks<1, 1>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc);
                     const bool last = b1 == nb;
                     for (int m = 0; m < rows; ++m)

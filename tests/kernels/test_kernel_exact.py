@@ -19,8 +19,9 @@ VARIANTS = [v for v in kernels.available_variants() if v != kernels.NONE]
 pytestmark = pytest.mark.skipif(not VARIANTS, reason="no kernel variant runs on this machine")
 
 # (out, in): SmolLM2's 576-wide layers (blocks of 128 and a last 64; an odd number of int4
-# groups), a GPT-J-sized square, and widths that leave partial vectors and panels
-SHAPES = [(1536, 576), (576, 1536), (4096, 4096), (70, 96)]
+# groups), a GPT-J-sized square, and widths that leave partial vectors and panels; 112 and 80
+# rows: 7 and 5 panels, AMX's units of 4 panels (up to 16 activation rows) with 3 and 1 left
+SHAPES = [(1536, 576), (576, 1536), (4096, 4096), (70, 96), (112, 256), (80, 256)]
 
 
 def layer(n: int, k: int, mode: str, seed: int = 0) -> QuantizedLinear:
