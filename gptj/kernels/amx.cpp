@@ -61,9 +61,25 @@ static void amx_configure(int ma0, int ma1) {
     _tile_loadconfig(&cfg);
 }
 
+// Block b's C tiles of one activation group (c[w]: ma rows x 16 panel rows, W panels) folded into
+// its float sums: acc[m][16w + j] = acc + float(S_b) * xs_b, S_b = C - 128 * sum(xq). xs, xis:
+// the group's block scales and sums, row m at m * nb.
+template <int W>
+static inline void amx_fold(const int32_t (*c)[16][16], int ma, const float* xs, const int32_t* xis,
+                            int64_t nb, int64_t b, float (*acc)[64]) {
+    for (int m = 0; m < ma; ++m) {
+        const __m512i corr = _mm512_set1_epi32(xis[m * nb + b] * 128);
+        const __m512 s = _mm512_set1_ps(xs[m * nb + b]);
+        for (int w = 0; w < W; ++w) {
+            float* f = acc[m] + 16 * w;
+            const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[w][m]), corr));
+            _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(sum, s)));
+        }
+    }
+}
+
 // Blocks [b0, b1) of GA groups of activation rows (ma[a] rows each, from xq) against GW panels
-// (from P): acc[m][16w + j] = acc + float(S_b) * xs_b, block after block. xs, xis: the rows'
-// block scales and sums, row m at m * nb.
+// (from P), into their float sums acc, block after block (amx_fold).
 template <int GA, int GW>
 static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs, const int32_t* xis,
                        int64_t nb, int64_t b0, int64_t b1, const int (&ma)[2], float (*acc)[64]) {
@@ -92,17 +108,7 @@ static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const floa
         if (GA == 2) _tile_stored(2, c[GA - 1][0], 64);
         if (GA == 2 && GW == 2) _tile_stored(3, c[GA - 1][GW - 1], 64);
         for (int a = 0; a < GA; ++a)
-            for (int m = 0; m < ma[a]; ++m) {
-                const int64_t i = (16 * a + m) * nb + b;
-                const __m512i corr = _mm512_set1_epi32(xis[i] * 128);
-                const __m512 s = _mm512_set1_ps(xs[i]);
-                for (int w = 0; w < GW; ++w) {
-                    float* f = acc[16 * a + m] + 16 * w;
-                    const __m512 sum =
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[a][w][m]), corr));
-                    _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(sum, s)));
-                }
-            }
+            amx_fold<GW>(c[a], ma[a], xs + 16 * a * nb, xis + 16 * a * nb, nb, b, acc + 16 * a);
     }
 }
 
@@ -144,15 +150,7 @@ static void amx_quad_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const
         _tile_stored(1, c[1], 64);
         _tile_stored(2, c[2], 64);
         _tile_stored(3, c[3], 64);
-        for (int m = 0; m < ma; ++m) {
-            const __m512i corr = _mm512_set1_epi32(xis[m * nb + b] * 128);
-            const __m512 s = _mm512_set1_ps(xs[m * nb + b]);
-            for (int w = 0; w < 4; ++w) {
-                float* f = acc[m] + 16 * w;
-                const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[w][m]), corr));
-                _mm512_store_ps(f, _mm512_add_ps(_mm512_load_ps(f), _mm512_mul_ps(sum, s)));
-            }
-        }
+        amx_fold<4>(c, ma, xs, xis, nb, b, acc);
     }
 }
 
