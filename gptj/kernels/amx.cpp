@@ -45,20 +45,21 @@ struct alignas(64) TileConfig {
     uint8_t rows[16];
 };
 
-// Tiles: C[a][w] = 2a + w (activation group a against panel w), A[a] = 4 + a (ma[a] activation
-// rows x 64 bytes), B[w] = 6 + w (16 k-quads x 64 bytes of a panel).
-static void amx_configure(int ma0, int ma1) {
+// Tiles 0..7, each rows[t] rows of 64 bytes.
+static void amx_load_config(const int (&rows)[8]) {
     TileConfig cfg = {};
     cfg.palette = 1;
-    const int ma[2] = {ma0, ma1 ? ma1 : 1};
-    for (int a = 0; a < 2; ++a) {
-        cfg.rows[4 + a] = (uint8_t)ma[a], cfg.colsb[4 + a] = 64;
-        for (int w = 0; w < 2; ++w) cfg.rows[2 * a + w] = (uint8_t)ma[a], cfg.colsb[2 * a + w] = 64;
-    }
-    for (int w = 0; w < 2; ++w) cfg.rows[6 + w] = 16, cfg.colsb[6 + w] = 64;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = (uint8_t)rows[t], cfg.colsb[t] = 64;
     // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above without this
     __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
+}
+
+// Tiles: C[a][w] = 2a + w (activation group a against panel w), A[a] = 4 + a (ma[a] activation
+// rows x 64 bytes), B[w] = 6 + w (16 k-quads x 64 bytes of a panel).
+static void amx_configure(int ma0, int ma1) {
+    const int ma1_rows = ma1 ? ma1 : 1;
+    amx_load_config({ma0, ma0, ma1_rows, ma1_rows, ma0, ma1_rows, 16, 16});
 }
 
 // Block b's C tiles of one activation group (c[w]: ma rows x 16 panel rows, W panels) folded into
@@ -115,14 +116,7 @@ static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const floa
 // Up to 16 activation rows (a decoding batch) against 4 panels a pass: four independent chains of
 // products per block and 4 KB of panels loaded per 64 k, where 2 panels left the stream behind
 // the memory. Tiles: C[w] = w, A = 4, B = 5, 6, 7, and 5 again for the fourth panel.
-static void amx_configure_quad(int ma) {
-    TileConfig cfg = {};
-    cfg.palette = 1;
-    for (int t = 0; t < 5; ++t) cfg.rows[t] = (uint8_t)ma, cfg.colsb[t] = 64;
-    for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
-    _tile_loadconfig(&cfg);
-}
+static void amx_configure_quad(int ma) { amx_load_config({ma, ma, ma, ma, ma, 16, 16, 16}); }
 
 static void amx_quad_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs,
                             const int32_t* xis, int64_t nb, int64_t b0, int64_t b1, int ma,
