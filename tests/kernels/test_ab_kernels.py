@@ -58,8 +58,8 @@ def test_attention_mode_compares_builds_and_the_read(tmp_path: Path, capsys: pyt
 
 
 def test_two_variants_of_one_tree_compare_each_in_its_own_layout(capsys: pytest.CaptureFixture) -> None:
-    """--isa A,B builds the same sources for two variants (e.g. amx's int8 rows against
-    avx512vnni's panels); exact integer math makes their outputs the same bits."""
+    """--isa A,B builds the same sources for two variants (e.g. amx's tiles against avx2's
+    int8 rows); exact integer math makes their outputs the same bits."""
     variants = [v for v in kernels.available_variants() if v != kernels.NONE]
     if len(variants) < 2:
         pytest.skip("this CPU runs one kernel variant")

@@ -71,10 +71,10 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
 def test_a_wide_prompt_chunk_equals_the_reference(variant: str, mode: str) -> None:
     """The int4 GEMM unpacks 128 groups of a panel at a time and meets the activations in blocks
     of rows (2 MB of them): 131 groups (a last chunk of 3) and 520 rows (two blocks) keep the bits.
-    AMX walks K in chunks of 1 MB of activations, its float sums kept in y between them: at 4096
+    AMX walks K in chunks of 4 MB of activations, its float sums kept in y between them: at 16384
     inputs 520 rows take three chunks (4192 is not a multiple of 64, which AMX leaves to VNNI)."""
     with kernels.use(variant):
-        for n, k in ((40, 4192), (48, 4096)):
+        for n, k in ((40, 4192), (48, 16384)):
             q = layer(n, k, mode)
             for m in (70, 520):
                 x = activations(m, k)
