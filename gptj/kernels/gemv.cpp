@@ -563,6 +563,18 @@ static inline void i8p_prefetch(const uint8_t* P, int64_t K, int64_t r0, int64_t
             _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, b * QB8 / 4) + 8192 + 64 * i, _MM_HINT_T0);
 }
 
+// The thread's next tile of weights, prefetched into L2 a little at each block of K while the
+// blocks of activation rows meet this tile: the first block of rows would otherwise wait on
+// memory for the tile that the others then read from the cache.
+struct NextTile {
+    const char* at = nullptr;  // the next line to prefetch (none from end on)
+    const char* end = nullptr;
+    int64_t step = 0;  // bytes per block of K
+    inline void advance() {
+        for (int64_t i = 0; i < step && at < end; i += 64, at += 64) _mm_prefetch(at, _MM_HINT_T1);
+    }
+};
+
 // y [MT rows] = f * ws (+ bias), from the float sums f [MT][NV][LW]
 template <int NV>
 static inline void i8p_out(const float* f, int64_t MT, int64_t nrows, const float* ws, const float* bias,
@@ -580,13 +592,15 @@ static inline void i8p_out(const float* f, int64_t MT, int64_t nrows, const floa
 template <int MT, int NV>
 static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
                              const float* ws, const float* bias, const int8_t* xq, const float* xs,
-                             const int32_t* xis, float* y, int64_t ldy, bool prefetch) {
+                             const int32_t* xis, float* y, int64_t ldy, bool prefetch,
+                             NextTile* next = nullptr) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     const int nv = (int)std::min<int64_t>(NV, (npad - r0) / LW);  // vectors inside the panels
     alignas(64) float f[MT * NV * LW];
     for (int i = 0; i < MT * NV; ++i) vf_st(f + i * LW, vf_zero());
     for (int64_t b = 0; b < nb; ++b) {
         if (prefetch) i8p_prefetch<NV>(P, K, r0, b);
+        if (next) next->advance();
         i8p_step<MT, NV>(P, K, r0, nv, b, xq, xs, xis, f);
     }
     i8p_out<NV>(f, MT, nrows, ws, bias, y, ldy);
@@ -596,16 +610,16 @@ static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nr
 template <int MT, int NV>
 static inline void i8p_span(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
                             const float* ws, const float* bias, const Int8Act& a, int64_t m0, int64_t M,
-                            float* y, int64_t ldy, bool prefetch) {
+                            float* y, int64_t ldy, bool prefetch, NextTile* next = nullptr) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     int64_t m = m0;
     for (; m + MT <= M; m += MT) {
         i8p_block<MT, NV>(P, K, r0, nrows, npad, ws, bias, a.xq + m * K, a.xs + m * nb, a.xis + m * nb,
-                          y + m * ldy, ldy, prefetch && m == m0);
+                          y + m * ldy, ldy, prefetch && m == m0, next);
     }
     if constexpr (MT > 1)
         if (m < M)
-            i8p_span<MT / 2, NV>(P, K, r0, nrows, npad, ws, bias, a, m, M, y, ldy, prefetch && m == m0);
+            i8p_span<MT / 2, NV>(P, K, r0, nrows, npad, ws, bias, a, m, M, y, ldy, prefetch && m == m0, next);
 }
 
 // M activation rows in ceil(M / MT) blocks of as near equal sizes as they divide into: a last
@@ -614,7 +628,7 @@ static inline void i8p_span(const uint8_t* P, int64_t K, int64_t r0, int64_t nro
 template <int MT, int NV>
 static inline void i8p_even(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
                             const float* ws, const float* bias, const Int8Act& a, int64_t M, float* y,
-                            int64_t ldy) {
+                            int64_t ldy, NextTile* next) {
     const int64_t nb = (K + QB8 - 1) / QB8, blocks = (M + MT - 1) / MT;
     for (int64_t i = 0, m = 0; i < blocks; ++i) {
         const int64_t mt = (M - m) / (blocks - i);  // the rest shared by the blocks left
@@ -623,12 +637,14 @@ static inline void i8p_even(const uint8_t* P, int64_t K, int64_t r0, int64_t nro
         const int32_t* xis = a.xis + m * nb;
         float* ym = y + m * ldy;
         switch (mt) {
-            case MT: i8p_block<MT, NV>(P, K, r0, nrows, npad, ws, bias, xq, xs, xis, ym, ldy, false); break;
+            case MT:
+                i8p_block<MT, NV>(P, K, r0, nrows, npad, ws, bias, xq, xs, xis, ym, ldy, false, next);
+                break;
             case MT - 1:
-                i8p_block<MT - 1, NV>(P, K, r0, nrows, npad, ws, bias, xq, xs, xis, ym, ldy, false);
+                i8p_block<MT - 1, NV>(P, K, r0, nrows, npad, ws, bias, xq, xs, xis, ym, ldy, false, next);
                 break;
             default:
-                i8p_span<MT - 2, NV>(P, K, r0, nrows, npad, ws, bias, a, m, m + mt, y, ldy, false);
+                i8p_span<MT - 2, NV>(P, K, r0, nrows, npad, ws, bias, a, m, m + mt, y, ldy, false, next);
                 break;
         }
         m += mt;
@@ -652,16 +668,27 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
                                const Int8Act& a, int64_t M, float* y, int nthreads) {
     const bool gemm = M >= P_GEMM_MIN_ROWS;
     const int64_t rows = gemm ? (int64_t)LW * PG_NV : (int64_t)LW * P_NV, npad = (N + 15) / 16 * 16;
-    const int64_t nt = (N + rows - 1) / rows;
-#pragma omp parallel for schedule(dynamic, gemm ? 1 : tile_chunk(nt, nthreads)) num_threads(nthreads)
+    const int64_t nt = (N + rows - 1) / rows, nb = (K + QB8 - 1) / QB8;
+    if (gemm) {  // runs of tiles, so that a thread's next tile is most often the one that follows
+        const int64_t blocks = (M + PG_MT - 1) / PG_MT;
+        split_tiles(nt, nthreads, [&](int64_t t) {
+            const int64_t r0 = t * rows, nrows = std::min(rows, N - r0);
+            NextTile next;
+            if (r0 + rows < npad) {
+                next.at = (const char*)P + (r0 + rows) * K;
+                next.end = (const char*)P + std::min(npad, r0 + 2 * rows) * K;
+                next.step = ((next.end - next.at) / (nb * blocks) + 63) / 64 * 64;
+            }
+            i8p_even<PG_MT, PG_NV>(P, K, r0, nrows, npad, ws + r0, bias ? bias + r0 : nullptr, a, M, y + r0,
+                                   N, &next);
+        });
+        return;
+    }
+#pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t r0 = t * rows, nrows = std::min(rows, N - r0);
-        const float* b = bias ? bias + r0 : nullptr;
-        if (gemm)
-            i8p_even<PG_MT, PG_NV>(P, K, r0, nrows, npad, ws + r0, b, a, M, y + r0, N);
-        else
-            i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, b, a, 0, M, y + r0, N,
-                                 M >= P_PREFETCH_MIN_ROWS);
+        i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, bias ? bias + r0 : nullptr, a, 0, M, y + r0, N,
+                             M >= P_PREFETCH_MIN_ROWS);
     }
 }
 #endif
