@@ -534,35 +534,6 @@ static inline void i8p_sums(const uint8_t* P, int64_t K, int64_t r0, int nv, con
         }
 }
 
-// One block b of K for MT activation rows: f[m][v] += float(c - 128 xis) * xs (gemv.h's float sums;
-// f [MT][NV][LW], rows NV * LW floats apart)
-template <int MT, int NV>
-static inline void i8p_step(const uint8_t* P, int64_t K, int64_t r0, int nv, int64_t b, const int8_t* xq,
-                            const float* xs, const int32_t* xis, float* f) {
-    const int64_t nb = (K + QB8 - 1) / QB8, q0 = b * QB8 / 4, q1 = std::min<int64_t>(b * QB8 + QB8, K) / 4;
-    vi c[MT][NV];
-    if (nv == NV)
-        i8p_sums<MT, NV, true>(P, K, r0, nv, xq, q0, q1, c);
-    else
-        i8p_sums<MT, NV, false>(P, K, r0, nv, xq, q0, q1, c);
-    for (int m = 0; m < MT; ++m) {
-        const vi corr = vi_shl7(vi_set1(xis[m * nb + b]));
-        const vf s = vf_set(xs[m * nb + b]);
-        for (int v = 0; v < NV; ++v) {
-            float* fv = f + (m * NV + v) * LW;
-            vf_st(fv, vf_add(vf_ld(fv), vf_mul(vf_cvt(vi_sub(c[m][v], corr)), s)));
-        }
-    }
-}
-
-// block b's QB8 x 16 bytes of each of the NV * LW / 16 panels from r0, 8 KB on in their streams
-template <int NV>
-static inline void i8p_prefetch(const uint8_t* P, int64_t K, int64_t r0, int64_t b) {
-    for (int pp = 0; pp < NV * LW / 16; ++pp)
-        for (int64_t i = 0; i < QB8 * 16 / 64; ++i)
-            _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, b * QB8 / 4) + 8192 + 64 * i, _MM_HINT_T0);
-}
-
 // The thread's next tile of weights, prefetched into L2 a little at each block of K while the
 // blocks of activation rows meet this tile: the first block of rows would otherwise wait on
 // memory for the tile that the others then read from the cache.
@@ -575,20 +546,6 @@ struct NextTile {
     }
 };
 
-// y [MT rows] = f * ws (+ bias), from the float sums f [MT][NV][LW]
-template <int NV>
-static inline void i8p_out(const float* f, int64_t MT, int64_t nrows, const float* ws, const float* bias,
-                           float* y, int64_t ldy) {
-    for (int64_t m = 0; m < MT; ++m)
-        for (int v = 0; v < NV; ++v) {
-            const int n = (int)std::min<int64_t>(LW, nrows - LW * v);
-            if (n <= 0) break;
-            vf out = vf_mul(vf_ld(f + (m * NV + v) * LW), vf_load_n(ws + LW * v, n));
-            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
-            vf_store_n(y + m * ldy + LW * v, out, n);
-        }
-}
-
 template <int MT, int NV>
 static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
                              const float* ws, const float* bias, const int8_t* xq, const float* xs,
@@ -596,14 +553,36 @@ static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nr
                              NextTile* next = nullptr) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     const int nv = (int)std::min<int64_t>(NV, (npad - r0) / LW);  // vectors inside the panels
-    alignas(64) float f[MT * NV * LW];
-    for (int i = 0; i < MT * NV; ++i) vf_st(f + i * LW, vf_zero());
+    alignas(64) float f[MT][NV][LW];                              // gemv.h's float sums, per row and vector
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) vf_st(f[m][v], vf_zero());
     for (int64_t b = 0; b < nb; ++b) {
-        if (prefetch) i8p_prefetch<NV>(P, K, r0, b);
+        const int64_t q0 = b * QB8 / 4, q1 = std::min<int64_t>(b * QB8 + QB8, K) / 4;
+        if (prefetch)  // a block's QB8 x 16 bytes of each panel, 8 KB on
+            for (int pp = 0; pp < NV * LW / 16; ++pp)
+                for (int64_t i = 0; i < QB8 * 16 / 64; ++i)
+                    _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, q0) + 8192 + 64 * i, _MM_HINT_T0);
         if (next) next->advance();
-        i8p_step<MT, NV>(P, K, r0, nv, b, xq, xs, xis, f);
+        vi c[MT][NV];
+        if (nv == NV)
+            i8p_sums<MT, NV, true>(P, K, r0, nv, xq, q0, q1, c);
+        else
+            i8p_sums<MT, NV, false>(P, K, r0, nv, xq, q0, q1, c);
+        for (int m = 0; m < MT; ++m) {
+            const vi corr = vi_shl7(vi_set1(xis[m * nb + b]));
+            const vf s = vf_set(xs[m * nb + b]);
+            for (int v = 0; v < NV; ++v)
+                vf_st(f[m][v], vf_add(vf_ld(f[m][v]), vf_mul(vf_cvt(vi_sub(c[m][v], corr)), s)));
+        }
     }
-    i8p_out<NV>(f, MT, nrows, ws, bias, y, ldy);
+    for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+            const int n = (int)std::min<int64_t>(LW, nrows - LW * v);
+            if (n <= 0) break;
+            vf out = vf_mul(vf_ld(f[m][v]), vf_load_n(ws + LW * v, n));
+            if (bias) out = vf_add(out, vf_load_n(bias + LW * v, n));
+            vf_store_n(y + m * ldy + LW * v, out, n);
+        }
 }
 
 // M activation rows in blocks of MT, then of MT / 2, ..
@@ -668,9 +647,11 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
                                const Int8Act& a, int64_t M, float* y, int nthreads) {
     const bool gemm = M >= P_GEMM_MIN_ROWS;
     const int64_t rows = gemm ? (int64_t)LW * PG_NV : (int64_t)LW * P_NV, npad = (N + 15) / 16 * 16;
-    const int64_t nt = (N + rows - 1) / rows, nb = (K + QB8 - 1) / QB8;
+    const int64_t nt = (N + rows - 1) / rows;
     if (gemm) {  // runs of tiles, so that a thread's next tile is most often the one that follows
-        const int64_t blocks = (M + PG_MT - 1) / PG_MT;
+        // the next tile spread over i8p_even's blocks of rows x blocks of K (where a block of
+        // rows splits further, the prefetch ends early)
+        const int64_t blocks = (M + PG_MT - 1) / PG_MT, nb = (K + QB8 - 1) / QB8;
         split_tiles(nt, nthreads, [&](int64_t t) {
             const int64_t r0 = t * rows, nrows = std::min(rows, N - r0);
             NextTile next;
