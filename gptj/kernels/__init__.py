@@ -3,7 +3,7 @@
 Layout, after ggml's ``ggml-cpu/``: ``simd.h`` (ISA shims), ``gemv.h``/``gemv.cpp`` (int8/int4
 GEMVs and GEMMs, the int4 and int8 panels (the weight layouts they read), dequantization,
 weight quantization; the exact arithmetic is stated in gemv.h),
-``amx.cpp`` (int8 batches on AMX tiles), ``decode.h``/``decode.cpp`` (a Llama or GPT-J decode
+``amx.cpp`` (int8 and int4 batches on AMX tiles), ``decode.h``/``decode.cpp`` (a Llama or GPT-J decode
 step in one call) and ``bindings.cpp`` (the C functions, and ``gq_describe()``: their types and
 the structs' layouts, which this module reads instead of mirroring them by hand).
 

@@ -1,4 +1,5 @@
-// int8 weights on AMX tiles (the "amx" variant), for 2 activation rows or more. The weights are in
+// int8 weights on AMX tiles (the "amx" variant), for 2 activation rows or more, and int4 from
+// AMX4_MIN_ROWS (below, after the int8 kernels). The int8 weights are in
 // the panels of the VNNI builds (gemv.h), which are already AMX's B operand: a panel's 16 k-quads
 // of 16 rows x 4 bytes are one B tile of 16 x 64 bytes at stride 64, read as one contiguous KB. A
 // is the quantized activations as they are (16 rows x 64 bytes at stride K), so nothing is
@@ -16,6 +17,8 @@
 
 #if GQ_AMX
 #include <omp.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,6 +34,9 @@ bool amx_ready() { return false; }
 void linear_int8_amx(const uint8_t*, const float*, const float*, int64_t, int64_t, const Int8Act&, int64_t,
                      float*, int) {}
 
+void linear_int4_amx(const uint8_t*, const float*, int64_t, int64_t, const int8_t*, const float*,
+                     const float*, int64_t, float*, int) {}
+
 #else
 
 bool amx_ready() {  // Linux hands out AMX state only on request (once per process)
@@ -45,11 +51,11 @@ struct alignas(64) TileConfig {
     uint8_t rows[16];
 };
 
-// Tiles 0..7, each rows[t] rows of 64 bytes.
-static void amx_load_config(const int (&rows)[8]) {
+// Tiles 0..7, each rows[t] rows of colsb[t] bytes.
+static void amx_load_config(const int (&rows)[8], const int (&colsb)[8] = {64, 64, 64, 64, 64, 64, 64, 64}) {
     TileConfig cfg = {};
     cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = (uint8_t)rows[t], cfg.colsb[t] = 64;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = (uint8_t)rows[t], cfg.colsb[t] = (uint16_t)colsb[t];
     // GCC 12 does not see _tile_loadconfig read cfg and drops the stores above without this
     __asm__ __volatile__("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
@@ -216,6 +222,177 @@ void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64
                 }
             }
         }
+        _tile_release();
+    }
+}
+
+// ---------------------------------------------------------------- int4 weights
+// A group of an int4 panel (gemv.h: 4 chunks of 64 bytes, chunk c's low nibbles the k-quad 2c of
+// 16 rows, its high ones 2c + 1) unpacked to one byte a value is a B tile of 8 k-quads x 64 bytes,
+// and the group's 32 activation bytes of 16 rows an A tile: one tdpbsud gives each pair its exact
+// D_g (q is 0..15, so no correction). A unit's panels are unpacked once per block of activation
+// rows, their scales and mins widened to floats beside them. What remains per group is gemv.h's
+// float term for every pair, into P_(g % 4): the VNNI GEMM's 8 dpbusd per 16 pairs and group go to
+// the tiles, its 6 float operations stay.
+
+// Tiles: C[a][w] = 2a + w, A[a] = 4 + a (ma[a] rows x 32 bytes), B[w] = 6 + w (8 k-quads x 64 bytes).
+static void amx4_configure(int ma0, int ma1) {
+    const int ma1_rows = ma1 ? ma1 : 1;
+    amx_load_config({ma0, ma0, ma1_rows, ma1_rows, ma0, ma1_rows, 8, 8}, {64, 64, 64, 64, 32, 32, 64, 64});
+}
+
+// A group's unpacked bytes for a unit of up to 2 panels: B tiles, then the panels' scales and mins.
+struct alignas(64) Amx4Group {
+    uint8_t b[2][8][64];
+    float s[2][16], mn[2][16];
+};
+
+// Panels [p, p + gw) of P (ng groups each) unpacked into u[0 .. ng).
+static void amx4_unpack(const uint8_t* P, int64_t ng, int64_t p, int gw, Amx4Group* u) {
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int64_t g = 0; g < ng; ++g)
+        for (int w = 0; w < gw; ++w) {
+            const uint8_t* b = P + ((p + w) * ng + g) * 320;
+            for (int c = 0; c < 4; ++c) {
+                const __m512i v = _mm512_loadu_si512(b + 64 * c);
+                _mm512_store_si512(u[g].b[w][2 * c], _mm512_and_si512(v, low));
+                _mm512_store_si512(u[g].b[w][2 * c + 1], _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+            }
+            _mm512_store_ps(u[g].s[w], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 256))));
+            _mm512_store_ps(u[g].mn[w], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 288))));
+        }
+}
+
+// gemv.h's term of a group for one C tile (c: ma activation rows x 16 weight rows) into the sums
+// acc[m][j] (those of the group's residue g % 4): acc + (float(D) * (s * xs) + mn * xsum), s and mn
+// the panel's, xs and xsum row m's at m * ng.
+static inline void amx4_fold(const int32_t (*c)[16], const float* s_, const float* mn_, int ma,
+                             const float* xs, const float* xsum, int64_t ng, float (*acc)[32]) {
+    const __m512 s = _mm512_load_ps(s_), mn = _mm512_load_ps(mn_);
+    for (int m = 0; m < ma; ++m) {
+        const __m512 xv = _mm512_set1_ps(xs[m * ng]), sv = _mm512_set1_ps(xsum[m * ng]);
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(c[m]));
+        const __m512 t = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(s, xv)), _mm512_mul_ps(mn, sv));
+        _mm512_store_ps(acc[m], _mm512_add_ps(_mm512_load_ps(acc[m]), t));
+    }
+}
+
+// GA groups of activation rows (ma[a] each, at xq, xs, xsum: row stride K, ng) against a unit's GW
+// unpacked panels u, every group of K; acc[i][m][col]: the sums P_i. As in ggml's AMX kernels, each
+// tile's fold of the group before is placed between its zeroing and its next product, so that the
+// vector units fold while the tiles multiply (folding a whole group after its products ran ~2x
+// slower: a tile's zero, product and store wait on each other).
+template <int GA, int GW>
+static void amx4_unit(const Amx4Group* u, int64_t K, int64_t ng, const int8_t* xq, const float* xs,
+                      const float* xsum, const int (&ma)[2], float (*acc)[32][32]) {
+    alignas(64) int32_t cc[2][GA][GW][16][16];
+    // tile (a, w) of group g: zero it, fold its sums of group g - 1, multiply, store
+    const auto step = [&](int64_t g, int a, int w) {
+        const int t = 2 * a + w;
+        switch (t) {  // (tile numbers are immediates)
+            case 0: _tile_zero(0); break;
+            case 1: _tile_zero(1); break;
+            case 2: _tile_zero(2); break;
+            default: _tile_zero(3); break;
+        }
+        if (g > 0)
+            amx4_fold(cc[(g - 1) & 1][a][w], u[g - 1].s[w], u[g - 1].mn[w], ma[a], xs + 16 * a * ng + g - 1,
+                      xsum + 16 * a * ng + g - 1, ng, (float(*)[32])(&acc[(g - 1) & 3][16 * a][16 * w]));
+        switch (t) {
+            case 0:
+                _tile_dpbsud(0, 4, 6);
+                _tile_stored(0, cc[g & 1][a][w], 64);
+                break;
+            case 1:
+                _tile_dpbsud(1, 4, 7);
+                _tile_stored(1, cc[g & 1][a][w], 64);
+                break;
+            case 2:
+                _tile_dpbsud(2, 5, 6);
+                _tile_stored(2, cc[g & 1][a][w], 64);
+                break;
+            default:
+                _tile_dpbsud(3, 5, 7);
+                _tile_stored(3, cc[g & 1][a][w], 64);
+                break;
+        }
+    };
+    for (int64_t g = 0; g < ng; ++g) {
+        _tile_loadd(6, u[g].b[0], 64);
+        _tile_loadd(4, xq + 32 * g, K);
+        step(g, 0, 0);
+        if (GA == 2) {
+            _tile_loadd(5, xq + 16 * K + 32 * g, K);
+            step(g, 1, 0);
+        }
+        if (GW == 2) {
+            _tile_loadd(7, u[g].b[1], 64);
+            step(g, 0, 1);
+            if (GA == 2) step(g, 1, 1);
+        }
+    }
+    for (int a = 0; a < GA; ++a)
+        for (int w = 0; w < GW; ++w)
+            amx4_fold(cc[(ng - 1) & 1][a][w], u[ng - 1].s[w], u[ng - 1].mn[w], ma[a],
+                      xs + 16 * a * ng + ng - 1, xsum + 16 * a * ng + ng - 1, ng,
+                      (float(*)[32])(&acc[(ng - 1) & 3][16 * a][16 * w]));
+}
+
+// activation bytes per block of rows that every unit meets in turn, beside a unit's unpacked
+// panels (up to 640 KB at K = 16384) in a core's L2
+constexpr int64_t AMX4_X_BLOCK = 1 << 20;
+
+void linear_int4_amx(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
+                     const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
+    const int64_t ng = K / 32, np = (N + 15) / 16, nunits = (np + 1) / 2;
+    const int64_t nblocks = (M * K + AMX4_X_BLOCK - 1) / AMX4_X_BLOCK;
+    const int64_t mb = ((M + nblocks - 1) / nblocks + 31) / 32 * 32;  // even blocks of 32 rows
+#pragma omp parallel num_threads(nthreads)
+    {
+        Amx4Group* u = (Amx4Group*)aligned_alloc(64, ng * sizeof(Amx4Group));
+        alignas(64) float acc[4][32][32];
+        int configured = -1;
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {
+            const int64_t m1 = std::min(M, m0 + mb);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t un = 0; un < nunits; ++un) {
+                const int gw = (int)std::min<int64_t>(2, np - 2 * un);
+                const int64_t n0 = 32 * un;
+                const int ncols = (int)std::min<int64_t>(16 * gw, N - n0);
+                amx4_unpack(P, ng, 2 * un, gw, u);
+                for (int64_t r = m0; r < m1; r += 32) {
+                    const int ma[2] = {(int)std::min<int64_t>(16, m1 - r),
+                                       (int)std::clamp<int64_t>(m1 - r - 16, 0, 16)};
+                    const int rows = ma[0] + ma[1];
+                    if (ma[0] * 32 + ma[1] != configured) {
+                        amx4_configure(ma[0], ma[1]);
+                        configured = ma[0] * 32 + ma[1];
+                    }
+                    memset(acc, 0, sizeof acc);
+                    const int8_t* x = xq + r * K;
+                    const float *s = xs + r * ng, *sum = xsum + r * ng;
+                    if (ma[1] && gw == 2)
+                        amx4_unit<2, 2>(u, K, ng, x, s, sum, ma, acc);
+                    else if (ma[1])
+                        amx4_unit<2, 1>(u, K, ng, x, s, sum, ma, acc);
+                    else if (gw == 2)
+                        amx4_unit<1, 2>(u, K, ng, x, s, sum, ma, acc);
+                    else
+                        amx4_unit<1, 1>(u, K, ng, x, s, sum, ma, acc);
+                    for (int m = 0; m < rows; ++m)
+                        for (int j = 0; j < ncols; j += 16) {
+                            const __mmask16 k =
+                                (__mmask16)(ncols - j >= 16 ? 0xffff : (1u << (ncols - j)) - 1);
+                            __m512 v = _mm512_add_ps(
+                                _mm512_add_ps(_mm512_load_ps(acc[0][m] + j), _mm512_load_ps(acc[1][m] + j)),
+                                _mm512_add_ps(_mm512_load_ps(acc[2][m] + j), _mm512_load_ps(acc[3][m] + j)));
+                            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n0 + j));
+                            _mm512_mask_storeu_ps(y + (r + m) * N + n0 + j, k, v);
+                        }
+                }
+            }
+        }
+        free(u);
         _tile_release();
     }
 }

@@ -15,7 +15,8 @@
 //         y = (P_0 + P_1) + (P_2 + P_3) (+ bias)     D_g = sum over g of q * xq, X_g = sum of xq
 // How the integer sums are formed differs with the number of rows and the layout (int8 in rows:
 // lanes = k for a few rows, lanes = activation rows from 16, lanes = weight rows from 64, AMX
-// tiles; int8 and int4 in panels: lanes = weight rows) and never changes them.
+// tiles; int8 and int4 in panels: lanes = weight rows; int4 on AMX: a tile per group) and never
+// changes them.
 #pragma once
 
 #include <stdint.h>
@@ -60,11 +61,14 @@ bool int8_panels();
 int64_t int8_panel_bytes(int64_t N, int64_t K);
 void pack_int8_panels(const int8_t* W, int64_t N, int64_t K, uint8_t* P, int nthreads);
 
-// AMX tiles for int8 batches (amx.cpp): whether this build has them and Linux grants them, and
+// AMX tiles for int8 and int4 batches (amx.cpp): whether this build has them and Linux grants them, and
 // the kernel on panels P (M >= 2, N % 16 == 0, K % 64 == 0)
 bool amx_ready();
 void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
                      const Int8Act& a, int64_t M, float* y, int nthreads);
+// and int4 batches on the panels P, from the activations quantized in groups (xs, xsum: [M, K/32])
+void linear_int4_amx(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
+                     const float* xs, const float* xsum, int64_t M, float* y, int nthreads);
 
 // Rows [n0, n1) of W dequantized into out [(n1-n0), K], bfloat16 (bf16 != 0) or float32: the
 // values torch's dequantize_weight gives. W in the layout linear_int8 / linear_int4 read.

@@ -58,7 +58,8 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
     # part padding (7, 12, 29) or its last rows in the per-row loop (9, 17, 40);
     # 70 and 130: the GEMMs' panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or,
     # with AVX-512 VNNI, 72), with a last partial register block; 13: the int8 panels' blocks of
-    # rows shared evenly (AVX-512 VNNI: 4 + 4 + 5, blocks of fewer rows than the widest but one)
+    # rows shared evenly (AVX-512 VNNI: 4 + 4 + 5, blocks of fewer rows than the widest but one);
+    # on AMX, int4 from 16 rows: a unit of one panel (70, 112, 80 outputs), 1 or 17 rows past 16
     rows = (1, 3) if n * k > 4e6 else (1, 3, 6, 7, 9, 12, 13, 17, 29, 40, 70, 130)
     with kernels.use(variant):
         for m in rows:
