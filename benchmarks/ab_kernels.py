@@ -42,6 +42,9 @@ from gptj.memory import huge_page_empty
 from gptj.quant import QuantizedLinear
 
 GPTJ_LAYER = [(4096, 4096)] * 4 + [(16384, 4096), (4096, 16384)]  # q, k, v, out, fc_in, fc_out
+# the bundled SmolLM2-135M's: q, k, v, o, gate, up, down (30 layers)
+SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+LAYER_SHAPES = {"gptj": (GPTJ_LAYER, 4), "smollm2": (SMOLLM2_LAYER, 30)}  # (layer, default layers)
 GPTJ_HEADS, GPTJ_HEAD_DIM = 16, 256
 
 
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", choices=("int8", "int4", "attention"), default="int8")
     ap.add_argument("--rows", type=int, default=1, help="activation rows (1: one-stream decode)")
     ap.add_argument("--layers", type=int, default=None,
-                    help="GPT-J layers (default 4 of weights, ~0.8 GB int8; 28 of KV cache with --mode attention)")
+                    help="layers (default: GPT-J 4, ~0.8 GB int8; SmolLM2 30; 28 of KV cache with --mode attention)")
+    ap.add_argument("--shapes", choices=sorted(LAYER_SHAPES), default="gptj",
+                    help="whose layer shapes the weights take: GPT-J-6B's or the bundled SmolLM2's")
     ap.add_argument("--context", type=int, default=1024, help="keys each layer's query attends to (--mode attention)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--isa", default=None,
@@ -78,11 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         compare(run, outputs, args.rounds, f"attention context={args.context} ({variant})", note)
         return
     threads = torch.get_num_threads()
+    shapes, default_layers = LAYER_SHAPES[args.shapes]
     layers = [QuantizedLinear.from_weight(torch.randn(n, k) * 0.02, None, args.mode)
-              for _ in range(args.layers or 4) for n, k in GPTJ_LAYER]
-    inputs = {k: torch.randn(args.rows, k) for k in (4096, 16384)}
-    outputs = {n: torch.empty(args.rows, n) for n in (4096, 16384)}
-    scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, 16384) for lib in libs), dtype=torch.uint8)
+              for _ in range(args.layers or default_layers) for n, k in shapes]
+    inputs = {k: torch.randn(args.rows, k) for _, k in shapes}
+    outputs = {n: torch.empty(args.rows, n) for n, _ in shapes}
+    widest = max(k for _, k in shapes)
+    scratch = torch.empty(max(lib.linear_scratch_bytes(args.rows, widest) for lib in libs), dtype=torch.uint8)
 
     def buffer(nbytes: int, pages: str) -> torch.Tensor:
         return huge_page_empty(nbytes) if pages == "huge" else torch.empty(nbytes, dtype=torch.uint8)

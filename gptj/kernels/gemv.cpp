@@ -1079,10 +1079,14 @@ static void linear_int4_gemm(const uint8_t* P, const float* bias, int64_t N, int
 }
 
 // int4 batches take the AMX tiles from this many rows (amx.cpp): they unpack a unit's panels per
-// call, which fewer rows do not repay (measured on the Xeon: 12 rows 1.03x the panels' time, 16 0.95x)
+// call, which fewer rows do not repay (measured on the Xeon: 12 rows 1.03x the panels' time, 16
+// 0.95x); and from this many inputs: each 32 rows' pass over K starts and ends with work the tiles
+// do not overlap, which SmolLM2's K of 576 and 1536 did not repay (512 rows: 1.25x the VNNI GEMM's
+// time there, against 0.90-0.95x at GPT-J's 4096 and 16384).
 #ifndef AMX4_MIN_ROWS
 #define AMX4_MIN_ROWS 16
 #endif
+constexpr int64_t AMX4_MIN_K = 4096;
 
 void linear_int4(const uint8_t* P, const float* bias, int64_t N, int64_t K, const float* x, int64_t M,
                  float* y, void* scratch, int nthreads) {
@@ -1091,7 +1095,7 @@ void linear_int4(const uint8_t* P, const float* bias, int64_t N, int64_t K, cons
     float* xs = (float*)(xq + M * K);
     float* xsum = xs + M * ng;
     quant_act(x, M, K, QB4, xq, xs, xsum, nullptr, nthreads);
-    if (M >= AMX4_MIN_ROWS && amx_ready())
+    if (M >= AMX4_MIN_ROWS && K >= AMX4_MIN_K && amx_ready())
         linear_int4_amx(P, bias, N, K, xq, xs, xsum, M, y, nthreads);
     else if (M >= GEMM4_MIN_ROWS)
         linear_int4_gemm(P, bias, N, K, xq, xs, xsum, M, y, nthreads);

@@ -67,3 +67,14 @@ def test_two_variants_of_one_tree_compare_each_in_its_own_layout(capsys: pytest.
     for mode in ("int8", "int4"):
         ab_kernels.main([str(kernels.SOURCE_DIR), "--mode", mode, "--layers", "1", "--rounds", "1", "--isa", pair])
         assert f"({pair}, pages huge,huge): same bits" in capsys.readouterr().out
+
+
+def test_the_bundled_models_shapes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--shapes smollm2 times SmolLM2's layers (576 and 1536 wide), where a change to the int4
+    GEMM at GPT-J's shapes can cost the bundled model's prompts."""
+    same, changed = copies(tmp_path, "gemv.cpp", "const float s = am / 127.f;", "const float s = am / 126.f;")
+    small = ["--mode", "int4", "--rows", "20", "--layers", "1", "--rounds", "1", "--shapes", "smollm2"]
+    ab_kernels.main([str(same), *small])
+    assert "int4 rows=20" in (out := capsys.readouterr().out) and "same bits" in out and "of the same 2 MB" in out
+    ab_kernels.main([str(changed), *small])
+    assert "DIFFERENT BITS" in capsys.readouterr().out

@@ -58,8 +58,7 @@ def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -
     # part padding (7, 12, 29) or its last rows in the per-row loop (9, 17, 40);
     # 70 and 130: the GEMMs' panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or,
     # with AVX-512 VNNI, 72), with a last partial register block; 13: the int8 panels' blocks of
-    # rows shared evenly (AVX-512 VNNI: 4 + 4 + 5, blocks of fewer rows than the widest but one);
-    # on AMX, int4 from 16 rows: a unit of one panel (70, 112, 80 outputs), 1 or 17 rows past 16
+    # rows shared evenly (AVX-512 VNNI: 4 + 4 + 5, blocks of fewer rows than the widest but one)
     rows = (1, 3) if n * k > 4e6 else (1, 3, 6, 7, 9, 12, 13, 17, 29, 40, 70, 130)
     with kernels.use(variant):
         for m in rows:
@@ -74,7 +73,10 @@ def test_a_wide_prompt_chunk_equals_the_reference(variant: str, mode: str) -> No
     """The int4 GEMM unpacks 128 groups of a panel at a time and meets the activations in blocks
     of rows (2 MB of them): 131 groups (a last chunk of 3) and 520 rows (two blocks) keep the bits.
     AMX walks K in chunks of 4 MB of activations, its float sums kept in y between them: at 16384
-    inputs 520 rows take three chunks (4192 is not a multiple of 64, which AMX leaves to VNNI)."""
+    inputs 520 rows take three chunks (4192 is not a multiple of 64, which AMX leaves to VNNI).
+    int4 takes AMX from 4096 inputs: units of two panels and a last one of one (40 and 48 outputs,
+    the last partial), blocks of rows of 1 MB (at 4192 inputs 192 + 192 + 136 rows, which ends in 8
+    rows on one A tile), and 70 rows (32 + 32 + 6)."""
     with kernels.use(variant):
         for n, k in ((40, 4192), (48, 16384)):
             q = layer(n, k, mode)
