@@ -271,7 +271,7 @@ static void amx4_unpack(const uint8_t* P, int64_t ng, int64_t p, int gw, Amx4Gro
     const __m512i low = _mm512_set1_epi8(15);
     for (int64_t g = 0; g < ng; ++g)
         for (int w = 0; w < gw; ++w) {
-            const uint8_t* b = P + ((p + w) * ng + g) * 320;
+            const uint8_t* b = P + ((p + w) * ng + g) * GB4;
             for (int c = 0; c < 4; ++c) {
                 const __m512i v = _mm512_loadu_si512(b + 64 * c);
                 _mm512_store_si512(u[g].b[w][2 * c], _mm512_and_si512(v, low));

@@ -712,7 +712,6 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
 // rows cost little more than one. The values are unsigned and the activations signed, dpbusd's
 // operands as they are; without VNNI maddubs' int16 pair sums add up over a group (8 x 2 x 15 x
 // 127 <= 32767) and widen once. The float terms are gemv.h's, group by group into P_(g % 4).
-constexpr int GB4 = 320;      // bytes of a group of a panel: 4 x 64 nibbles, 16 scales, 16 mins
 constexpr int NVP = 16 / LW;  // vectors of a panel
 
 int64_t int4_panel_bytes(int64_t N, int64_t K) { return (N + 15) / 16 * (K / 32) * GB4; }

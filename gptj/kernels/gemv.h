@@ -25,6 +25,7 @@ namespace gq {
 
 constexpr int QB8 = 128;  // int8 weights: activation block
 constexpr int QB4 = 32;   // int4 weights: group and activation block
+constexpr int GB4 = 320;  // int4 panels: bytes of a group (4 x 64 of nibbles, 16 fp16 scales, 16 mins)
 
 // The activations quantized for int8 weights: xq [M,K], xs [M,nb] scales, xis [M,nb] block sums.
 struct Int8Act {
