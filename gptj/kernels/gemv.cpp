@@ -1082,13 +1082,13 @@ static void linear_int4_gemm(const uint8_t* P, const float* bias, int64_t N, int
     }
 }
 
-// int4 batches take the AMX tiles from this many rows (amx.cpp): they unpack a unit's panels per
-// call, which fewer rows do not repay (measured on the Xeon: 12 rows 1.03x the panels' time, 16
-// 0.95x); and from this many inputs: each 32 rows' pass over K starts and ends with work the tiles
-// do not overlap, which SmolLM2's K of 576 and 1536 did not repay (512 rows: 1.25x the VNNI GEMM's
-// time there, against 0.90-0.95x at GPT-J's 4096 and 16384).
+// int4 batches take the AMX tiles from this many rows (amx.cpp): below it the few-row panels'
+// blocks of 12 rows are as fast (on the Xeon they took 0.84x the tiles' time at 16 rows, 0.90x at
+// 24, 0.99x at 40, 1.02x at 48); and from this many inputs: each 32 rows' pass over K starts and
+// ends with work the tiles do not overlap, which SmolLM2's K of 576 and 1536 did not repay (512
+// rows: 1.25x the VNNI GEMM's time there, against 0.90-0.95x at GPT-J's 4096 and 16384).
 #ifndef AMX4_MIN_ROWS
-#define AMX4_MIN_ROWS 16
+#define AMX4_MIN_ROWS 48
 #endif
 constexpr int64_t AMX4_MIN_K = 4096;
 

@@ -75,7 +75,7 @@ def test_a_wide_prompt_chunk_equals_the_reference(variant: str, mode: str) -> No
     of rows (2 MB of them): 131 groups (a last chunk of 3) and 520 rows (two blocks) keep the bits.
     AMX walks K in chunks of 4 MB of activations, its float sums kept in y between them: at 16384
     inputs 520 rows take three chunks (4192 is not a multiple of 64, which AMX leaves to VNNI).
-    int4 takes AMX from 4096 inputs: units of two panels and a last one of one (40 and 48 outputs,
+    int4 takes AMX from 48 rows at 4096 inputs: units of two panels and a last one of one (40 and 48 outputs,
     the last partial), blocks of rows of 1 MB (at 4192 inputs 192 + 192 + 136 rows, which ends in 8
     rows on one A tile), and 70 rows (32 + 32 + 6)."""
     with kernels.use(variant):
