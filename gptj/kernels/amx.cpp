@@ -17,12 +17,12 @@
 
 #if GQ_AMX
 #include <omp.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <vector>
 #endif
 
 namespace gq {
@@ -368,7 +368,8 @@ void linear_int4_amx(const uint8_t* P, const float* bias, int64_t N, int64_t K, 
     const int64_t mb = ((M + nblocks - 1) / nblocks + 31) / 32 * 32;  // even blocks of 32 rows
 #pragma omp parallel num_threads(nthreads)
     {
-        Amx4Group* u = (Amx4Group*)aligned_alloc(64, ng * sizeof(Amx4Group));
+        std::vector<Amx4Group> units(ng);  // (aligned: C++17 new honours alignas)
+        Amx4Group* u = units.data();
         alignas(64) float acc[4][32][32];
         int configured = -1;
         for (int64_t m0 = 0; m0 < M; m0 += mb) {
@@ -411,7 +412,6 @@ void linear_int4_amx(const uint8_t* P, const float* bias, int64_t N, int64_t K, 
                 }
             }
         }
-        free(u);
         _tile_release();
     }
 }
