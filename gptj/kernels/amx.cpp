@@ -92,6 +92,15 @@ static inline void amx_fold(const int32_t (*c)[16][16], int ma, const float* xs,
 constexpr int64_t AMX_AHEAD = 4096;
 constexpr int AMX_PREFETCH_MIN_ROWS = 6;
 
+// The KB of each of W panels' streams (from P, K bytes of each row) AMX_AHEAD bytes past k's.
+template <int W>
+static inline void amx_prefetch_panels(const uint8_t* P, int64_t K, int64_t k) {
+    if (k * 16 + AMX_AHEAD >= 16 * K) return;
+    for (int w = 0; w < W; ++w)
+        for (int l = 0; l < 1024; l += 64)
+            _mm_prefetch((const char*)(P + w * 16 * K + k * 16 + AMX_AHEAD + l), _MM_HINT_T0);
+}
+
 // Blocks [b0, b1) of GA groups of activation rows (ma[a] rows each, from xq) against GW panels
 // (from P), into their float sums acc, block after block (amx_fold).
 template <int GA, int GW>
@@ -107,10 +116,7 @@ static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const floa
         if (GA == 2) _tile_zero(2);
         if (GA == 2 && GW == 2) _tile_zero(3);
         for (int64_t k = b * QB8; k < end; k += 64) {
-            if (prefetch && k * 16 + AMX_AHEAD < 16 * K)
-                for (int w = 0; w < GW; ++w)
-                    for (int l = 0; l < 1024; l += 64)
-                        _mm_prefetch((const char*)(P + w * 16 * K + k * 16 + AMX_AHEAD + l), _MM_HINT_T0);
+            if (prefetch) amx_prefetch_panels<GW>(P, K, k);
             _tile_loadd(6, P + k * 16, 64);
             if (GW == 2) _tile_loadd(7, P + 16 * K + k * 16, 64);
             _tile_loadd(4, xq + k, K);
@@ -137,9 +143,8 @@ static void amx_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const floa
 static void amx_configure_quad(int ma) { amx_load_config({ma, ma, ma, ma, ma, 16, 16, 16}); }
 
 static void amx_quad_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const float* xs,
-                            const int32_t* xis, int64_t nb, int64_t b0, int64_t b1, int ma,
-                            float (*acc)[64]) {
-    const bool prefetch = ma >= AMX_PREFETCH_MIN_ROWS;
+                            const int32_t* xis, int64_t nb, int64_t b0, int64_t b1, int ma, float (*acc)[64],
+                            bool prefetch) {
     alignas(64) int32_t cc[2][4][16][16];
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t end = std::min<int64_t>(K, b * QB8 + QB8);
@@ -149,10 +154,7 @@ static void amx_quad_blocks(const uint8_t* P, int64_t K, const int8_t* xq, const
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t k = b * QB8; k < end; k += 64) {
-            if (prefetch && k * 16 + AMX_AHEAD < 16 * K)
-                for (int w = 0; w < 4; ++w)
-                    for (int l = 0; l < 1024; l += 64)
-                        _mm_prefetch((const char*)(P + w * 16 * K + k * 16 + AMX_AHEAD + l), _MM_HINT_T0);
+            if (prefetch) amx_prefetch_panels<4>(P, K, k);
             _tile_loadd(4, xq + k, K);
             _tile_loadd(5, P + k * 16, 64);
             _tile_loadd(6, P + 16 * K + k * 16, 64);
@@ -216,7 +218,7 @@ void linear_int8_amx(const uint8_t* P, const float* ws, const float* bias, int64
                     const float* xs = a.xs + m0 * nb;
                     const int32_t* xis = a.xis + m0 * nb;
                     if (gw == 4)
-                        amx_quad_blocks(Pp, K, xq, xs, xis, nb, b0, b1, ma[0], acc);
+                        amx_quad_blocks(Pp, K, xq, xs, xis, nb, b0, b1, ma[0], acc, ahead);
                     else if (ma[1] && gw == 2)
                         amx_blocks<2, 2>(Pp, K, xq, xs, xis, nb, b0, b1, ma, acc, ahead);
                     else if (ma[1])
@@ -305,6 +307,11 @@ template <int GA, int GW>
 static void amx4_unit(const Amx4Group* u, int64_t K, int64_t ng, const int8_t* xq, const float* xs,
                       const float* xsum, const int (&ma)[2], float (*acc)[32][32]) {
     alignas(64) int32_t cc[2][GA][GW][16][16];
+    // tile (a, w)'s sums of group g into acc
+    const auto fold = [&](int64_t g, int a, int w) {
+        amx4_fold(cc[g & 1][a][w], u[g].s[w], u[g].mn[w], ma[a], xs + 16 * a * ng + g, xsum + 16 * a * ng + g,
+                  ng, (float(*)[32])(&acc[g & 3][16 * a][16 * w]));
+    };
     // tile (a, w) of group g: zero it, fold its sums of group g - 1, multiply, store
     const auto step = [&](int64_t g, int a, int w) {
         const int t = 2 * a + w;
@@ -314,9 +321,7 @@ static void amx4_unit(const Amx4Group* u, int64_t K, int64_t ng, const int8_t* x
             case 2: _tile_zero(2); break;
             default: _tile_zero(3); break;
         }
-        if (g > 0)
-            amx4_fold(cc[(g - 1) & 1][a][w], u[g - 1].s[w], u[g - 1].mn[w], ma[a], xs + 16 * a * ng + g - 1,
-                      xsum + 16 * a * ng + g - 1, ng, (float(*)[32])(&acc[(g - 1) & 3][16 * a][16 * w]));
+        if (g > 0) fold(g - 1, a, w);
         switch (t) {
             case 0:
                 _tile_dpbsud(0, 4, 6);
@@ -351,10 +356,7 @@ static void amx4_unit(const Amx4Group* u, int64_t K, int64_t ng, const int8_t* x
         }
     }
     for (int a = 0; a < GA; ++a)
-        for (int w = 0; w < GW; ++w)
-            amx4_fold(cc[(ng - 1) & 1][a][w], u[ng - 1].s[w], u[ng - 1].mn[w], ma[a],
-                      xs + 16 * a * ng + ng - 1, xsum + 16 * a * ng + ng - 1, ng,
-                      (float(*)[32])(&acc[(ng - 1) & 3][16 * a][16 * w]));
+        for (int w = 0; w < GW; ++w) fold(ng - 1, a, w);
 }
 
 // activation bytes per block of rows that every unit meets in turn, beside a unit's unpacked

@@ -870,8 +870,8 @@ static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t
 // activation rows per block below the GEMM. AVX-512, measured on the Zen 5 at 6 and 8 rows: 8 is
 // slower by up to a third without VNNI, whose int16 sums and float sums spill; 256-bit VNNI there:
 // 4 ~8 % slower than 2. AVX2 on the Zen 3, with the float sums in memory: 4 beat 2 (with them in
-// registers) at 3 to 8 rows; 8 rows' int16 sums alone take the 16 registers. The AMX build (up to
-// 15 rows: from 16 int4 takes the tiles), on the Xeon with the float sums in memory: blocks of 12
+// registers) at 3 to 8 rows; 8 rows' int16 sums alone take the 16 registers. The AMX build (below
+// AMX4_MIN_ROWS, where int4 takes the tiles), on the Xeon with the float sums in memory: blocks of 12
 // rows took 0.89x the time of 4's (in registers) at 3 rows, 0.86x at 6 and 8, 0.79x at 12, the
 // same at 1, 2 and 4, and at SmolLM2's shapes (8 rows' sums in registers: no better than in
 // memory); one block of 15 no better than 12 + 3.
