@@ -757,8 +757,8 @@ static inline vf vf_half(const uint8_t* p) {
 // The float sums P_i (i = g % 4) of one panel against MT activation rows: in registers, or, where
 // MEM, in memory, touched once per group. With 16 registers and maddubs' temporaries, more than
 // one row's 4 x NVP sums spill anyway; in memory they leave the registers to 4 rows' int16 sums.
-// The AMX build (Intel's AVX-512 VNNI cores) keeps them in memory too, for its blocks of 12 rows.
-constexpr bool I4P_SUMS_IN_MEMORY = (!GQ_AVX512 && !GQ_VNNI) || GQ_AMX;
+// The AVX-512 VNNI builds (amx too) keep them in memory as well, for their blocks of 12 rows.
+constexpr bool I4P_SUMS_IN_MEMORY = (!GQ_AVX512 && !GQ_VNNI) || (GQ_AVX512 && GQ_VNNI);
 template <int MT, bool MEM>
 struct I4Sums {
     vf r[MEM ? 1 : 4][MEM ? 1 : MT][NVP];
@@ -870,12 +870,12 @@ static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t
 // activation rows per block below the GEMM. AVX-512, measured on the Zen 5 at 6 and 8 rows: 8 is
 // slower by up to a third without VNNI, whose int16 sums and float sums spill; 256-bit VNNI there:
 // 4 ~8 % slower than 2. AVX2 on the Zen 3, with the float sums in memory: 4 beat 2 (with them in
-// registers) at 3 to 8 rows; 8 rows' int16 sums alone take the 16 registers. The AMX build (below
-// AMX4_MIN_ROWS, where int4 takes the tiles), on the Xeon with the float sums in memory: blocks of 12
-// rows took 0.89x the time of 4's (in registers) at 3 rows, 0.86x at 6 and 8, 0.79x at 12, the
-// same at 1, 2 and 4, and at SmolLM2's shapes (8 rows' sums in registers: no better than in
-// memory); one block of 15 no better than 12 + 3.
-constexpr int I4P_MT = GQ_AMX ? 12 : GQ_AVX512 || I4P_SUMS_IN_MEMORY ? 4 : 2;
+// registers) at 3 to 8 rows; 8 rows' int16 sums alone take the 16 registers. The AVX-512 VNNI
+// builds (amx below AMX4_MIN_ROWS, where int4 takes the tiles), on the Xeon with the float sums in
+// memory: blocks of 12 rows took 0.87-0.89x the time of 4's (in registers) at 3 rows, 0.84-0.86x
+// at 6 and 8, 0.79x at 12, 0.95x at 64, the same at 1, 2 and 4, and at SmolLM2's shapes (8 rows'
+// sums in registers: no better than in memory); one block of 15 no better than 12 + 3.
+constexpr int I4P_MT = GQ_AVX512 && GQ_VNNI ? 12 : GQ_AVX512 || I4P_SUMS_IN_MEMORY ? 4 : 2;
 // how far ahead of a panel the software prefetch reads, in bytes: without it AVX2's one-row GEMV
 // fell a quarter further behind the bandwidth; a whole panel ahead (40-160 KB at GPT-J's
 // sizes) measured no better on the Zen 5. With AVX-512 one row (the fastest stream) gained from

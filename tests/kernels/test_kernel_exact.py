@@ -53,8 +53,8 @@ def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 def test_variant_equals_the_reference(variant: str, n: int, k: int, mode: str) -> None:
     q = layer(n, k, mode)
     # 6, 7, 9, 12, 17, 29, 40: int4's few-row blocks (AVX2: of 4 rows, then one of the 1 to 3
-    # left; 256-bit VNNI: of 2, then 1; AVX-512: 4, 2, 1; AMX: 12, then one of the rest: 12 and 13
-    # rows), AMX's groups of 16, a pass of 32, the
+    # left; 256-bit VNNI: of 2, then 1; AVX-512: 4, 2, 1; AVX-512 VNNI, AMX too: 12, then one of
+    # the rest: 12 and 13 rows), AMX's groups of 16, a pass of 32, the
     # many-row loop (lanes = activation rows; from 7 rows with AVX2 alone) with its last vector
     # part padding (7, 12, 29) or its last rows in the per-row loop (9, 17, 40);
     # 70 and 130: the GEMMs' panels (lanes = weight rows; int8 from 64 rows, int4 from 64 or,
