@@ -877,22 +877,32 @@ static inline void i4p_span(const uint8_t* p, int64_t K, int nrows, const int8_t
 // sums in registers: no better than in memory); one block of 15 no better than 12 + 3.
 constexpr int I4P_MT = GQ_AVX512 && GQ_VNNI ? 12 : GQ_AVX512 || I4P_SUMS_IN_MEMORY ? 4 : 2;
 // how far ahead of a panel the software prefetch reads, in bytes: without it AVX2's one-row GEMV
-// fell a quarter further behind the bandwidth; a whole panel ahead (40-160 KB at GPT-J's
-// sizes) measured no better on the Zen 5. With AVX-512 one row (the fastest stream) gained from
-// 4 KB; 2 rows did not, 4 and 8 lost (benchmarks/results/gptj-6b-zen5.md).
+// fell a quarter further behind the bandwidth on the Zen 3; a whole panel ahead (40-160 KB at
+// GPT-J's sizes) measured no better on the Zen 5, where AVX-512's one row (the fastest stream)
+// gained from 4 KB, 2 rows did not, 4 and 8 lost (benchmarks/results/gptj-6b-zen5.md). On the
+// Xeon (the hint into L2) a thread's long runs of panels, in layers from SPLIT_MIN_BYTES, streamed
+// faster on the hardware's prefetcher alone, but for AVX-512's one row: 2 to 8 rows took
+// 0.83-0.95x the time, the 256-bit builds' one row 0.87-0.94x; SmolLM2's small layers were 5-7 %
+// slower without it.
 constexpr int64_t I4P_AHEAD = 16384, I4P_AHEAD_ONE_ROW = GQ_AVX512 ? 4096 : I4P_AHEAD;
+static inline int64_t i4p_ahead(int64_t M, bool long_runs) {  // (0: none)
+    if (long_runs && !GQ_STREAM_NTA && !(M == 1 && GQ_AVX512)) return 0;
+    return M == 1 ? I4P_AHEAD_ONE_ROW : I4P_AHEAD;
+}
 
 static void linear_int4_panels(const uint8_t* P, const float* bias, int64_t N, int64_t K, const int8_t* xq,
                                const float* xs, const float* xsum, int64_t M, float* y, int nthreads) {
-    const int64_t ng = K / 32, np = (N + 15) / 16, dist = M == 1 ? I4P_AHEAD_ONE_ROW : I4P_AHEAD;
+    const int64_t ng = K / 32, np = (N + 15) / 16;
+    const bool long_runs = np * ng * GB4 >= SPLIT_MIN_BYTES;
+    const int64_t dist = i4p_ahead(M, long_runs);
     const auto panel = [&](int64_t p) {
         const int nrows = (int)std::min<int64_t>(16, N - 16 * p);
         const int64_t at = p * ng * GB4;  // panels follow each other: one stream
-        const uint8_t* ahead = at + ng * GB4 + dist <= np * ng * GB4 ? P + at + dist : nullptr;
+        const uint8_t* ahead = dist && at + ng * GB4 + dist <= np * ng * GB4 ? P + at + dist : nullptr;
         i4p_span<I4P_MT>(P + at, K, nrows, xq, xs, xsum, bias ? bias + 16 * p : nullptr, y + 16 * p, N, M,
                          ahead);
     };
-    if (np * ng * GB4 >= SPLIT_MIN_BYTES) {
+    if (long_runs) {
         split_tiles(np, nthreads, panel);
     } else {  // (small layers, the bundled model's: the counter's short runs cost more than they save)
 #pragma omp parallel for schedule(dynamic, tile_chunk(np, nthreads)) num_threads(nthreads)

@@ -30,8 +30,10 @@
 // ahead: non-temporal on AMD (GQ_PREFETCH_NTA, set by gptj/kernels/__init__.py), into L2
 // elsewhere (Intel fills only L1 on a non-temporal prefetch, which that distance overruns).
 #if defined(GQ_PREFETCH_NTA) && GQ_PREFETCH_NTA
+#define GQ_STREAM_NTA 1
 #define GQ_STREAM_HINT _MM_HINT_NTA
 #else
+#define GQ_STREAM_NTA 0
 #define GQ_STREAM_HINT _MM_HINT_T1
 #endif
 
