@@ -546,6 +546,13 @@ struct NextTile {
     }
 };
 
+// the int8 panels' prefetch hint (see P_PREFETCH_MIN_ROWS)
+#if GQ_STREAM_NTA
+#define P_PREFETCH_HINT _MM_HINT_T0
+#else
+#define P_PREFETCH_HINT _MM_HINT_T1
+#endif
+
 template <int MT, int NV>
 static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nrows, int64_t npad,
                              const float* ws, const float* bias, const int8_t* xq, const float* xs,
@@ -561,7 +568,8 @@ static inline void i8p_block(const uint8_t* P, int64_t K, int64_t r0, int64_t nr
         if (prefetch)  // a block's QB8 x 16 bytes of each panel, 8 KB on
             for (int pp = 0; pp < NV * LW / 16; ++pp)
                 for (int64_t i = 0; i < QB8 * 16 / 64; ++i)
-                    _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, q0) + 8192 + 64 * i, _MM_HINT_T0);
+                    _mm_prefetch((const char*)panel_at(P, K, r0 + 16 * pp, q0) + 8192 + 64 * i,
+                                 P_PREFETCH_HINT);
         if (next) next->advance();
         vi c[MT][NV];
         if (nv == NV)
@@ -640,8 +648,12 @@ constexpr int P_MT = 4, P_NV = 2, PG_MT = 3, PG_NV = 2, P_GEMM_MIN_ROWS = 48;
 #endif
 // The software prefetch pays from this many rows, where each weight byte costs more arithmetic and
 // the stream slows; below it the hardware prefetcher alone keeps the one-row stream at the
-// bandwidth, and a software prefetch slowed it (benchmarks/results/gptj-6b-zen5.md).
+// bandwidth, and a software prefetch slowed it (benchmarks/results/gptj-6b-zen5.md). On the Xeon,
+// AVX-512's prefetch into L2 took 0.86-0.94x the time of T0's at 3 to 8 rows; the 256-bit build,
+// whose stream is slower, ran GPT-J's layers (from SPLIT_MIN_BYTES) in 0.79-0.93x the time with
+// none, SmolLM2's small ones 1.18x (they keep it).
 constexpr int64_t P_PREFETCH_MIN_ROWS = 3;
+constexpr bool P_PREFETCH_LONG_RUNS = GQ_STREAM_NTA || GQ_AVX512;
 
 static void linear_int8_panels(const uint8_t* P, const float* ws, const float* bias, int64_t N, int64_t K,
                                const Int8Act& a, int64_t M, float* y, int nthreads) {
@@ -665,11 +677,12 @@ static void linear_int8_panels(const uint8_t* P, const float* ws, const float* b
         });
         return;
     }
+    const bool prefetch = M >= P_PREFETCH_MIN_ROWS && (P_PREFETCH_LONG_RUNS || npad * K < SPLIT_MIN_BYTES);
 #pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t r0 = t * rows, nrows = std::min(rows, N - r0);
         i8p_span<P_MT, P_NV>(P, K, r0, nrows, npad, ws + r0, bias ? bias + r0 : nullptr, a, 0, M, y + r0, N,
-                             M >= P_PREFETCH_MIN_ROWS);
+                             prefetch);
     }
 }
 #endif
