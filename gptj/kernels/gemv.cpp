@@ -124,7 +124,8 @@ constexpr int LW = VB / 4;  // weight rows per vector (the panels', the GEMM's)
 #define M8 2
 #endif
 
-template <int R, int MT>
+// PF: prefetch the next tile (see linear_int8)
+template <int R, int MT, bool PF = true>
 static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
                            float* y, int64_t ldy, const float* bias) {
     constexpr int NV = QB8 / VB;
@@ -147,8 +148,9 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
             if (r >= R) continue;
             // prefetch the next tile (the rows that follow; hint: simd.h): one core's demand
             // misses and the hardware prefetcher alone do not keep enough reads in flight
-            for (int i = 0; i < QB8 / 64; ++i)
-                _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), GQ_STREAM_HINT);
+            if (PF)
+                for (int i = 0; i < QB8 / 64; ++i)
+                    _mm_prefetch((const char*)(W + R * K + (b * R + r) * QB8 + i * 64), GQ_STREAM_HINT);
             // one weight vector at a time: all four beside the 2 x 4 activation vectors and the
             // 8 sums of AVX2's 2-row tile spilled to the stack (16 registers)
             for (int i = 0; i < NV; ++i) {
@@ -183,13 +185,14 @@ static inline void i8_tile(const int8_t* W, int64_t K, const float* ws, const in
         }
 }
 
-template <int R>
+template <int R, bool PF = true>
 static inline void i8_rows(const int8_t* W, int64_t K, const float* ws, const int8_t* xq, const float* xs,
                            int64_t M, float* y, int64_t ldy, const float* bias) {
     const int64_t nb = (K + QB8 - 1) / QB8;
     int64_t m = 0;
-    for (; m + M8 <= M; m += M8) i8_tile<R, M8>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
-    for (; m < M; ++m) i8_tile<R, 1>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
+    for (; m + M8 <= M; m += M8)
+        i8_tile<R, M8, PF>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
+    for (; m < M; ++m) i8_tile<R, 1, PF>(W, K, ws, xq + m * K, xs + m * nb, y + m * ldy, ldy, bias);
 }
 
 // Weight rows [n, end) against M activation rows: tiles of R8 weight rows, then single rows.
@@ -705,12 +708,18 @@ void linear_int8(const int8_t* W, const float* ws, const float* bias, int64_t N,
         linear_int8_bcast(W, ws, bias, N, K, a, M, y, nthreads);
         return;
     }
+    // On the Xeon (the prefetch into L2) one row of GPT-J's layers (from SPLIT_MIN_BYTES) read
+    // faster on the hardware's prefetcher alone: 0.92-0.94x the time (2 rows 1.02x, SmolLM2's small
+    // layers 1.25x); AMD's non-temporal prefetch was measured to pay
+    const bool prefetch = GQ_STREAM_NTA || M > 1 || N * K < SPLIT_MIN_BYTES;
     const int64_t nt = (N + R8 - 1) / R8;
 #pragma omp parallel for schedule(dynamic, tile_chunk(nt, nthreads)) num_threads(nthreads)
     for (int64_t t = 0; t < nt; ++t) {
         const int64_t n = t * R8;
-        if (n + R8 <= N)  // (the one-row decode's hot loop: kept free of the span's bookkeeping)
+        if (n + R8 <= N && prefetch)  // (the one-row decode's hot loop: kept free of the span's bookkeeping)
             i8_rows<R8>(W + n * K, K, ws + n, a.xq, a.xs, M, y + n, N, bias ? bias + n : nullptr);
+        else if (n + R8 <= N)
+            i8_rows<R8, false>(W + n * K, K, ws + n, a.xq, a.xs, M, y + n, N, bias ? bias + n : nullptr);
         else
             i8_rows_span(W, K, ws, bias, a.xq, a.xs, M, y, N, n, N);
     }
